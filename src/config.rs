@@ -1,0 +1,808 @@
+//! The plugin configuration: JSON in, a checked [`Config`] or a [`ConfigError`] naming the
+//! field out.
+//!
+//! We walk `serde_json::Value` by hand instead of deriving `Deserialize` because serde's
+//! messages point at a line and column, not at the field path (`tenants.acme.capacity`), and
+//! operators read these errors in an Envoy log without the JSON in front of them.
+//! Unknown fields are errors everywhere: a typo must never silently disable a limit.
+
+use crate::bucket::{Limit, MAX_CAPACITY, MAX_RATE, MIN_RATE};
+use crate::rate::parse_rate;
+use crate::tenant::{is_valid_tenant_id, TenantSource, MAX_TENANT_LEN};
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// The default tenant source list: header `x-tenant-id`, then query parameter `tenant`.
+const DEFAULT_TENANT_HEADER: &str = "x-tenant-id";
+const DEFAULT_TENANT_QUERY: &str = "tenant";
+const DEFAULT_DENY_BODY: &str = "{\"error\":\"Too Many Requests\"}";
+const DEFAULT_DENY_CONTENT_TYPE: &str = "application/json";
+const DEFAULT_MAX_TENANTS: u32 = 10_000;
+const MAX_MAX_TENANTS: u64 = 10_000_000;
+const MAX_DENY_BODY: usize = 64 * 1024;
+const MAX_XFF_HOPS: u64 = 64;
+const MAX_RULES: usize = 256;
+
+/// A config problem: which field, and why. Displayed as one line for Envoy's log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "invalid plugin config: {}", self.reason)
+        } else {
+            write!(f, "invalid plugin config: field `{}`: {}", self.field, self.reason)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+fn err<T>(field: &str, reason: impl Into<String>) -> Result<T, ConfigError> {
+    Err(ConfigError { field: field.to_string(), reason: reason.into() })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Enforce,
+    Shadow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreErrorPolicy {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeaderStyle {
+    Off,
+    /// `x-ratelimit-limit`, `-remaining`, `-reset` (draft 03, as Envoy's local_ratelimit).
+    XRateLimit,
+    /// `RateLimit` and `RateLimit-Policy` of draft-ietf-httpapi-ratelimit-headers-10.
+    Ietf,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnknownTenants {
+    /// Each tenant not listed in `tenants` gets its own bucket with the top-level limit.
+    Separate,
+    /// All unlisted tenants share one bucket with the top-level limit.
+    Shared,
+}
+
+/// What happens to a new tenant whose candidate slots are all held by live buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overflow {
+    Deny,
+    /// One bucket shared by every tenant that found no slot.
+    Bucket(Limit),
+}
+
+/// A named limit: the bucket parameters plus what the operator called it (the policy name
+/// in `RateLimit` headers and stats) and whether it may deny.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub name: String,
+    pub limit: Limit,
+    /// Per-entry mode; `None` follows the top-level `mode`.
+    pub mode: Option<Mode>,
+    /// Tokens per second as written, for display only (the math uses `limit`).
+    pub rate_per_second: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rule {
+    pub name: Option<String>,
+    /// Upper-case method names; empty matches every method.
+    pub methods: Vec<String>,
+    pub path_prefix: String,
+    pub cost: u64,
+    /// A rule with its own limit meters a separate bucket per (tenant, rule).
+    pub policy: Option<Policy>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Deny {
+    pub status: u32,
+    pub body: String,
+    pub content_type: String,
+}
+
+/// The checked configuration the filter runs with. Built once per `on_configure`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    /// The top-level limit, for the default tenant and tenants not listed.
+    pub default_policy: Policy,
+    pub tenant_sources: Vec<TenantSource>,
+    pub default_tenant: String,
+    /// Listed tenants, sorted by name for binary search (no hashing, no randomness).
+    pub tenants: Vec<Policy>,
+    /// Empty means: every request is metered at cost 1.
+    pub rules: Vec<Rule>,
+    pub deny: Deny,
+    pub headers: HeaderStyle,
+    pub mode: Mode,
+    pub on_store_error: StoreErrorPolicy,
+    pub max_tenants: u32,
+    pub overflow: Overflow,
+    pub unknown_tenants: UnknownTenants,
+    /// `near_limit` counts admissions leaving less than this share of capacity, in 1/1000s.
+    pub near_limit_permille: u32,
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration bytes.
+    pub fn from_json_bytes(bytes: &[u8]) -> Result<Config, ConfigError> {
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| ConfigError { field: String::new(), reason: format!("not valid JSON: {e}") })?;
+        Config::from_value(&value)
+    }
+
+    pub fn from_value(value: &Value) -> Result<Config, ConfigError> {
+        let obj = Fields::new("", value, TOP_FIELDS)?;
+        let capacity = obj.required("capacity").and_then(|v| capacity(&obj.path("capacity"), v))?;
+        let rate_field = obj.path("refill_rate");
+        let rate = rate(&rate_field, obj.required("refill_rate")?)?;
+        let default_limit = limit(&rate_field, capacity, rate)?;
+        let default_policy = Policy { name: "default".into(), limit: default_limit, mode: None, rate_per_second: rate };
+
+        let (tenant_sources, default_tenant) = match obj.get("tenant") {
+            Some(v) => tenant_section(v)?,
+            None => (default_sources(), "default".to_string()),
+        };
+        let tenants = match obj.get("tenants") {
+            Some(v) => tenants_section(v, &default_policy)?,
+            None => Vec::new(),
+        };
+        let rules = match obj.get("rules") {
+            Some(v) => rules_section(v)?,
+            None => Vec::new(),
+        };
+        let deny = match obj.get("deny") {
+            Some(v) => deny_section(v)?,
+            None => {
+                Deny { status: 429, body: DEFAULT_DENY_BODY.into(), content_type: DEFAULT_DENY_CONTENT_TYPE.into() }
+            }
+        };
+        let headers = match obj.get("rate_limit_headers") {
+            None => HeaderStyle::XRateLimit,
+            Some(Value::Bool(true)) => HeaderStyle::XRateLimit,
+            Some(Value::Bool(false)) => HeaderStyle::Off,
+            Some(v) => match one_of(&obj.path("rate_limit_headers"), v, &["x-ratelimit", "ietf", "off"])? {
+                "ietf" => HeaderStyle::Ietf,
+                "off" => HeaderStyle::Off,
+                _ => HeaderStyle::XRateLimit,
+            },
+        };
+        let mode = match obj.get("mode") {
+            None => Mode::Enforce,
+            Some(v) => mode(&obj.path("mode"), v)?,
+        };
+        let on_store_error = match obj.get("on_store_error") {
+            None => StoreErrorPolicy::Allow,
+            Some(v) => match one_of(&obj.path("on_store_error"), v, &["allow", "deny"])? {
+                "deny" => StoreErrorPolicy::Deny,
+                _ => StoreErrorPolicy::Allow,
+            },
+        };
+        let max_tenants = match obj.get("max_tenants") {
+            None => DEFAULT_MAX_TENANTS,
+            Some(v) => int_in(&obj.path("max_tenants"), v, 1, MAX_MAX_TENANTS)? as u32,
+        };
+        let overflow = match obj.get("overflow") {
+            None => Overflow::Bucket(default_limit),
+            Some(v) => overflow_section(v)?,
+        };
+        let unknown_tenants = match obj.get("unknown_tenants") {
+            None => UnknownTenants::Separate,
+            Some(v) => match one_of(&obj.path("unknown_tenants"), v, &["separate", "shared"])? {
+                "shared" => UnknownTenants::Shared,
+                _ => UnknownTenants::Separate,
+            },
+        };
+        let near_limit_permille = match obj.get("near_limit_fraction") {
+            None => 200,
+            Some(v) => {
+                let f = v.as_f64().filter(|f| (0.0..=1.0).contains(f));
+                match f {
+                    Some(f) => (f * 1000.0).round() as u32,
+                    None => return err("near_limit_fraction", "must be a number from 0 to 1, e.g. 0.2"),
+                }
+            }
+        };
+        Ok(Config {
+            default_policy,
+            tenant_sources,
+            default_tenant,
+            tenants,
+            rules,
+            deny,
+            headers,
+            mode,
+            on_store_error,
+            max_tenants,
+            overflow,
+            unknown_tenants,
+            near_limit_permille,
+        })
+    }
+
+    /// The index in `tenants` of a listed tenant.
+    pub fn tenant_index(&self, tenant: &[u8]) -> Option<usize> {
+        self.tenants.binary_search_by(|p| p.name.as_bytes().cmp(tenant)).ok()
+    }
+
+    /// The listed tenant's policy, if the tenant is listed.
+    pub fn tenant_policy(&self, tenant: &[u8]) -> Option<&Policy> {
+        self.tenant_index(tenant).and_then(|i| self.tenants.get(i))
+    }
+
+    /// Whether the request path needs `:method`/`:path` (rules or a query source).
+    pub fn needs_path(&self) -> bool {
+        !self.rules.is_empty() || self.tenant_sources.iter().any(|s| matches!(s, TenantSource::Query(_)))
+    }
+}
+
+const TOP_FIELDS: &[&str] = &[
+    "capacity",
+    "refill_rate",
+    "tenant",
+    "tenants",
+    "rules",
+    "deny",
+    "rate_limit_headers",
+    "mode",
+    "on_store_error",
+    "max_tenants",
+    "overflow",
+    "unknown_tenants",
+    "near_limit_fraction",
+];
+
+/// An object whose keys were checked against the allowed list, with its path for messages.
+struct Fields<'a> {
+    prefix: String,
+    map: &'a Map<String, Value>,
+}
+
+impl<'a> Fields<'a> {
+    fn new(prefix: &str, value: &'a Value, allowed: &[&str]) -> Result<Fields<'a>, ConfigError> {
+        let Some(map) = value.as_object() else {
+            let what = if prefix.is_empty() { "the config" } else { "this field" };
+            return err(prefix, format!("{what} must be a JSON object, got {}", kind(value)));
+        };
+        for key in map.keys() {
+            if !allowed.contains(&key.as_str()) {
+                let field = join(prefix, key);
+                return err(&field, format!("unknown field; expected one of: {}", allowed.join(", ")));
+            }
+        }
+        Ok(Fields { prefix: prefix.to_string(), map })
+    }
+
+    fn path(&self, key: &str) -> String {
+        join(&self.prefix, key)
+    }
+
+    fn get(&self, key: &str) -> Option<&'a Value> {
+        self.map.get(key)
+    }
+
+    fn required(&self, key: &str) -> Result<&'a Value, ConfigError> {
+        match self.map.get(key) {
+            Some(v) => Ok(v),
+            None => err(&self.path(key), "required field is missing"),
+        }
+    }
+}
+
+fn join(prefix: &str, key: &str) -> String {
+    if prefix.is_empty() {
+        key.to_string()
+    } else {
+        format!("{prefix}.{key}")
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn string<'v>(field: &str, v: &'v Value) -> Result<&'v str, ConfigError> {
+    match v.as_str() {
+        Some(s) => Ok(s),
+        None => err(field, format!("must be a string, got {}", kind(v))),
+    }
+}
+
+fn one_of<'v>(field: &str, v: &'v Value, allowed: &[&str]) -> Result<&'v str, ConfigError> {
+    let s = string(field, v).map_err(|_| ConfigError {
+        field: field.to_string(),
+        reason: format!("must be one of {}, got {}", quoted(allowed), kind(v)),
+    })?;
+    if allowed.contains(&s) {
+        Ok(s)
+    } else {
+        err(field, format!("must be one of {}, got \"{s}\"", quoted(allowed)))
+    }
+}
+
+fn quoted(list: &[&str]) -> String {
+    list.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
+}
+
+fn int_in(field: &str, v: &Value, min: u64, max: u64) -> Result<u64, ConfigError> {
+    match v.as_u64() {
+        Some(n) if (min..=max).contains(&n) => Ok(n),
+        _ => err(field, format!("must be a whole number from {min} to {max}, got {v}")),
+    }
+}
+
+fn capacity(field: &str, v: &Value) -> Result<u64, ConfigError> {
+    int_in(field, v, 1, MAX_CAPACITY)
+}
+
+fn rate(field: &str, v: &Value) -> Result<f64, ConfigError> {
+    let per_second = match v {
+        Value::Number(n) => n.as_f64().unwrap_or(f64::NAN),
+        Value::String(s) => parse_rate(s).map_err(|reason| ConfigError { field: field.into(), reason })?,
+        other => {
+            return err(field, format!("must be tokens per second (a number) or \"<n>/<unit>\", got {}", kind(other)))
+        }
+    };
+    if per_second.is_finite() && (MIN_RATE..=MAX_RATE).contains(&per_second) {
+        Ok(per_second)
+    } else {
+        err(field, format!("must be from {MIN_RATE} to {MAX_RATE} tokens per second, got {v}"))
+    }
+}
+
+fn limit(field: &str, capacity: u64, rate: f64) -> Result<Limit, ConfigError> {
+    match Limit::new(capacity, rate) {
+        Some(l) => Ok(l),
+        None => err(field, "capacity and refill_rate give a bucket that is out of range"),
+    }
+}
+
+fn mode(field: &str, v: &Value) -> Result<Mode, ConfigError> {
+    Ok(match one_of(field, v, &["enforce", "shadow"])? {
+        "shadow" => Mode::Shadow,
+        _ => Mode::Enforce,
+    })
+}
+
+fn default_sources() -> Vec<TenantSource> {
+    vec![TenantSource::Header(DEFAULT_TENANT_HEADER.into()), TenantSource::Query(DEFAULT_TENANT_QUERY.into())]
+}
+
+fn tenant_section(v: &Value) -> Result<(Vec<TenantSource>, String), ConfigError> {
+    let obj = Fields::new("tenant", v, &["from", "default"])?;
+    let sources = match obj.get("from") {
+        None => default_sources(),
+        Some(Value::Array(items)) => {
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item) in items.iter().enumerate() {
+                out.push(tenant_source(&format!("tenant.from[{i}]"), item)?);
+            }
+            out
+        }
+        Some(other) => return err("tenant.from", format!("must be an array of sources, got {}", kind(other))),
+    };
+    let default = match obj.get("default") {
+        None => "default".to_string(),
+        Some(v) => {
+            let s = string("tenant.default", v)?;
+            if !is_valid_tenant_id(s.as_bytes()) {
+                return err(
+                    "tenant.default",
+                    format!("must be 1 to {MAX_TENANT_LEN} visible ASCII characters (no spaces or control characters)"),
+                );
+            }
+            s.to_string()
+        }
+    };
+    Ok((sources, default))
+}
+
+const SOURCE_KINDS: &[&str] = &["header", "query", "source_ip", "xff", "peer_principal", "jwt_claim"];
+
+fn tenant_source(field: &str, v: &Value) -> Result<TenantSource, ConfigError> {
+    let obj = Fields::new(field, v, SOURCE_KINDS)?;
+    if obj.map.len() != 1 {
+        return err(field, format!("must have exactly one of: {}", SOURCE_KINDS.join(", ")));
+    }
+    let Some((key, value)) = obj.map.iter().next() else {
+        return err(field, "empty source");
+    };
+    let path = obj.path(key);
+    match key.as_str() {
+        "header" => {
+            let name = string(&path, value)?;
+            if !is_header_name(name) {
+                return err(&path, "must be an HTTP header name (letters, digits and -_.)");
+            }
+            Ok(TenantSource::Header(name.to_ascii_lowercase()))
+        }
+        "query" => {
+            let name = string(&path, value)?;
+            if name.is_empty() || name.len() > 128 || name.bytes().any(|b| !b.is_ascii_graphic()) {
+                return err(&path, "must be a query parameter name of 1 to 128 visible characters");
+            }
+            Ok(TenantSource::Query(name.to_string()))
+        }
+        "source_ip" => flag(&path, value).map(|_| TenantSource::SourceIp),
+        "peer_principal" => flag(&path, value).map(|_| TenantSource::PeerPrincipal),
+        "xff" => {
+            let o = Fields::new(&path, value, &["trusted_hops"])?;
+            let hops = match o.get("trusted_hops") {
+                None => 0,
+                Some(h) => int_in(&o.path("trusted_hops"), h, 0, MAX_XFF_HOPS)?,
+            };
+            Ok(TenantSource::Xff { trusted_hops: hops as u32 })
+        }
+        "jwt_claim" => {
+            let o = Fields::new(&path, value, &["claim", "metadata_key"])?;
+            let claim = string(&o.path("claim"), o.required("claim")?)?;
+            if claim.is_empty() || claim.split('.').any(str::is_empty) {
+                return err(&o.path("claim"), "must be a claim name or a dotted path such as \"org.id\"");
+            }
+            let key = match o.get("metadata_key") {
+                None => "jwt_payload",
+                Some(k) => string(&o.path("metadata_key"), k)?,
+            };
+            Ok(TenantSource::JwtClaim {
+                metadata_key: key.to_string(),
+                claim_path: claim.split('.').map(str::to_string).collect(),
+            })
+        }
+        _ => err(field, format!("unknown source; expected one of: {}", SOURCE_KINDS.join(", "))),
+    }
+}
+
+/// `{"source_ip": true}`: the value must be `true`; `false` would be a confusing no-op.
+fn flag(field: &str, v: &Value) -> Result<(), ConfigError> {
+    match v {
+        Value::Bool(true) => Ok(()),
+        _ => err(field, format!("must be true (remove the entry to disable it), got {v}")),
+    }
+}
+
+fn is_header_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn tenants_section(v: &Value, default: &Policy) -> Result<Vec<Policy>, ConfigError> {
+    let Some(map) = v.as_object() else {
+        return err("tenants", format!("must be an object of tenant name -> limits, got {}", kind(v)));
+    };
+    let mut out = Vec::with_capacity(map.len());
+    for (name, entry) in map {
+        let field = format!("tenants.{name}");
+        if !is_valid_tenant_id(name.as_bytes()) {
+            return err(
+                &field,
+                format!("tenant names must be 1 to {MAX_TENANT_LEN} visible ASCII characters (no spaces or control characters)"),
+            );
+        }
+        let obj = Fields::new(&field, entry, &["capacity", "refill_rate", "mode"])?;
+        let cap = match obj.get("capacity") {
+            Some(c) => capacity(&obj.path("capacity"), c)?,
+            None => default.limit.capacity,
+        };
+        let per_second = match obj.get("refill_rate") {
+            Some(r) => rate(&obj.path("refill_rate"), r)?,
+            None => default.rate_per_second,
+        };
+        let mode = obj.get("mode").map(|m| mode(&obj.path("mode"), m)).transpose()?;
+        out.push(Policy {
+            name: name.clone(),
+            limit: limit(&field, cap, per_second)?,
+            mode,
+            rate_per_second: per_second,
+        });
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+const RULE_FIELDS: &[&str] = &["name", "methods", "path_prefix", "cost", "capacity", "refill_rate", "mode"];
+
+fn rules_section(v: &Value) -> Result<Vec<Rule>, ConfigError> {
+    let Some(items) = v.as_array() else {
+        return err("rules", format!("must be an array of rules, got {}", kind(v)));
+    };
+    if items.len() > MAX_RULES {
+        return err("rules", format!("at most {MAX_RULES} rules, got {}", items.len()));
+    }
+    let mut out: Vec<Rule> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let rule = rule(&format!("rules[{i}]"), item)?;
+        if let Some(name) = &rule.name {
+            if out.iter().any(|r| r.name.as_ref() == Some(name)) {
+                return err(&format!("rules[{i}].name"), format!("duplicate rule name \"{name}\""));
+            }
+        }
+        out.push(rule);
+    }
+    Ok(out)
+}
+
+fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
+    let obj = Fields::new(field, v, RULE_FIELDS)?;
+    let name = match obj.get("name") {
+        None => None,
+        Some(n) => {
+            let s = string(&obj.path("name"), n)?;
+            if !is_valid_tenant_id(s.as_bytes()) || s.len() > 64 {
+                return err(&obj.path("name"), "must be 1 to 64 visible ASCII characters");
+            }
+            Some(s.to_string())
+        }
+    };
+    let methods = match obj.get("methods") {
+        None => Vec::new(),
+        Some(Value::Array(ms)) => {
+            let mut out = Vec::with_capacity(ms.len());
+            for (j, m) in ms.iter().enumerate() {
+                let f = format!("{field}.methods[{j}]");
+                let s = string(&f, m)?;
+                if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    return err(&f, format!("must be an HTTP method such as \"GET\", got \"{s}\""));
+                }
+                out.push(s.to_ascii_uppercase());
+            }
+            out
+        }
+        Some(other) => return err(&obj.path("methods"), format!("must be an array of methods, got {}", kind(other))),
+    };
+    let path_prefix = match obj.get("path_prefix") {
+        None => "/".to_string(),
+        Some(p) => {
+            let s = string(&obj.path("path_prefix"), p)?;
+            if !s.starts_with('/') {
+                return err(&obj.path("path_prefix"), format!("must start with \"/\", got \"{s}\""));
+            }
+            s.to_string()
+        }
+    };
+    let cost = match obj.get("cost") {
+        None => 1,
+        Some(c) => int_in(&obj.path("cost"), c, 0, MAX_CAPACITY)?,
+    };
+    let mode_override = obj.get("mode").map(|m| mode(&obj.path("mode"), m)).transpose()?;
+    let policy = match (obj.get("capacity"), obj.get("refill_rate")) {
+        (None, None) => {
+            if mode_override.is_some() {
+                return err(&obj.path("mode"), "only a rule with its own capacity and refill_rate can have a mode");
+            }
+            None
+        }
+        (Some(c), Some(r)) => {
+            let Some(name) = name.clone() else {
+                return err(
+                    &obj.path("name"),
+                    "a rule with its own capacity/refill_rate needs a name (for its bucket, stats and headers)",
+                );
+            };
+            let cap = capacity(&obj.path("capacity"), c)?;
+            let per_second = rate(&obj.path("refill_rate"), r)?;
+            Some(Policy {
+                name,
+                limit: limit(field, cap, per_second)?,
+                mode: mode_override,
+                rate_per_second: per_second,
+            })
+        }
+        (Some(_), None) => return err(&obj.path("refill_rate"), "a rule with its own capacity also needs refill_rate"),
+        (None, Some(_)) => return err(&obj.path("capacity"), "a rule with its own refill_rate also needs capacity"),
+    };
+    Ok(Rule { name, methods, path_prefix, cost, policy })
+}
+
+fn deny_section(v: &Value) -> Result<Deny, ConfigError> {
+    let obj = Fields::new("deny", v, &["status", "body", "content_type"])?;
+    let status = match obj.get("status") {
+        None => 429,
+        Some(s) => int_in("deny.status", s, 400, 599)? as u32,
+    };
+    let body = match obj.get("body") {
+        None => DEFAULT_DENY_BODY.to_string(),
+        Some(b) => {
+            let s = string("deny.body", b)?;
+            if s.len() > MAX_DENY_BODY {
+                return err("deny.body", format!("at most {MAX_DENY_BODY} bytes, got {}", s.len()));
+            }
+            s.to_string()
+        }
+    };
+    let content_type = match obj.get("content_type") {
+        None => DEFAULT_DENY_CONTENT_TYPE.to_string(),
+        Some(c) => {
+            let s = string("deny.content_type", c)?;
+            if s.is_empty() || s.len() > 256 || s.bytes().any(|b| b.is_ascii_control()) {
+                return err("deny.content_type", "must be a media type such as \"application/json\"");
+            }
+            s.to_string()
+        }
+    };
+    Ok(Deny { status, body, content_type })
+}
+
+fn overflow_section(v: &Value) -> Result<Overflow, ConfigError> {
+    if let Value::String(_) = v {
+        one_of("overflow", v, &["deny"])?;
+        return Ok(Overflow::Deny);
+    }
+    let obj = Fields::new("overflow", v, &["capacity", "refill_rate"])?;
+    let cap = capacity("overflow.capacity", obj.required("capacity")?)?;
+    let per_second = rate("overflow.refill_rate", obj.required("refill_rate")?)?;
+    Ok(Overflow::Bucket(limit("overflow", cap, per_second)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::from_json_bytes(s.as_bytes())
+    }
+
+    fn field_of(s: &str) -> String {
+        match parse(s) {
+            Ok(_) => panic!("config accepted: {s}"),
+            Err(e) => e.field,
+        }
+    }
+
+    #[test]
+    fn seed_form_parses_with_defaults() {
+        let c = parse(r#"{"capacity":1000,"refill_rate":100}"#).unwrap();
+        assert_eq!(c.default_policy.limit.capacity, 1000);
+        assert_eq!(c.default_tenant, "default");
+        assert_eq!(
+            c.tenant_sources,
+            vec![TenantSource::Header("x-tenant-id".into()), TenantSource::Query("tenant".into())]
+        );
+        assert_eq!(c.deny.status, 429);
+        assert_eq!(c.headers, HeaderStyle::XRateLimit);
+        assert_eq!(c.mode, Mode::Enforce);
+        assert_eq!(c.on_store_error, StoreErrorPolicy::Allow);
+        assert_eq!(c.max_tenants, 10_000);
+        assert!(c.rules.is_empty());
+    }
+
+    #[test]
+    fn design_example_parses() {
+        let c = parse(
+            r#"{
+            "capacity": 1000, "refill_rate": 100,
+            "tenant": {"from": [{"header": "X-Tenant-Id"}, {"query": "tenant"}, {"source_ip": true}], "default": "default"},
+            "tenants": {"acme": {"capacity": 120, "refill_rate": 2}, "globex": {"capacity": 300, "refill_rate": "300/min"}},
+            "rules": [{"methods": ["get", "HEAD"], "path_prefix": "/", "cost": 1}],
+            "deny": {"status": 429, "body": "{\"error\":\"Too Many Requests\"}", "content_type": "application/json"},
+            "rate_limit_headers": true, "mode": "enforce", "on_store_error": "allow", "max_tenants": 10000
+        }"#,
+        )
+        .unwrap();
+        assert_eq!(c.tenant_sources[0], TenantSource::Header("x-tenant-id".into()));
+        assert_eq!(c.tenant_policy(b"globex").unwrap().rate_per_second, 5.0);
+        assert_eq!(c.tenant_policy(b"acme").unwrap().limit.capacity, 120);
+        assert!(c.tenant_policy(b"nobody").is_none());
+        assert_eq!(c.rules[0].methods, vec!["GET", "HEAD"]);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        assert_eq!(field_of(r#"{"refill_rate":1}"#), "capacity");
+        assert_eq!(field_of(r#"{"capacity":1}"#), "refill_rate");
+        assert_eq!(field_of(r#"{"capacity":0,"refill_rate":1}"#), "capacity");
+        assert_eq!(field_of(r#"{"capacity":1.5,"refill_rate":1}"#), "capacity");
+        assert_eq!(field_of(r#"{"capacity":"10","refill_rate":1}"#), "capacity");
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":-1}"#), "refill_rate");
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":"5/fortnight"}"#), "refill_rate");
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":1,"capacty":5}"#), "capacty");
+        assert_eq!(
+            field_of(r#"{"capacity":10,"refill_rate":1,"tenants":{"a":{"capacity":-1}}}"#),
+            "tenants.a.capacity"
+        );
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":1,"tenants":{"a":{"rate":1}}}"#), "tenants.a.rate");
+        assert_eq!(
+            field_of(r#"{"capacity":10,"refill_rate":1,"tenant":{"from":[{"cookie":"x"}]}}"#),
+            "tenant.from[0].cookie"
+        );
+        assert_eq!(
+            field_of(r#"{"capacity":10,"refill_rate":1,"tenant":{"from":[{"header":"a b"}]}}"#),
+            "tenant.from[0].header"
+        );
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":1,"rules":[{"cost":-1}]}"#), "rules[0].cost");
+        assert_eq!(
+            field_of(r#"{"capacity":10,"refill_rate":1,"rules":[{"path_prefix":"api"}]}"#),
+            "rules[0].path_prefix"
+        );
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":1,"deny":{"status":200}}"#), "deny.status");
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":1,"mode":"audit"}"#), "mode");
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":1,"on_store_error":true}"#), "on_store_error");
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":1,"max_tenants":0}"#), "max_tenants");
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":1,"rate_limit_headers":"draft"}"#), "rate_limit_headers");
+        assert_eq!(field_of(r#"{"capacity":10,"refill_rate":1,"tenant":{"default":"a b"}}"#), "tenant.default");
+        assert_eq!(field_of(r#"[1,2]"#), "");
+        assert_eq!(field_of(r#"not json"#), "");
+    }
+
+    #[test]
+    fn error_message_is_one_actionable_line() {
+        let e = parse(r#"{"capacity":10,"refill_rate":1,"tenants":{"acme":{"capacity":0}}}"#).unwrap_err();
+        let line = e.to_string();
+        assert!(line.contains("`tenants.acme.capacity`"), "{line}");
+        assert!(line.contains("whole number from 1"), "{line}");
+        assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn rate_limit_headers_aliases() {
+        let h =
+            |v: &str| parse(&format!(r#"{{"capacity":1,"refill_rate":1,"rate_limit_headers":{v}}}"#)).unwrap().headers;
+        assert_eq!(h("true"), HeaderStyle::XRateLimit);
+        assert_eq!(h("\"x-ratelimit\""), HeaderStyle::XRateLimit);
+        assert_eq!(h("false"), HeaderStyle::Off);
+        assert_eq!(h("\"off\""), HeaderStyle::Off);
+        assert_eq!(h("\"ietf\""), HeaderStyle::Ietf);
+    }
+
+    #[test]
+    fn tenant_overrides_inherit_missing_fields() {
+        let c = parse(r#"{"capacity":50,"refill_rate":"60/min","tenants":{"a":{"capacity":5},"b":{"refill_rate":10,"mode":"shadow"}}}"#).unwrap();
+        let a = c.tenant_policy(b"a").unwrap();
+        assert_eq!((a.limit.capacity, a.rate_per_second), (5, 1.0));
+        let b = c.tenant_policy(b"b").unwrap();
+        assert_eq!((b.limit.capacity, b.rate_per_second, b.mode), (50, 10.0, Some(Mode::Shadow)));
+    }
+
+    #[test]
+    fn rule_with_own_limit_needs_name_and_both_fields() {
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"rules":[{"capacity":5,"refill_rate":1}]}"#),
+            "rules[0].name"
+        );
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"rules":[{"name":"x","capacity":5}]}"#),
+            "rules[0].refill_rate"
+        );
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"rules":[{"name":"x","cost":1},{"name":"x"}]}"#),
+            "rules[1].name"
+        );
+        let c = parse(r#"{"capacity":1,"refill_rate":1,"rules":[{"name":"login","methods":["POST"],"path_prefix":"/login","capacity":5,"refill_rate":"5/min"}]}"#).unwrap();
+        let p = c.rules[0].policy.as_ref().unwrap();
+        assert_eq!((p.name.as_str(), p.limit.capacity), ("login", 5));
+    }
+
+    #[test]
+    fn overflow_forms() {
+        let c = parse(r#"{"capacity":1,"refill_rate":1,"overflow":"deny"}"#).unwrap();
+        assert_eq!(c.overflow, Overflow::Deny);
+        let c = parse(r#"{"capacity":1,"refill_rate":1,"overflow":{"capacity":9,"refill_rate":3}}"#).unwrap();
+        assert!(matches!(c.overflow, Overflow::Bucket(l) if l.capacity == 9));
+        assert_eq!(field_of(r#"{"capacity":1,"refill_rate":1,"overflow":"allow"}"#), "overflow");
+        assert_eq!(field_of(r#"{"capacity":1,"refill_rate":1,"overflow":{"capacity":9}}"#), "overflow.refill_rate");
+    }
+
+    #[test]
+    fn extreme_but_valid_limits_are_accepted() {
+        parse(r#"{"capacity":4294967296,"refill_rate":1000000000}"#).unwrap();
+        parse(r#"{"capacity":1,"refill_rate":0.001}"#).unwrap();
+        parse(r#"{"capacity":1099511627776,"refill_rate":0.000001}"#).unwrap();
+    }
+}

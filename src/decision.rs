@@ -1,0 +1,301 @@
+//! One metered request -> allow or deny, which headers, which counters. Pure: the host is
+//! only the [`SharedStore`] passed in, so this runs the same in Envoy and in unit tests.
+
+use crate::config::{Config, Mode, Overflow, Policy, StoreErrorPolicy, UnknownTenants};
+use crate::metrics::{Counter, Scoped, COUNTERS};
+use crate::response::{retry_after_seconds, Quota};
+use crate::store::{self, hash128, Namespace, Outcome, SharedStore, SlotUse};
+use crate::tenant::TenantId;
+
+/// Which per-name counters a decision touches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    Tenant(usize),
+    Rule(usize),
+}
+
+/// Counter increments to apply after a decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Events {
+    pub counters: [u32; COUNTERS.len()],
+    pub scoped: Option<(Scope, Scoped)>,
+    pub slots_created: u32,
+}
+
+impl Events {
+    fn bump(&mut self, c: Counter, n: u32) {
+        if let Some(slot) = self.counters.get_mut(c as usize) {
+            *slot = slot.saturating_add(n);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Decision<'c> {
+    /// Send the local reply (never set in shadow mode).
+    pub deny: bool,
+    pub retry_after_seconds: u64,
+    /// The bucket's state for rate-limit headers; `None` if no bucket was consulted.
+    pub quota: Option<Quota>,
+    /// The policy whose name goes into `RateLimit` headers.
+    pub policy: &'c Policy,
+    pub events: Events,
+}
+
+/// Owner ids that no tenant id can produce (tenant ids never contain NUL).
+const UNLISTED_OWNER: &[u8] = b"\0unlisted";
+const OVERFLOW_OWNER: &[u8] = b"\0overflow";
+const RULE_SEPARATOR: &[u8] = b"\0rule\0";
+
+/// The policy and bucket owner for a tenant (and the matched rule, if it has its own limit).
+pub fn select<'c>(
+    config: &'c Config,
+    tenant: &TenantId,
+    rule: Option<(usize, &'c crate::config::Rule)>,
+) -> (&'c Policy, u128, Option<Scope>) {
+    if let Some((index, rule)) = rule {
+        if let Some(policy) = &rule.policy {
+            let owner = hash128(&[tenant.as_bytes(), RULE_SEPARATOR, policy.name.as_bytes()]);
+            return (policy, owner, Some(Scope::Rule(index)));
+        }
+    }
+    if let Some(index) = config.tenant_index(tenant.as_bytes()) {
+        if let Some(policy) = config.tenants.get(index) {
+            return (policy, hash128(&[tenant.as_bytes()]), Some(Scope::Tenant(index)));
+        }
+    }
+    let owner = match config.unknown_tenants {
+        UnknownTenants::Separate => hash128(&[tenant.as_bytes()]),
+        UnknownTenants::Shared => hash128(&[UNLISTED_OWNER]),
+    };
+    (&config.default_policy, owner, None)
+}
+
+/// Decides a metered request of `cost` tokens for `tenant` at `now_ns`.
+pub fn decide<'c>(
+    config: &'c Config,
+    ns: &Namespace,
+    store: &mut impl SharedStore,
+    tenant: &TenantId,
+    rule: Option<(usize, &'c crate::config::Rule)>,
+    cost: u64,
+    now_ns: u64,
+) -> Decision<'c> {
+    let (policy, owner, scope) = select(config, tenant, rule);
+    let mode = policy.mode.unwrap_or(config.mode);
+    let mut events = Events::default();
+    let mut debit = store::debit(store, ns, owner, &policy.limit, cost, now_ns, config.max_tenants);
+    events.bump(Counter::CasRetries, debit.cas_retries);
+    let mut limit = policy.limit;
+
+    if debit.outcome == Outcome::NoSlot {
+        match config.overflow {
+            Overflow::Deny => {
+                events.bump(Counter::OverflowDenied, 1);
+                return refuse(config, policy, mode, scope, events);
+            }
+            Overflow::Bucket(overflow_limit) => {
+                events.bump(Counter::OverflowUsed, 1);
+                let key = ns.named_key("overflow");
+                let owner = hash128(&[OVERFLOW_OWNER]);
+                debit = store::debit_named(store, key.as_str(), owner, &overflow_limit, cost, now_ns);
+                events.bump(Counter::CasRetries, debit.cas_retries);
+                limit = overflow_limit;
+            }
+        }
+    }
+
+    let verdict = match debit.outcome {
+        Outcome::Decided { verdict, slot } => {
+            match slot {
+                SlotUse::Created => events.slots_created += 1,
+                SlotUse::Reclaimed => events.bump(Counter::SlotsReclaimed, 1),
+                SlotUse::Existing | SlotUse::Untouched => {}
+            }
+            verdict
+        }
+        Outcome::NoSlot | Outcome::StoreError => {
+            events.bump(Counter::StoreErrors, 1);
+            return match config.on_store_error {
+                StoreErrorPolicy::Allow => {
+                    events.bump(Counter::Allowed, 1);
+                    events.scoped = scope.map(|s| (s, Scoped::Allowed));
+                    Decision { deny: false, retry_after_seconds: 0, quota: None, policy, events }
+                }
+                StoreErrorPolicy::Deny => refuse(config, policy, mode, scope, events),
+            };
+        }
+    };
+
+    let quota = Some(Quota::new(limit.capacity, limit.window_seconds(), &verdict));
+    if verdict.allowed {
+        events.bump(Counter::Allowed, 1);
+        events.scoped = scope.map(|s| (s, Scoped::Allowed));
+        // remaining / capacity < permille / 1000, in integers.
+        if (verdict.remaining as u128) * 1000 < (limit.capacity as u128) * config.near_limit_permille as u128 {
+            events.bump(Counter::NearLimit, 1);
+        }
+        return Decision { deny: false, retry_after_seconds: 0, quota, policy, events };
+    }
+    let retry = retry_after_seconds(&verdict);
+    let mut d = refuse(config, policy, mode, scope, events);
+    d.retry_after_seconds = retry;
+    d.quota = quota;
+    d
+}
+
+/// A denial (or, in shadow mode, a counted pass) without bucket details.
+fn refuse<'c>(
+    _config: &Config,
+    policy: &'c Policy,
+    mode: Mode,
+    scope: Option<Scope>,
+    mut events: Events,
+) -> Decision<'c> {
+    let shadow = mode == Mode::Shadow;
+    let (global, scoped) =
+        if shadow { (Counter::ShadowDenied, Scoped::ShadowDenied) } else { (Counter::Denied, Scoped::Denied) };
+    events.bump(global, 1);
+    events.scoped = scope.map(|s| (s, scoped));
+    Decision { deny: !shadow, retry_after_seconds: 1, quota: None, policy, events }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rules::{classify, Metering};
+    use crate::store::fake::FakeStore;
+
+    const SEC: u64 = 1_000_000_000;
+    const T0: u64 = 1_700_000_000 * SEC;
+
+    fn cfg(json: &str) -> Config {
+        Config::from_json_bytes(json.as_bytes()).unwrap()
+    }
+
+    fn id(s: &str) -> TenantId {
+        TenantId::new(s.as_bytes()).unwrap()
+    }
+
+    fn run(c: &Config, s: &mut FakeStore, tenant: &str, n: usize) -> (usize, usize) {
+        let ns = Namespace::new("t");
+        let mut denied = 0;
+        let mut allowed = 0;
+        for _ in 0..n {
+            let d = decide(c, &ns, s, &id(tenant), None, 1, T0);
+            if d.deny {
+                denied += 1;
+            } else {
+                allowed += 1;
+            }
+        }
+        (allowed, denied)
+    }
+
+    #[test]
+    fn tenants_are_independent_and_overrides_apply() {
+        let c = cfg(r#"{"capacity":5,"refill_rate":1,"tenants":{"acme":{"capacity":2}}}"#);
+        let mut s = FakeStore::default();
+        assert_eq!(run(&c, &mut s, "a", 20), (5, 15));
+        assert_eq!(run(&c, &mut s, "b", 20), (5, 15));
+        assert_eq!(run(&c, &mut s, "acme", 20), (2, 18));
+    }
+
+    #[test]
+    fn shadow_mode_counts_but_never_denies() {
+        let c = cfg(r#"{"capacity":2,"refill_rate":1,"mode":"shadow"}"#);
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("t");
+        let mut shadow = 0;
+        for _ in 0..5 {
+            let d = decide(&c, &ns, &mut s, &id("x"), None, 1, T0);
+            assert!(!d.deny);
+            shadow += d.events.counters[Counter::ShadowDenied as usize];
+        }
+        assert_eq!(shadow, 3);
+    }
+
+    #[test]
+    fn per_tenant_shadow_only_affects_that_tenant() {
+        let c = cfg(r#"{"capacity":1,"refill_rate":1,"tenants":{"new":{"mode":"shadow"}}}"#);
+        let mut s = FakeStore::default();
+        assert_eq!(run(&c, &mut s, "new", 5), (5, 0));
+        assert_eq!(run(&c, &mut s, "old", 5), (1, 4));
+    }
+
+    #[test]
+    fn store_errors_follow_policy() {
+        for (policy, deny) in [("allow", false), ("deny", true)] {
+            let c = cfg(&format!(r#"{{"capacity":5,"refill_rate":1,"on_store_error":"{policy}"}}"#));
+            let mut s = FakeStore { fail_sets: true, ..Default::default() };
+            let d = decide(&c, &Namespace::new("t"), &mut s, &id("x"), None, 1, T0);
+            assert_eq!(d.deny, deny);
+            assert_eq!(d.events.counters[Counter::StoreErrors as usize], 1);
+        }
+    }
+
+    #[test]
+    fn rule_with_own_limit_uses_a_separate_bucket() {
+        let c = cfg(r#"{"capacity":100,"refill_rate":1,"rules":[
+            {"name":"login","methods":["POST"],"path_prefix":"/login","capacity":2,"refill_rate":"5/min"},
+            {"path_prefix":"/"}]}"#);
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("t");
+        let login = |s: &mut FakeStore| {
+            let Metering::Charge { cost, rule } = classify(&c.rules, b"POST", b"/login") else { panic!() };
+            decide(&c, &ns, s, &id("acme"), rule, cost, T0)
+        };
+        assert!(!login(&mut s).deny);
+        let second = login(&mut s);
+        assert!(!second.deny);
+        assert_eq!(second.policy.name, "login");
+        assert!(login(&mut s).deny);
+        // The main bucket was not debited by the login rule.
+        let Metering::Charge { cost, rule } = classify(&c.rules, b"GET", b"/x") else { panic!() };
+        let d = decide(&c, &ns, &mut s, &id("acme"), rule, cost, T0);
+        assert_eq!(d.quota.unwrap().remaining, 99);
+    }
+
+    #[test]
+    fn overflow_bucket_and_overflow_deny() {
+        let c =
+            cfg(r#"{"capacity":1,"refill_rate":0.001,"max_tenants":2,"overflow":{"capacity":3,"refill_rate":0.001}}"#);
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("t");
+        let mut admitted = 0;
+        for i in 0..50 {
+            if !decide(&c, &ns, &mut s, &id(&format!("t{i}")), None, 1, T0).deny {
+                admitted += 1;
+            }
+        }
+        // At most 2 slots' worth plus the overflow bucket's 3, never unlimited.
+        assert!(admitted <= 5, "{admitted}");
+        assert!(s.data.len() <= 3);
+        let c = cfg(r#"{"capacity":1,"refill_rate":0.001,"max_tenants":1,"overflow":"deny"}"#);
+        let mut s = FakeStore::default();
+        assert!(!decide(&c, &ns, &mut s, &id("a"), None, 1, T0).deny);
+        let d = decide(&c, &ns, &mut s, &id("b"), None, 1, T0);
+        assert!(d.deny);
+        assert_eq!(d.events.counters[Counter::OverflowDenied as usize], 1);
+    }
+
+    #[test]
+    fn shared_unknown_tenants_share_one_bucket() {
+        let c = cfg(r#"{"capacity":3,"refill_rate":1,"unknown_tenants":"shared","tenants":{"vip":{}}}"#);
+        let mut s = FakeStore::default();
+        assert_eq!(run(&c, &mut s, "a", 2).0, 2);
+        assert_eq!(run(&c, &mut s, "b", 5).0, 1);
+        assert_eq!(run(&c, &mut s, "vip", 5).0, 3);
+    }
+
+    #[test]
+    fn near_limit_counts_low_remaining() {
+        let c = cfg(r#"{"capacity":10,"refill_rate":1}"#);
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("t");
+        let near: u32 = (0..10)
+            .map(|_| decide(&c, &ns, &mut s, &id("x"), None, 1, T0).events.counters[Counter::NearLimit as usize])
+            .sum();
+        assert_eq!(near, 2); // remaining 1 and 0 are below 20 % of 10
+    }
+}

@@ -1,0 +1,289 @@
+//! The only module that talks to the proxy-wasm host: reads the config once per
+//! `on_configure`, and per request gathers the facts the pure modules need, applies the
+//! decision, and bumps counters. Host calls on the hot path (headers off, header tenant):
+//! one header read, one shared-data get, one set, one counter increment.
+
+use crate::config::{Config, HeaderStyle};
+use crate::decision::{decide, Events, Scope};
+use crate::metrics::{self, COUNTERS, SCOPED};
+use crate::response::{self, Quota};
+use crate::rules::{classify, Metering};
+use crate::store::{GetError, Namespace, SetError, SharedStore};
+use crate::tenant::{self, RequestFacts, TenantId};
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
+use std::rc::Rc;
+use std::time::UNIX_EPOCH;
+
+pub fn start() {
+    // A panic aborts the VM (panic = "abort"); say why first, at the level operators alert on.
+    std::panic::set_hook(Box::new(|info| {
+        let _ = hostcalls::log(LogLevel::Critical, &format!("tenant-ratelimit: panic: {info}"));
+    }));
+    proxy_wasm::set_log_level(LogLevel::Info);
+    proxy_wasm::set_root_context(|_| Box::new(Root { active: None }));
+}
+
+/// Everything a request needs, built once per configuration and shared by HTTP contexts.
+struct Active {
+    config: Config,
+    ns: Namespace,
+    default_tenant: TenantId,
+    metrics: MetricIds,
+}
+
+struct MetricIds {
+    global: [u32; COUNTERS.len()],
+    live_slots: u32,
+    tenants: Vec<[u32; SCOPED.len()]>,
+    rules: Vec<Option<[u32; SCOPED.len()]>>,
+}
+
+struct Root {
+    active: Option<Rc<Active>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        let bytes = self.get_plugin_configuration().unwrap_or_default();
+        let config = match Config::from_json_bytes(&bytes) {
+            Ok(c) => c,
+            Err(e) => {
+                log(LogLevel::Error, &format!("tenant-ratelimit: {e}"));
+                return false;
+            }
+        };
+        let Some(default_tenant) = TenantId::new(config.default_tenant.as_bytes()) else {
+            log(LogLevel::Error, "tenant-ratelimit: invalid plugin config: field `tenant.default`: invalid");
+            return false;
+        };
+        let root_id =
+            self.get_property(vec!["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+        let metrics = match define_metrics(&config) {
+            Ok(m) => m,
+            Err(status) => {
+                log(LogLevel::Error, &format!("tenant-ratelimit: cannot define stats: {status:?}"));
+                return false;
+            }
+        };
+        log(
+            LogLevel::Info,
+            &format!(
+                "tenant-ratelimit: configured: capacity {}, {} listed tenants, {} rules, mode {:?}, root id \"{root_id}\"",
+                config.default_policy.limit.capacity,
+                config.tenants.len(),
+                config.rules.len(),
+                config.mode
+            ),
+        );
+        self.active = Some(Rc::new(Active { ns: Namespace::new(&root_id), config, default_tenant, metrics }));
+        true
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        // on_configure failed: Envoy does not create the filter then; pass-through if it does.
+        let active = self.active.clone()?;
+        Some(Box::new(Filter { active, pending: None }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+fn log(level: LogLevel, message: &str) {
+    let _ = hostcalls::log(level, message);
+}
+
+fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
+    let mut global = [0u32; COUNTERS.len()];
+    for (slot, (_, name)) in global.iter_mut().zip(COUNTERS.iter()) {
+        *slot = hostcalls::define_metric(MetricType::Counter, &metrics::global_name(name))?;
+    }
+    let live_slots = hostcalls::define_metric(MetricType::Gauge, &metrics::global_name(metrics::LIVE_SLOTS))?;
+    let scoped = |scope: &str, name: &str| -> Result<[u32; SCOPED.len()], Status> {
+        let mut ids = [0u32; SCOPED.len()];
+        for (slot, (_, counter)) in ids.iter_mut().zip(SCOPED.iter()) {
+            *slot = hostcalls::define_metric(MetricType::Counter, &metrics::scoped_name(scope, name, counter))?;
+        }
+        Ok(ids)
+    };
+    let tenants = config.tenants.iter().map(|t| scoped("tenant", &t.name)).collect::<Result<_, _>>()?;
+    let rules = config
+        .rules
+        .iter()
+        .map(|r| r.name.as_deref().map(|n| scoped("rule", n)).transpose())
+        .collect::<Result<_, _>>()?;
+    Ok(MetricIds { global, live_slots, tenants, rules })
+}
+
+struct Filter {
+    active: Rc<Active>,
+    /// Rate-limit headers to add to the upstream's response.
+    pending: Option<(usize, Quota)>,
+}
+
+impl Context for Filter {}
+
+/// Request facts read lazily from the host; `:path` is read at most once.
+struct HostFacts {
+    path: Option<Vec<u8>>,
+}
+
+impl RequestFacts for HostFacts {
+    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
+    }
+
+    fn path(&mut self) -> Option<&[u8]> {
+        if self.path.is_none() {
+            self.path = self.header(":path");
+        }
+        self.path.as_deref()
+    }
+
+    fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
+        hostcalls::get_property(path.to_vec()).ok().flatten()
+    }
+}
+
+struct HostStore;
+
+impl SharedStore for HostStore {
+    fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, GetError> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(bytes), Some(cas))) => Ok(Some((bytes, cas))),
+            Ok(_) => Ok(None),
+            Err(_) => Err(GetError),
+        }
+    }
+
+    fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+        match hostcalls::set_shared_data(key, Some(value), Some(cas)) {
+            Ok(()) => Ok(()),
+            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
+            Err(_) => Err(SetError::Failed),
+        }
+    }
+}
+
+fn now_ns() -> u64 {
+    hostcalls::get_current_time()
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+impl HttpContext for Filter {
+    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let active = Rc::clone(&self.active);
+        let config = &active.config;
+        let mut facts = HostFacts { path: None };
+
+        let metering = if config.rules.is_empty() {
+            classify(&[], b"", b"")
+        } else {
+            let method = facts.header(":method").unwrap_or_default();
+            let path = facts.path().unwrap_or_default().to_vec();
+            classify(&config.rules, &method, &path)
+        };
+        let (cost, rule) = match metering {
+            Metering::Free => {
+                if let Some(id) = active.metrics.global.get(metrics::Counter::Unmetered as usize) {
+                    increment(*id, 1);
+                }
+                return Action::Continue;
+            }
+            Metering::Charge { cost, rule } => (cost, rule),
+        };
+
+        let tenant = tenant::resolve(&config.tenant_sources, &active.default_tenant, &mut facts);
+        let decision = decide(config, &active.ns, &mut HostStore, &tenant, rule, cost, now_ns());
+        record(&active.metrics, &decision.events);
+
+        let policy_name = decision.policy.name.as_str();
+        if decision.deny {
+            let mut headers: Vec<(&str, String)> = Vec::with_capacity(6);
+            headers.push(("retry-after", response::number(decision.retry_after_seconds).as_str().to_string()));
+            headers.push(("content-type", config.deny.content_type.clone()));
+            if let Some(quota) = &decision.quota {
+                response::rate_limit_headers(config.headers, policy_name, quota, |n, v| {
+                    headers.push((n, v.to_string()))
+                });
+            }
+            let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            let _ = hostcalls::send_http_response(config.deny.status, pairs, Some(config.deny.body.as_bytes()));
+            return Action::Pause;
+        }
+        if config.headers != HeaderStyle::Off {
+            if let Some(quota) = decision.quota {
+                self.pending = Some((policy_index(&active, decision.policy), quota));
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        if let Some((index, quota)) = self.pending.take() {
+            let config = &self.active.config;
+            let name = policy_name(config, index);
+            response::rate_limit_headers(config.headers, name, &quota, |n, v| {
+                let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, n, v);
+            });
+        }
+        Action::Continue
+    }
+}
+
+/// Policies are identified by index so the context stores no borrowed data:
+/// 0 = default, 1..=T = listed tenants, T+1.. = rules with their own limit.
+fn policy_index(active: &Active, policy: &crate::config::Policy) -> usize {
+    let c = &active.config;
+    if std::ptr::eq(policy, &c.default_policy) {
+        return 0;
+    }
+    if let Some(i) = c.tenants.iter().position(|t| std::ptr::eq(t, policy)) {
+        return 1 + i;
+    }
+    c.rules
+        .iter()
+        .position(|r| r.policy.as_ref().is_some_and(|p| std::ptr::eq(p, policy)))
+        .map_or(0, |i| 1 + c.tenants.len() + i)
+}
+
+fn policy_name(config: &Config, index: usize) -> &str {
+    let tenants = config.tenants.len();
+    if index == 0 {
+        &config.default_policy.name
+    } else if index <= tenants {
+        config.tenants.get(index - 1).map_or("default", |p| p.name.as_str())
+    } else {
+        config.rules.get(index - 1 - tenants).and_then(|r| r.policy.as_ref()).map_or("default", |p| p.name.as_str())
+    }
+}
+
+fn increment(id: u32, by: u32) {
+    if by > 0 {
+        let _ = hostcalls::increment_metric(id, by as i64);
+    }
+}
+
+fn record(ids: &MetricIds, events: &Events) {
+    for (id, n) in ids.global.iter().zip(events.counters.iter()) {
+        increment(*id, *n);
+    }
+    increment(ids.live_slots, events.slots_created);
+    if let Some((scope, counter)) = events.scoped {
+        let set = match scope {
+            Scope::Tenant(i) => ids.tenants.get(i),
+            Scope::Rule(i) => ids.rules.get(i).and_then(Option::as_ref),
+        };
+        if let Some(id) = set.and_then(|s| s.get(counter as usize)) {
+            increment(*id, 1);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! tenant-ratelimit: a per-tenant token-bucket rate limiter for Envoy, as a proxy-wasm
+//! HTTP filter. Pure core (config, bucket, tenant, rules, store, decision, response,
+//! metrics) with one thin module, `filter`, that talks to the proxy-wasm host; that module
+//! is compiled only for wasm so the core's tests and the config checker build natively.
+
+pub mod bucket;
+pub mod config;
+pub mod decision;
+pub mod metrics;
+pub mod rate;
+pub mod response;
+pub mod rules;
+pub mod store;
+pub mod tenant;
+
+#[cfg(target_arch = "wasm32")]
+mod filter;
+
+#[cfg(target_arch = "wasm32")]
+proxy_wasm::main! {{
+    filter::start();
+}}

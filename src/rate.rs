@@ -1,0 +1,54 @@
+//! Readable rates: `"120/min"` beside a plain number of tokens per second.
+
+const UNITS: &[(&str, f64)] = &[
+    ("s", 1.0),
+    ("sec", 1.0),
+    ("second", 1.0),
+    ("min", 60.0),
+    ("minute", 60.0),
+    ("h", 3600.0),
+    ("hour", 3600.0),
+    ("d", 86_400.0),
+    ("day", 86_400.0),
+];
+
+/// Parses `"<number>/<unit>"` into tokens per second; the error says what is accepted.
+pub fn parse_rate(text: &str) -> Result<f64, String> {
+    let accepted = || UNITS.iter().map(|(u, _)| *u).collect::<Vec<_>>().join(", ");
+    let Some((amount, unit)) = text.split_once('/') else {
+        return Err(format!("\"{text}\" is not a rate: write a number or \"<n>/<unit>\" such as \"120/min\""));
+    };
+    let amount: f64 = match amount.trim().parse() {
+        Ok(a) if f64::is_finite(a) && a > 0.0 => a,
+        _ => return Err(format!("\"{text}\": the amount before \"/\" must be a positive number")),
+    };
+    let unit = unit.trim();
+    match UNITS.iter().find(|(u, _)| *u == unit) {
+        Some((_, seconds)) => Ok(amount / seconds),
+        None => Err(format!("\"{text}\": unknown unit \"{unit}\"; accepted units: {}", accepted())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn units() {
+        assert_eq!(parse_rate("120/min"), Ok(2.0));
+        assert_eq!(parse_rate("5/s"), Ok(5.0));
+        assert_eq!(parse_rate("7200 / hour"), Ok(2.0));
+        assert_eq!(parse_rate("86400/day"), Ok(1.0));
+        assert_eq!(parse_rate("0.5/sec"), Ok(0.5));
+    }
+
+    #[test]
+    fn errors_say_what_is_accepted() {
+        let e = parse_rate("5/fortnight").unwrap_err();
+        assert!(e.contains("accepted units: s, sec, second, min"), "{e}");
+        assert!(parse_rate("120").is_err());
+        assert!(parse_rate("-1/s").is_err());
+        assert!(parse_rate("nan/s").is_err());
+        assert!(parse_rate("/s").is_err());
+    }
+}
