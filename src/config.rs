@@ -320,6 +320,27 @@ fn kind(v: &Value) -> &'static str {
     }
 }
 
+/// Bounds as text: formatting an f64 would pull ~20 KB of float printing into the module.
+const MIN_RATE_TEXT: &str = "0.000001";
+const MAX_RATE_TEXT: &str = "1000000000000";
+
+/// A JSON value for an error message, without float formatting (see above) and truncated.
+fn shown(v: &Value) -> String {
+    match v {
+        Value::Number(n) => match (n.as_u64(), n.as_i64()) {
+            (Some(u), _) => u.to_string(),
+            (None, Some(i)) => i.to_string(),
+            _ => "a fractional number".to_string(),
+        },
+        Value::String(s) => {
+            let cut: String = s.chars().take(40).collect();
+            format!("\"{cut}\"")
+        }
+        Value::Bool(b) => b.to_string(),
+        other => kind(other).to_string(),
+    }
+}
+
 fn string<'v>(field: &str, v: &'v Value) -> Result<&'v str, ConfigError> {
     match v.as_str() {
         Some(s) => Ok(s),
@@ -346,7 +367,7 @@ fn quoted(list: &[&str]) -> String {
 fn int_in(field: &str, v: &Value, min: u64, max: u64) -> Result<u64, ConfigError> {
     match v.as_u64() {
         Some(n) if (min..=max).contains(&n) => Ok(n),
-        _ => err(field, format!("must be a whole number from {min} to {max}, got {v}")),
+        _ => err(field, format!("must be a whole number from {min} to {max}, got {}", shown(v))),
     }
 }
 
@@ -365,7 +386,7 @@ fn rate(field: &str, v: &Value) -> Result<f64, ConfigError> {
     if per_second.is_finite() && (MIN_RATE..=MAX_RATE).contains(&per_second) {
         Ok(per_second)
     } else {
-        err(field, format!("must be from {MIN_RATE} to {MAX_RATE} tokens per second, got {v}"))
+        err(field, format!("must be from {MIN_RATE_TEXT} to {MAX_RATE_TEXT} tokens per second, got {}", shown(v)))
     }
 }
 
@@ -475,7 +496,7 @@ fn tenant_source(field: &str, v: &Value) -> Result<TenantSource, ConfigError> {
 fn flag(field: &str, v: &Value) -> Result<(), ConfigError> {
     match v {
         Value::Bool(true) => Ok(()),
-        _ => err(field, format!("must be true (remove the entry to disable it), got {v}")),
+        _ => err(field, format!("must be true (remove the entry to disable it), got {}", shown(v))),
     }
 }
 

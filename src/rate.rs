@@ -18,15 +18,28 @@ pub fn parse_rate(text: &str) -> Result<f64, String> {
     let Some((amount, unit)) = text.split_once('/') else {
         return Err(format!("\"{text}\" is not a rate: write a number or \"<n>/<unit>\" such as \"120/min\""));
     };
-    let amount: f64 = match amount.trim().parse() {
-        Ok(a) if f64::is_finite(a) && a > 0.0 => a,
-        _ => return Err(format!("\"{text}\": the amount before \"/\" must be a positive number")),
+    let amount = match parse_decimal(amount.trim()) {
+        Some(a) if a > 0.0 => a,
+        _ => return Err(format!("\"{text}\": the amount before \"/\" must be a positive number such as 120 or 0.5")),
     };
     let unit = unit.trim();
     match UNITS.iter().find(|(u, _)| *u == unit) {
         Some((_, seconds)) => Ok(amount / seconds),
         None => Err(format!("\"{text}\": unknown unit \"{unit}\"; accepted units: {}", accepted())),
     }
+}
+
+/// `123` or `123.456` (at most 18 digits on each side). Hand-rolled because core's
+/// `f64::from_str` adds ~15 KB of tables to the .wasm, and rates need nothing more.
+fn parse_decimal(text: &str) -> Option<f64> {
+    let (whole, frac) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |s: &str| s.len() <= 18 && s.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() || !digits(whole) || !digits(frac) || (text.contains('.') && frac.is_empty()) {
+        return None;
+    }
+    let whole: u64 = whole.bytes().fold(0, |n, b| n * 10 + u64::from(b - b'0'));
+    let frac_value: u64 = frac.bytes().fold(0, |n, b| n * 10 + u64::from(b - b'0'));
+    Some(whole as f64 + frac_value as f64 / 10f64.powi(frac.len() as i32))
 }
 
 #[cfg(test)]
@@ -50,5 +63,9 @@ mod tests {
         assert!(parse_rate("-1/s").is_err());
         assert!(parse_rate("nan/s").is_err());
         assert!(parse_rate("/s").is_err());
+        assert!(parse_rate("1e3/s").is_err());
+        assert!(parse_rate("1./s").is_err());
+        assert!(parse_rate(".5/s").is_err());
+        assert!(parse_rate("99999999999999999999/s").is_err());
     }
 }

@@ -21,7 +21,9 @@ mod native {
     pub fn main() {
         let files: Vec<String> = std::env::args().skip(1).collect();
         if files.is_empty() || files.iter().any(|f| f == "-h" || f == "--help") {
-            eprintln!("usage: tenant-ratelimit-check FILE...  (JSON plugin config, WasmPlugin, EnvoyFilter or Envoy YAML)");
+            eprintln!(
+                "usage: tenant-ratelimit-check FILE...  (JSON plugin config, WasmPlugin, EnvoyFilter or Envoy YAML)"
+            );
             exit(2);
         }
         let mut failed = false;
@@ -60,12 +62,14 @@ mod native {
 
     fn find_configs(file: &str, text: &str) -> Result<Vec<(String, Value)>, String> {
         if file.ends_with(".json") {
-            let v: Value = serde_json::from_str(text).map_err(|e| format!("invalid plugin config: not valid JSON: {e}"))?;
+            let v: Value =
+                serde_json::from_str(text).map_err(|e| format!("invalid plugin config: not valid JSON: {e}"))?;
             return Ok(vec![("config".into(), v)]);
         }
         let mut out = Vec::new();
         for (i, doc) in serde_yaml::Deserializer::from_str(text).enumerate() {
-            let yaml: serde_yaml::Value = serde::Deserialize::deserialize(doc).map_err(|e| format!("not valid YAML: {e}"))?;
+            let yaml: serde_yaml::Value =
+                serde::Deserialize::deserialize(doc).map_err(|e| format!("not valid YAML: {e}"))?;
             let json: Value = serde_json::to_value(&yaml).map_err(|e| format!("document {i}: {e}"))?;
             let kind = json.get("kind").and_then(Value::as_str).unwrap_or("");
             let name = json.pointer("/metadata/name").and_then(Value::as_str).unwrap_or("");
@@ -90,7 +94,9 @@ mod native {
                     let is_wasm = map.contains_key("vm_config") || map.contains_key("vmConfig");
                     if is_wasm {
                         let text = conf.get("value").and_then(Value::as_str).ok_or_else(|| {
-                            format!("{label}: Wasm `configuration` must be a google.protobuf.StringValue with a `value`")
+                            format!(
+                                "{label}: Wasm `configuration` must be a google.protobuf.StringValue with a `value`"
+                            )
                         })?;
                         let json: Value = serde_json::from_str(text)
                             .map_err(|e| format!("{label}: invalid plugin config: not valid JSON: {e}"))?;
