@@ -83,6 +83,33 @@ pub enum Overflow {
     Bucket(Limit),
 }
 
+/// Which decision the rate-limit service takes part in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GlobalMode {
+    /// Every metered request asks the service (or spends a lease it granted).
+    Global,
+    /// The local bucket sheds first; requests it admits then ask the service.
+    Both,
+}
+
+/// `global`: a rate-limit service speaking envoy.service.ratelimit.v3.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Global {
+    /// The Envoy cluster of the service (HTTP/2).
+    pub cluster: String,
+    pub domain: String,
+    pub timeout_ms: u64,
+    /// When the service errors or times out.
+    pub failure_mode: StoreErrorPolicy,
+    pub mode: GlobalMode,
+    /// Descriptor entry keys: the tenant always, method and path when set.
+    pub tenant_key: String,
+    pub method_key: Option<String>,
+    pub path_key: Option<String>,
+    /// Ask for this many tokens at once and spend them locally until the window ends.
+    pub lease_tokens: Option<u32>,
+}
+
 /// A named limit: the bucket parameters plus what the operator called it (the policy name
 /// in `RateLimit` headers and stats) and whether it may deny.
 #[derive(Debug, Clone, PartialEq)]
@@ -133,6 +160,8 @@ pub struct Config {
     pub unknown_tenants: UnknownTenants,
     /// `near_limit` counts admissions leaving less than this share of capacity, in 1/1000s.
     pub near_limit_permille: u32,
+    /// `None` when `global` is absent or its mode is `local`.
+    pub global: Option<Global>,
 }
 
 impl Config {
@@ -215,7 +244,12 @@ impl Config {
                 }
             }
         };
+        let global = match obj.get("global") {
+            None => None,
+            Some(v) => global_section(v)?,
+        };
         Ok(Config {
+            global,
             default_policy,
             tenant_sources,
             default_tenant,
@@ -262,6 +296,7 @@ const TOP_FIELDS: &[&str] = &[
     "overflow",
     "unknown_tenants",
     "near_limit_fraction",
+    "global",
 ];
 
 /// An object whose keys were checked against the allowed list, with its path for messages.
@@ -278,7 +313,8 @@ impl<'a> Fields<'a> {
         };
         for key in map.keys() {
             if !allowed.contains(&key.as_str()) {
-                let field = join(prefix, key);
+                // An empty key would otherwise produce an error naming no field.
+                let field = join(prefix, if key.is_empty() { "\"\"" } else { key });
                 return err(&field, format!("unknown field; expected one of: {}", allowed.join(", ")));
             }
         }
@@ -661,6 +697,76 @@ fn deny_section(v: &Value) -> Result<Deny, ConfigError> {
     Ok(Deny { status, body, content_type })
 }
 
+const GLOBAL_FIELDS: &[&str] = &[
+    "cluster",
+    "domain",
+    "timeout_ms",
+    "failure_mode",
+    "mode",
+    "tenant_key",
+    "method_key",
+    "path_key",
+    "lease_tokens",
+];
+const MAX_LEASE: u64 = 1_000_000;
+
+fn global_section(v: &Value) -> Result<Option<Global>, ConfigError> {
+    let obj = Fields::new("global", v, GLOBAL_FIELDS)?;
+    let name = |key: &str, required: bool| -> Result<Option<String>, ConfigError> {
+        let field = obj.path(key);
+        match obj.get(key) {
+            None if required => err(&field, "required field is missing"),
+            None => Ok(None),
+            Some(v) => {
+                let s = string(&field, v)?;
+                if s.is_empty() || s.len() > 256 || s.bytes().any(|b| !b.is_ascii_graphic()) {
+                    return err(&field, "must be 1 to 256 visible ASCII characters");
+                }
+                Ok(Some(s.to_string()))
+            }
+        }
+    };
+    let cluster = name("cluster", true)?.unwrap_or_default();
+    let domain = name("domain", true)?.unwrap_or_default();
+    let timeout_ms = match obj.get("timeout_ms") {
+        None => 20,
+        Some(t) => int_in("global.timeout_ms", t, 1, 60_000)?,
+    };
+    let failure_mode = match obj.get("failure_mode") {
+        None => StoreErrorPolicy::Allow,
+        Some(f) => match one_of("global.failure_mode", f, &["allow", "deny"])? {
+            "deny" => StoreErrorPolicy::Deny,
+            _ => StoreErrorPolicy::Allow,
+        },
+    };
+    let mode = match obj.get("mode") {
+        None => Some(GlobalMode::Global),
+        Some(m) => match one_of("global.mode", m, &["local", "global", "both"])? {
+            "local" => None,
+            "both" => Some(GlobalMode::Both),
+            _ => Some(GlobalMode::Global),
+        },
+    };
+    let tenant_key = name("tenant_key", false)?.unwrap_or_else(|| "tenant".to_string());
+    let method_key = name("method_key", false)?;
+    let path_key = name("path_key", false)?;
+    let lease_tokens = match obj.get("lease_tokens") {
+        None => None,
+        Some(l) => Some(int_in("global.lease_tokens", l, 1, MAX_LEASE)? as u32),
+    };
+    Ok(mode.map(|mode| Global {
+        cluster,
+        domain,
+        timeout_ms,
+        failure_mode,
+        mode,
+        tenant_key,
+        method_key,
+        path_key,
+        lease_tokens,
+    }))
+}
+
 fn overflow_section(v: &Value) -> Result<Overflow, ConfigError> {
     if let Value::String(_) = v {
         one_of("overflow", v, &["deny"])?;
@@ -821,9 +927,142 @@ mod tests {
     }
 
     #[test]
+    fn global_section() {
+        let c = parse(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"rls","domain":"d"}}"#).unwrap();
+        let g = c.global.unwrap();
+        assert_eq!((g.timeout_ms, g.mode, g.failure_mode), (20, GlobalMode::Global, StoreErrorPolicy::Allow));
+        assert_eq!((g.tenant_key.as_str(), g.lease_tokens), ("tenant", None));
+        let c =
+            parse(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"rls","domain":"d","mode":"local"}}"#).unwrap();
+        assert!(c.global.is_none());
+        let c = parse(
+            r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"rls","domain":"d","mode":"both","lease_tokens":10,
+            "failure_mode":"deny","method_key":"method","path_key":"path","timeout_ms":50}}"#,
+        )
+        .unwrap();
+        assert!(c.needs_path());
+        let g = c.global.unwrap();
+        assert_eq!((g.mode, g.lease_tokens, g.failure_mode), (GlobalMode::Both, Some(10), StoreErrorPolicy::Deny));
+        assert_eq!(field_of(r#"{"capacity":1,"refill_rate":1,"global":{"domain":"d"}}"#), "global.cluster");
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"c","domain":"d","timeout_ms":0}}"#),
+            "global.timeout_ms"
+        );
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"c","domain":"d","mode":"remote"}}"#),
+            "global.mode"
+        );
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"c","domain":"d","lease_tokens":0}}"#),
+            "global.lease_tokens"
+        );
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"c","domain":"d","cluser":"x"}}"#),
+            "global.cluser"
+        );
+    }
+
+    #[test]
     fn extreme_but_valid_limits_are_accepted() {
         parse(r#"{"capacity":4294967296,"refill_rate":1000000000}"#).unwrap();
         parse(r#"{"capacity":1,"refill_rate":0.001}"#).unwrap();
         parse(r#"{"capacity":1099511627776,"refill_rate":0.000001}"#).unwrap();
+    }
+
+    mod fuzz {
+        use super::super::*;
+        use proptest::prelude::*;
+        use serde_json::json;
+
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                any::<u64>().prop_map(|n| json!(n)),
+                (-1e15f64..1e15).prop_map(|f| json!(f)),
+                ".{0,12}".prop_map(Value::String),
+                prop::sample::select(vec![
+                    "120/min", "0/s", "1/x", "-1/s", "1e9/s", "enforce", "shadow", "ietf", "deny"
+                ])
+                .prop_map(|s| Value::String(s.into())),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::vec((field_name(), inner), 0..5)
+                        .prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// Mostly real field names, so the fuzzer gets past the unknown-field check.
+        fn field_name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => prop::sample::select(vec![
+                    "capacity", "refill_rate", "tenant", "from", "default", "tenants", "acme", "rules",
+                    "methods", "path_prefix", "cost", "name", "deny", "status", "body", "content_type",
+                    "rate_limit_headers", "mode", "on_store_error", "max_tenants", "overflow",
+                    "unknown_tenants", "near_limit_fraction", "header", "query", "source_ip", "xff",
+                    "trusted_hops", "peer_principal", "jwt_claim", "claim", "metadata_key",
+                ]).prop_map(String::from),
+                1 => ".{0,8}",
+            ]
+        }
+
+        const VALID: &str = r#"{"capacity":10,"refill_rate":"60/min",
+            "tenant":{"from":[{"header":"x-t"},{"query":"t"},{"xff":{"trusted_hops":1}}],"default":"d"},
+            "tenants":{"acme":{"capacity":3,"mode":"shadow"}},
+            "rules":[{"name":"r","methods":["GET"],"path_prefix":"/a","cost":2,"capacity":5,"refill_rate":1}],
+            "deny":{"status":429},"rate_limit_headers":"ietf","max_tenants":100,"overflow":"deny"}"#;
+
+        fn check(v: &Value) -> Result<(), TestCaseError> {
+            if let Err(e) = Config::from_value(v) {
+                let line = e.to_string();
+                prop_assert!(!line.contains('\n'));
+                if v.is_object() {
+                    prop_assert!(!e.field.is_empty(), "error without a field: {}", line);
+                }
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #[test]
+            fn random_json_never_panics(v in any_json()) {
+                check(&v)?;
+            }
+
+            #[test]
+            fn mutated_valid_config_never_panics(path in prop::collection::vec(0usize..16, 1..4), new in any_json()) {
+                let mut v: Value = serde_json::from_str(VALID).unwrap();
+                // Walk a random path of existing children (as a JSON pointer) and replace it.
+                let mut pointer = String::new();
+                let mut at = &v;
+                for step in path {
+                    let next = match at {
+                        Value::Object(m) if !m.is_empty() => m.iter().nth(step % m.len()).map(|(k, c)| (k.clone(), c)),
+                        Value::Array(a) if !a.is_empty() => a.get(step % a.len()).map(|c| ((step % a.len()).to_string(), c)),
+                        _ => None,
+                    };
+                    let Some((key, child)) = next else { break };
+                    pointer.push('/');
+                    pointer.push_str(&key.replace('~', "~0").replace('/', "~1"));
+                    at = child;
+                }
+                *v.pointer_mut(&pointer).unwrap() = new;
+                check(&v)?;
+            }
+
+            #[test]
+            fn random_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..256)) {
+                let _ = Config::from_json_bytes(&bytes);
+            }
+        }
+
+        #[test]
+        fn valid_fixture_parses() {
+            Config::from_json_bytes(VALID.as_bytes()).unwrap();
+        }
     }
 }

@@ -23,7 +23,7 @@ pub struct Events {
 }
 
 impl Events {
-    fn bump(&mut self, c: Counter, n: u32) {
+    pub fn bump(&mut self, c: Counter, n: u32) {
         if let Some(slot) = self.counters.get_mut(c as usize) {
             *slot = slot.saturating_add(n);
         }

@@ -3,10 +3,12 @@
 //! decision, and bumps counters. Host calls on the hot path (headers off, header tenant):
 //! one header read, one shared-data get, one set, one counter increment.
 
-use crate::config::{Config, HeaderStyle};
+use crate::config::{Config, Global, GlobalMode, HeaderStyle};
 use crate::decision::{decide, Events, Scope};
+use crate::global::{self, Plan};
 use crate::metrics::{self, COUNTERS, SCOPED};
 use crate::response::{self, Quota};
+use crate::rls;
 use crate::rules::{classify, Metering};
 use crate::store::{GetError, Namespace, SetError, SharedStore};
 use crate::tenant::{self, RequestFacts, TenantId};
@@ -14,7 +16,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
 use std::rc::Rc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, UNIX_EPOCH};
 
 pub fn start() {
     // A panic aborts the VM (panic = "abort"); say why first, at the level operators alert on.
@@ -86,7 +88,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // on_configure failed: Envoy does not create the filter then; pass-through if it does.
         let active = self.active.clone()?;
-        Some(Box::new(Filter { active, pending: None }))
+        Some(Box::new(Filter { active, pending: None, service_headers: Vec::new(), waiting: None }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -122,11 +124,58 @@ fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
 
 struct Filter {
     active: Rc<Active>,
-    /// Rate-limit headers to add to the upstream's response.
-    pending: Option<(usize, Quota)>,
+    /// Rate-limit headers to add to the upstream's response: policy (None = the global
+    /// service's limit) and quota.
+    pending: Option<(Option<usize>, Quota)>,
+    /// `response_headers_to_add` from the rate-limit service.
+    service_headers: Vec<(String, String)>,
+    /// A rate-limit service call in flight.
+    waiting: Option<Waiting>,
 }
 
-impl Context for Filter {}
+struct Waiting {
+    token: u32,
+    tenant: TenantId,
+    cost: u64,
+    hits: u32,
+}
+
+impl Context for Filter {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let Some(waiting) = self.waiting.take_if(|w| w.token == token_id) else { return };
+        let active = Rc::clone(&self.active);
+        let config = &active.config;
+        let Some(global) = config.global.as_ref() else { return };
+        let answer = if status_code == 0 {
+            self.get_grpc_call_response_body(0, response_size).and_then(|b| rls::decode_response(&b))
+        } else {
+            None
+        };
+        let mut events = Events::default();
+        let verdict = global::conclude(
+            global,
+            config,
+            &mut HostStore,
+            &active.ns,
+            &waiting.tenant,
+            waiting.cost,
+            waiting.hits,
+            answer,
+            now_ns(),
+            &mut events,
+        );
+        record(&active.metrics, &events);
+        if verdict.deny {
+            send_deny(config, verdict.retry_after_seconds, "global", verdict.quota.as_ref(), &verdict.headers);
+            return;
+        }
+        if let Some(quota) = verdict.quota {
+            self.pending = Some((None, quota));
+        }
+        self.service_headers = verdict.headers;
+        let _ = hostcalls::resume_http_request();
+    }
+}
 
 /// Request facts read lazily from the host; `:path` is read at most once.
 struct HostFacts {
@@ -182,14 +231,15 @@ impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let active = Rc::clone(&self.active);
         let config = &active.config;
+        let global = config.global.as_ref();
         let mut facts = HostFacts { path: None };
 
+        let needs_method = !config.rules.is_empty() || global.is_some_and(|g| g.method_key.is_some());
+        let method = if needs_method { facts.header(":method").unwrap_or_default() } else { Vec::new() };
         let metering = if config.rules.is_empty() {
             classify(&[], b"", b"")
         } else {
-            let method = facts.header(":method").unwrap_or_default();
-            let path = facts.path().unwrap_or_default().to_vec();
-            classify(&config.rules, &method, &path)
+            classify(&config.rules, &method, facts.path().unwrap_or_default())
         };
         let (cost, rule) = match metering {
             Metering::Free => {
@@ -202,41 +252,121 @@ impl HttpContext for Filter {
         };
 
         let tenant = tenant::resolve(&config.tenant_sources, &active.default_tenant, &mut facts);
-        let decision = decide(config, &active.ns, &mut HostStore, &tenant, rule, cost, now_ns());
-        record(&active.metrics, &decision.events);
-
-        let policy_name = decision.policy.name.as_str();
-        if decision.deny {
-            let mut headers: Vec<(&str, String)> = Vec::with_capacity(6);
-            headers.push(("retry-after", response::number(decision.retry_after_seconds).as_str().to_string()));
-            headers.push(("content-type", config.deny.content_type.clone()));
-            if let Some(quota) = &decision.quota {
-                response::rate_limit_headers(config.headers, policy_name, quota, |n, v| {
-                    headers.push((n, v.to_string()))
-                });
+        let now = now_ns();
+        if global.is_none_or(|g| g.mode == GlobalMode::Both) {
+            let decision = decide(config, &active.ns, &mut HostStore, &tenant, rule, cost, now);
+            record(&active.metrics, &decision.events);
+            if decision.deny {
+                send_deny(config, decision.retry_after_seconds, &decision.policy.name, decision.quota.as_ref(), &[]);
+                return Action::Pause;
             }
-            let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-            let _ = hostcalls::send_http_response(config.deny.status, pairs, Some(config.deny.body.as_bytes()));
-            return Action::Pause;
-        }
-        if config.headers != HeaderStyle::Off {
-            if let Some(quota) = decision.quota {
-                self.pending = Some((policy_index(&active, decision.policy), quota));
+            if global.is_none() {
+                if config.headers != HeaderStyle::Off {
+                    if let Some(quota) = decision.quota {
+                        self.pending = Some((Some(policy_index(&active, decision.policy)), quota));
+                    }
+                }
+                return Action::Continue;
             }
         }
-        Action::Continue
+        let Some(global) = global else { return Action::Continue };
+        self.ask_service(&active, global, &mut facts, &method, tenant, cost, now)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+        let config = &self.active.config;
         if let Some((index, quota)) = self.pending.take() {
-            let config = &self.active.config;
-            let name = policy_name(config, index);
+            let name = index.map_or("global", |i| policy_name(config, i));
             response::rate_limit_headers(config.headers, name, &quota, |n, v| {
                 let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, n, v);
             });
         }
+        for (name, value) in self.service_headers.drain(..) {
+            let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, &name, &value);
+        }
         Action::Continue
     }
+}
+
+impl Filter {
+    /// Spends a lease or calls the rate-limit service; pauses the request until it answers.
+    #[allow(clippy::too_many_arguments)]
+    fn ask_service(
+        &mut self,
+        active: &Active,
+        global: &Global,
+        facts: &mut HostFacts,
+        method: &[u8],
+        tenant: TenantId,
+        cost: u64,
+        now: u64,
+    ) -> Action {
+        let config = &active.config;
+        let mut events = Events::default();
+        let hits = match global::plan(global, &mut HostStore, &active.ns, config, &tenant, cost, now, &mut events) {
+            Plan::Admit => {
+                record(&active.metrics, &events);
+                return Action::Continue;
+            }
+            Plan::Ask { hits } => hits,
+        };
+        let method = std::str::from_utf8(method).unwrap_or("");
+        let path = facts.path().map(|p| {
+            let end = p.iter().position(|&b| b == b'?').unwrap_or(p.len());
+            std::str::from_utf8(p.get(..end).unwrap_or_default()).unwrap_or("")
+        });
+        let input = rls::DescriptorInput {
+            tenant_key: &global.tenant_key,
+            tenant: tenant.as_str(),
+            method: global.method_key.as_deref().map(|k| (k, method)),
+            path: global.path_key.as_deref().zip(path),
+        };
+        let body = rls::encode_request(&global.domain, &input, hits);
+        events.bump(metrics::Counter::GlobalCalls, 1);
+        let timeout = Duration::from_millis(global.timeout_ms);
+        match self.dispatch_grpc_call(&global.cluster, rls::SERVICE, rls::METHOD, Vec::new(), Some(&body), timeout) {
+            Ok(token) => {
+                record(&active.metrics, &events);
+                self.waiting = Some(Waiting { token, tenant, cost, hits });
+                Action::Pause
+            }
+            Err(_) => {
+                let verdict = global::conclude(
+                    global,
+                    config,
+                    &mut HostStore,
+                    &active.ns,
+                    &tenant,
+                    cost,
+                    hits,
+                    None,
+                    now,
+                    &mut events,
+                );
+                record(&active.metrics, &events);
+                if verdict.deny {
+                    send_deny(config, verdict.retry_after_seconds, "global", None, &[]);
+                    return Action::Pause;
+                }
+                Action::Continue
+            }
+        }
+    }
+}
+
+/// The local reply for a denied request.
+fn send_deny(config: &Config, retry_after: u64, policy: &str, quota: Option<&Quota>, extra: &[(String, String)]) {
+    let mut headers: Vec<(&str, String)> = Vec::with_capacity(6 + extra.len());
+    headers.push(("retry-after", response::number(retry_after).as_str().to_string()));
+    headers.push(("content-type", config.deny.content_type.clone()));
+    if let Some(quota) = quota {
+        response::rate_limit_headers(config.headers, policy, quota, |n, v| headers.push((n, v.to_string())));
+    }
+    for (n, v) in extra {
+        headers.push((n.as_str(), v.clone()));
+    }
+    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
+    let _ = hostcalls::send_http_response(config.deny.status, pairs, Some(config.deny.body.as_bytes()));
 }
 
 /// Policies are identified by index so the context stores no borrowed data:

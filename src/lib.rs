@@ -6,9 +6,11 @@
 pub mod bucket;
 pub mod config;
 pub mod decision;
+pub mod global;
 pub mod metrics;
 pub mod rate;
 pub mod response;
+pub mod rls;
 pub mod rules;
 pub mod store;
 pub mod tenant;

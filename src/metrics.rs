@@ -17,9 +17,13 @@ pub enum Counter {
     SlotsReclaimed,
     OverflowUsed,
     OverflowDenied,
+    GlobalCalls,
+    GlobalErrors,
+    GlobalOverLimit,
+    LeaseHits,
 }
 
-pub const COUNTERS: [(Counter, &str); 10] = [
+pub const COUNTERS: [(Counter, &str); 14] = [
     (Counter::Allowed, "allowed"),
     (Counter::Denied, "denied"),
     (Counter::ShadowDenied, "shadow_denied"),
@@ -30,6 +34,10 @@ pub const COUNTERS: [(Counter, &str); 10] = [
     (Counter::SlotsReclaimed, "slots_reclaimed"),
     (Counter::OverflowUsed, "overflow_used"),
     (Counter::OverflowDenied, "overflow_denied"),
+    (Counter::GlobalCalls, "global_calls"),
+    (Counter::GlobalErrors, "global_errors"),
+    (Counter::GlobalOverLimit, "global_over_limit"),
+    (Counter::LeaseHits, "lease_hits"),
 ];
 
 /// Gauge: shared-data keys this plugin created (there is no delete, so this is the key count).

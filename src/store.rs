@@ -248,11 +248,20 @@ pub struct Debit {
     pub cas_retries: u32,
 }
 
-/// Where an owner's bucket is, or may be created.
+/// Where an owner's record is, or may be created.
 enum Location {
-    Own { slot: u32, record: Record, cas: u32 },
+    Own { slot: u32, bytes: Vec<u8>, cas: u32 },
     Free { slot: u32, cas: Option<u32> },
     Full,
+}
+
+/// Who holds a slot, and whether it may be taken over: a bucket that is full again, or a
+/// lease that expired or is spent, is worth nothing to its owner.
+fn occupant(bytes: &[u8], now_ns: u64) -> Option<(u128, bool)> {
+    if let Some(r) = Record::decode(bytes) {
+        return Some((r.owner, bucket::is_full(r.t_full, now_ns)));
+    }
+    Lease::decode(bytes).map(|l| (l.owner, l.tokens == 0 || l.expires_ns <= now_ns))
 }
 
 fn locate(
@@ -269,10 +278,10 @@ fn locate(
             None => {
                 free.get_or_insert(Location::Free { slot, cas: None });
             }
-            Some((bytes, cas)) => match Record::decode(&bytes) {
-                Some(record) if record.owner == owner => return Ok(Location::Own { slot, record, cas }),
-                Some(record) if !bucket::is_full(record.t_full, now_ns) => {}
-                // A full bucket of another owner, or bytes that are no record of ours.
+            Some((bytes, cas)) => match occupant(&bytes, now_ns) {
+                Some((o, _)) if o == owner => return Ok(Location::Own { slot, bytes, cas }),
+                Some((_, false)) => {}
+                // Reusable, or bytes that are no record of ours.
                 _ => {
                     free.get_or_insert(Location::Free { slot, cas: Some(cas) });
                 }
@@ -299,8 +308,11 @@ pub fn debit(
             Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries },
         };
         let (slot, t_full, cas, use_) = match location {
-            Location::Own { slot, record, cas } => {
-                (slot, bucket::rescale(record.t_full, now_ns, &record.limit, limit), cas, SlotUse::Existing)
+            Location::Own { slot, bytes, cas } => {
+                // Owner ids of buckets and leases never coincide (see decision.rs), so this
+                // is a bucket; anything else is treated as a new bucket.
+                let t_full = Record::decode(&bytes).map_or(0, |r| bucket::rescale(r.t_full, now_ns, &r.limit, limit));
+                (slot, t_full, cas, SlotUse::Existing)
             }
             Location::Free { slot, cas: None } => (slot, 0, CREATE_CAS, SlotUse::Created),
             Location::Free { slot, cas: Some(cas) } => (slot, 0, cas, SlotUse::Reclaimed),
@@ -347,6 +359,129 @@ pub fn debit_named(
         }
     }
     Debit { outcome: Outcome::StoreError, cas_retries }
+}
+
+/// Layout version of a lease record.
+pub const LEASE_VERSION: u8 = 2;
+/// version + owner + tokens + expiry.
+pub const LEASE_LEN: usize = 1 + 16 + 8 + 8;
+
+/// Tokens a rate-limit service granted this proxy, spendable until the service's window ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub owner: u128,
+    pub tokens: u64,
+    pub expires_ns: u64,
+}
+
+impl Lease {
+    pub fn encode(&self) -> [u8; LEASE_LEN] {
+        let mut out = [0u8; LEASE_LEN];
+        let mut at = 0;
+        for part in [
+            &[LEASE_VERSION][..],
+            &self.owner.to_le_bytes(),
+            &self.tokens.to_le_bytes(),
+            &self.expires_ns.to_le_bytes(),
+        ] {
+            if let Some(dst) = out.get_mut(at..at + part.len()) {
+                dst.copy_from_slice(part);
+            }
+            at += part.len();
+        }
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Lease> {
+        if bytes.len() != LEASE_LEN || bytes.first() != Some(&LEASE_VERSION) {
+            return None;
+        }
+        Some(Lease {
+            owner: u128::from_le_bytes(bytes.get(1..17)?.try_into().ok()?),
+            tokens: u64::from_le_bytes(bytes.get(17..25)?.try_into().ok()?),
+            expires_ns: u64::from_le_bytes(bytes.get(25..33)?.try_into().ok()?),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseTake {
+    /// `cost` tokens were taken from an unexpired lease.
+    Taken {
+        left: u64,
+    },
+    /// No lease, an expired one, or too few tokens: ask the service.
+    Empty,
+    StoreError,
+}
+
+/// Spends `cost` tokens of `owner`'s lease, if it has them.
+pub fn lease_take(
+    store: &mut impl SharedStore,
+    ns: &Namespace,
+    owner: u128,
+    cost: u64,
+    now_ns: u64,
+    max: u32,
+) -> LeaseTake {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (slot, lease, cas) = match locate(store, ns, owner, max, now_ns) {
+            Err(GetError) => return LeaseTake::StoreError,
+            Ok(Location::Own { slot, bytes, cas }) => match Lease::decode(&bytes) {
+                Some(l) => (slot, l, cas),
+                None => return LeaseTake::Empty,
+            },
+            Ok(_) => return LeaseTake::Empty,
+        };
+        if lease.expires_ns <= now_ns || lease.tokens < cost {
+            return LeaseTake::Empty;
+        }
+        let left = lease.tokens - cost;
+        match store.set(ns.slot_key(slot).as_str(), &Lease { tokens: left, ..lease }.encode(), cas) {
+            Ok(()) => return LeaseTake::Taken { left },
+            Err(SetError::CasMismatch) => {}
+            Err(SetError::Failed) => return LeaseTake::StoreError,
+        }
+    }
+    LeaseTake::StoreError
+}
+
+/// Adds tokens the service granted to `owner`'s lease. Tokens still unexpired are kept, and
+/// the earlier expiry wins, so tokens of one window are never spent in the next (that would
+/// admit more than the service granted). If the lease cannot be stored the tokens are
+/// dropped: that can only under-admit.
+pub fn lease_add(
+    store: &mut impl SharedStore,
+    ns: &Namespace,
+    owner: u128,
+    tokens: u64,
+    expires_ns: u64,
+    now_ns: u64,
+    max: u32,
+) -> bool {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (slot, lease, cas) = match locate(store, ns, owner, max, now_ns) {
+            Err(GetError) | Ok(Location::Full) => return false,
+            Ok(Location::Free { slot, cas }) => (slot, Lease { owner, tokens, expires_ns }, cas.unwrap_or(CREATE_CAS)),
+            Ok(Location::Own { slot, bytes, cas }) => {
+                let merged = match Lease::decode(&bytes) {
+                    Some(old) if old.expires_ns > now_ns && old.tokens > 0 => Lease {
+                        owner,
+                        tokens: old.tokens.saturating_add(tokens),
+                        expires_ns: old.expires_ns.min(expires_ns),
+                    },
+                    _ => Lease { owner, tokens, expires_ns },
+                };
+                (slot, merged, cas)
+            }
+        };
+        match store.set(ns.slot_key(slot).as_str(), &lease.encode(), cas) {
+            Ok(()) => return true,
+            Err(SetError::CasMismatch) => {}
+            Err(SetError::Failed) => return false,
+        }
+    }
+    false
 }
 
 enum Step {
@@ -580,6 +715,39 @@ mod tests {
         let key = ns.named_key("overflow");
         let n = (0..10).filter(|_| allowed(&debit_named(&mut s, key.as_str(), 7, &lim(3, 1.0), 1, T0))).count();
         assert_eq!(n, 3);
+    }
+
+    #[test]
+    fn leases_are_spent_until_empty_or_expired() {
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("r");
+        assert_eq!(lease_take(&mut s, &ns, 9, 1, T0, 10), LeaseTake::Empty);
+        assert!(lease_add(&mut s, &ns, 9, 3, T0 + SEC, T0, 10));
+        assert_eq!(lease_take(&mut s, &ns, 9, 1, T0, 10), LeaseTake::Taken { left: 2 });
+        assert_eq!(lease_take(&mut s, &ns, 9, 2, T0, 10), LeaseTake::Taken { left: 0 });
+        assert_eq!(lease_take(&mut s, &ns, 9, 1, T0, 10), LeaseTake::Empty);
+        // A second grant in the same window adds up; the earlier expiry wins.
+        assert!(lease_add(&mut s, &ns, 9, 2, T0 + 5 * SEC, T0, 10));
+        assert!(lease_add(&mut s, &ns, 9, 2, T0 + 9 * SEC, T0, 10));
+        assert_eq!(Lease::decode(&s.data.values().next().unwrap().0).unwrap().expires_ns, T0 + 5 * SEC);
+        assert_eq!(lease_take(&mut s, &ns, 9, 4, T0, 10), LeaseTake::Taken { left: 0 });
+        // Expired tokens are never spent.
+        assert!(lease_add(&mut s, &ns, 9, 5, T0 + SEC, T0, 10));
+        assert_eq!(lease_take(&mut s, &ns, 9, 1, T0 + SEC, 10), LeaseTake::Empty);
+    }
+
+    #[test]
+    fn leases_and_buckets_share_the_slot_table() {
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("r");
+        // One slot: a live bucket blocks a lease; an expired lease is reclaimed by a bucket.
+        assert!(allowed(&debit(&mut s, &ns, 1, &lim(5, 0.001), 1, T0, 1)));
+        assert!(!lease_add(&mut s, &ns, 2, 3, T0 + SEC, T0, 1));
+        let mut s = FakeStore::default();
+        assert!(lease_add(&mut s, &ns, 2, 3, T0 + SEC, T0, 1));
+        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, T0, 1).outcome, Outcome::NoSlot);
+        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, T0 + 2 * SEC, 1);
+        assert!(matches!(d.outcome, Outcome::Decided { slot: SlotUse::Reclaimed, .. }));
     }
 
     proptest! {
