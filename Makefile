@@ -14,7 +14,7 @@ MAX_WASM_BYTES := 204800
 
 export CARGO_TERM_COLOR := never
 
-.PHONY: help run test wasm deps rust-target lint unit e2e bench bench-smoke check-config sha256 clean
+.PHONY: help run test wasm deps system-packages rust-target lint unit e2e bench bench-smoke check-config sha256 clean
 
 help:
 	@echo "make run    build the filter and start the local Envoy demo on 127.0.0.1:10000"
@@ -77,9 +77,18 @@ unit: wasm
 	cargo test --release
 
 # End-to-end: the real Envoy binary with the built .wasm on loopback ports.
-e2e: deps wasm
+# The global-limit tests run a real rate-limit service (tests/rls-server, built on limitador)
+# against a real redis-server from Debian; the load tests use wrk from Debian.
+system-packages:
+	@command -v redis-server >/dev/null && command -v wrk >/dev/null || \
+	  apt-get install -y -q redis-server wrk >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q redis-server wrk >/dev/null)
+
+e2e: deps wasm system-packages
 	cargo build --quiet --release --bin tenant-ratelimit-check
+	cargo build --quiet --release --manifest-path tests/rls-server/Cargo.toml
 	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) CHECKER=$(abspath target/release/tenant-ratelimit-check) \
+	  RLS_SERVER=$(abspath tests/rls-server/target/release/rls-server) \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/e2e tests/deploy
 
 check-config:

@@ -342,17 +342,19 @@ pub fn debit_named(
 ) -> Debit {
     let mut cas_retries = 0;
     for _ in 0..MAX_CAS_ATTEMPTS {
-        let (t_full, cas) = match store.get(key) {
+        let (t_full, cas, creating) = match store.get(key) {
             Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries },
-            Ok(None) => (0, CREATE_CAS),
+            Ok(None) => (0, CREATE_CAS, true),
             Ok(Some((bytes, cas))) => match Record::decode(&bytes) {
-                Some(r) if r.owner == owner => (bucket::rescale(r.t_full, now_ns, &r.limit, limit), cas),
-                _ => (0, cas),
+                Some(r) if r.owner == owner => (bucket::rescale(r.t_full, now_ns, &r.limit, limit), cas, false),
+                _ => (0, cas, false),
             },
         };
         match write(store, key, owner, limit, t_full, cas, cost, now_ns) {
-            Step::Done(verdict, _) => {
-                return Debit { outcome: Outcome::Decided { verdict, slot: SlotUse::Existing }, cas_retries }
+            Step::Done(verdict, wrote) => {
+                // Creating the key counts toward live_slots like any other key.
+                let slot = if wrote && creating { SlotUse::Created } else { SlotUse::Existing };
+                return Debit { outcome: Outcome::Decided { verdict, slot }, cas_retries };
             }
             Step::Retry => cas_retries += 1,
             Step::Failed => return Debit { outcome: Outcome::StoreError, cas_retries },
@@ -713,8 +715,10 @@ mod tests {
         let mut s = FakeStore::default();
         let ns = Namespace::new("r");
         let key = ns.named_key("overflow");
-        let n = (0..10).filter(|_| allowed(&debit_named(&mut s, key.as_str(), 7, &lim(3, 1.0), 1, T0))).count();
-        assert_eq!(n, 3);
+        let first = debit_named(&mut s, key.as_str(), 7, &lim(3, 1.0), 1, T0);
+        assert!(matches!(first.outcome, Outcome::Decided { slot: SlotUse::Created, .. }));
+        let n = (0..9).filter(|_| allowed(&debit_named(&mut s, key.as_str(), 7, &lim(3, 1.0), 1, T0))).count();
+        assert_eq!(n, 2);
     }
 
     #[test]

@@ -122,11 +122,16 @@ def http_listener(name: str, plugin_config: Any, wasm: str, *, port: int = 0,
     }
 
 
-def bootstrap(listeners: Iterable[dict] = (), lds_path: str | None = None) -> dict:
+def bootstrap(listeners: Iterable[dict] = (), lds_path: str | None = None,
+              clusters: Iterable[dict] = ()) -> dict:
+    """`clusters`: extra static clusters (e.g. `rls.grpc_cluster(...)`); none by default."""
     b: dict = {
         "admin": {"address": {"socket_address": {"address": HOST, "port_value": 0}}},
         "static_resources": {"listeners": list(listeners)},
     }
+    clusters = list(clusters)
+    if clusters:
+        b["static_resources"]["clusters"] = clusters
     if lds_path:
         b["node"] = {"id": "e2e", "cluster": "e2e"}
         b["dynamic_resources"] = {"lds_config": {"path_config_source": {"path": lds_path}}}
@@ -558,3 +563,125 @@ class Jwt:
         signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(claims).encode())}"
         sig = openssl("dgst", "-sha256", "-sign", str(self.key), cwd=self.dir, input=signing_input.encode())
         return f"{signing_input}.{b64url(sig)}"
+
+
+# --------------------------------------------------------------------------------------------
+# Load generation with wrk (churn and soak tests)
+
+WRK_SCRIPT = Path(__file__).with_name("wrk_tenants.lua")
+
+
+def ensure_wrk() -> str | None:
+    """The wrk binary, installed with apt-get when missing and possible (root, Debian).
+    Returns None when it cannot be had."""
+    import shutil
+    path = shutil.which("wrk")
+    if path:
+        return path
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return None
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmds in ([["apt-get", "install", "-y", "-q", "wrk"]],
+                 [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "wrk"]]):
+        try:
+            if all(subprocess.run(c, env=env, capture_output=True, timeout=300).returncode == 0 for c in cmds):
+                break
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    return shutil.which("wrk")
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float  # wall time of the wrk run
+    errors: dict[str, int]
+    stdout: str
+
+
+class Wrk:
+    """wrk against 127.0.0.1:`port` with tests/e2e/wrk_tenants.lua, in the background.
+
+    `env` sets the script's TRL_WRK_* variables (see the script). The run is bounded by
+    `duration` (wrk -d) and by `stop()` (SIGINT: wrk stops at once and still prints its
+    summary); `limit` caps the requests each thread sends."""
+
+    def __init__(self, wrk_bin: str, port: int, *, duration: float, threads: int = 2,
+                 connections: int = 16, limit: int = 0, env: dict | None = None, timeout: str = "5s"):
+        self.cmd = [wrk_bin, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, int(duration))}s",
+                    "--timeout", timeout, "-s", str(WRK_SCRIPT), f"http://{HOST}:{port}/"]
+        self.env = dict(os.environ, TRL_WRK_LIMIT=str(limit), **(env or {}))
+        self.duration = duration
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "Wrk":
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
+        return self
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stop(self) -> None:
+        if self.running():
+            self.proc.send_signal(signal.SIGINT)
+
+    def wait(self) -> WrkResult:
+        assert self.proc is not None
+        try:
+            out, _ = self.proc.communicate(timeout=self.duration + 30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            raise RuntimeError(f"wrk did not finish: {out[-2000:]}")
+        seconds = time.monotonic() - self.started
+        for line in out.splitlines():
+            if line.startswith("WRK_RESULT "):
+                r = json.loads(line.split(" ", 1)[1])
+                errors = {k: r[k] for k in ("connect", "read", "write", "timeout")}
+                return WrkResult(r["requests"], seconds, errors, out)
+        raise RuntimeError(f"wrk exited {self.proc.returncode} without a result:\n{out[-2000:]}")
+
+    def __enter__(self) -> "Wrk":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        if self.running():
+            self.proc.kill()
+            self.proc.wait()
+
+
+def vm_rss_kib(pid: int) -> int:
+    """VmRSS of a process, in KiB."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def raw_http(port: int, data: bytes, timeout: float = HTTP_TIMEOUT) -> tuple[int | None, bytes]:
+    """Send raw bytes (one HTTP/1.1 request) on a fresh connection and read one response
+    (headers, then `content-length` bytes of body; or until the peer closes). Returns
+    (status or None, everything read). The client closes first, so Envoy's delayed close
+    does not cost a second."""
+    with socket.create_connection((HOST, port), timeout=timeout) as s:
+        s.sendall(data)
+        out = b""
+        need: int | None = None
+        while need is None or len(out) < need:
+            try:
+                b = s.recv(65536)
+            except (ConnectionResetError, socket.timeout):
+                break
+            if not b:
+                break
+            out += b
+            if need is None and b"\r\n\r\n" in out:
+                head, _, _ = out.partition(b"\r\n\r\n")
+                m = re.search(rb"(?im)^content-length:\s*(\d+)\s*$", head)
+                if m:
+                    need = len(head) + 4 + int(m.group(1))
+    m = re.match(rb"HTTP/1\.[01] (\d{3}) ", out)
+    return (int(m.group(1)) if m else None), out

@@ -1,0 +1,278 @@
+"""The rate-limit service for the `global` mode tests: redis-server and tests/rls-server.
+
+* `Redis`: the Debian `redis-server` on a free loopback port, no persistence, in a tmp dir.
+* `build_rls_server()`: `cargo build --release` of tests/rls-server (its own target dir);
+  `RLS_SERVER=/path/to/rls-server` skips the build.
+* `RlsServer`: rls-server on a free loopback port with a limits list; `.stats()` reads the
+  per-call counters it writes (`requests`, `hits`, `ok`, `over_limit`, `errors`).
+* `grpc_cluster(name, port)`: the Envoy cluster (STATIC, HTTP/2) for the filter's `global.cluster`.
+
+Every process gets SIGKILL if the test process dies (parent-death signal), and `stop()` is
+SIGTERM, a bounded wait, then SIGKILL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from .harness import HOST, _die_with_parent, free_port
+
+REPO = Path(__file__).resolve().parents[2]
+RLS_CRATE = REPO / "tests" / "rls-server"
+RLS_BIN = RLS_CRATE / "target" / "release" / "rls-server"
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 5.0
+BUILD_TIMEOUT = 1800.0
+
+
+def _stop(proc: subprocess.Popen | None) -> int | None:
+    if proc is None:
+        return None
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(STOP_TIMEOUT)
+    return proc.returncode
+
+
+def _tail(path: Path, n: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except FileNotFoundError:
+        return ""
+
+
+# --------------------------------------------------------------------------------------------
+# Redis
+
+
+def redis_bin() -> str | None:
+    return shutil.which("redis-server") or ("/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None)
+
+
+class Redis:
+    def __init__(self, workdir: Path, binary: str):
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.binary = binary
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.log_path = self.dir / "redis.log"
+
+    @property
+    def url(self) -> str:
+        return f"redis://{HOST}:{self.port}"
+
+    def command(self, *args: str, timeout: float = 2.0) -> bytes:
+        """One RESP command, the raw first reply line (enough for PING / DBSIZE / FLUSHALL)."""
+        payload = f"*{len(args)}\r\n".encode() + b"".join(
+            f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)
+        with socket.create_connection((HOST, self.port), timeout=timeout) as s:
+            s.sendall(payload)
+            data = b""
+            while not data.endswith(b"\r\n"):
+                chunk = s.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+        return data.strip()
+
+    def start(self) -> "Redis":
+        for _attempt in range(3):  # a free port can be taken between probe and bind
+            self.port = free_port()
+            log = open(self.log_path, "ab")
+            self.proc = subprocess.Popen(
+                [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
+                 "--dir", str(self.dir), "--protected-mode", "yes", "--daemonize", "no"],
+                cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent)
+            log.close()
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                try:
+                    if self.command("PING") == b"+PONG":
+                        return self
+                except OSError:
+                    pass
+                time.sleep(0.05)
+            _stop(self.proc)
+        raise RuntimeError(f"redis-server did not start\n{_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+# --------------------------------------------------------------------------------------------
+# rls-server
+
+
+def build_rls_server() -> str:
+    """The rls-server binary: $RLS_SERVER, else a `cargo build --release` of tests/rls-server
+    (incremental: a no-op when up to date)."""
+    given = os.environ.get("RLS_SERVER")
+    if given:
+        return given
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        if RLS_BIN.exists():
+            return str(RLS_BIN)
+        raise RuntimeError("no cargo to build tests/rls-server (set RLS_SERVER)")
+    p = subprocess.run([cargo, "build", "--quiet", "--release", "--manifest-path", str(RLS_CRATE / "Cargo.toml")],
+                       capture_output=True, timeout=BUILD_TIMEOUT)
+    if p.returncode != 0:
+        raise RuntimeError(f"building rls-server failed:\n{p.stderr.decode(errors='replace')[-4000:]}")
+    return str(RLS_BIN)
+
+
+def tenant_limit(domain: str, max_value: int, seconds: int = 60, key: str = "tenant",
+                 conditions: list[str] | None = None, name: str | None = None) -> dict:
+    """One limitador limit: `max_value` per `seconds`, one counter per value of `key`."""
+    limit = {"namespace": domain, "max_value": max_value, "seconds": seconds,
+             "conditions": conditions or [], "variables": [key]}
+    if name:
+        limit["name"] = name
+    return limit
+
+
+class RlsServer:
+    def __init__(self, binary: str, workdir: Path, redis_url: str, limits: list[dict], *,
+                 delay_ms: int = 0, name: str = "rls"):
+        self.binary = binary
+        self.dir = Path(workdir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.redis_url = redis_url
+        self.limits = limits
+        self.delay_ms = delay_ms
+        self.name = name
+        self.port = 0
+        self.proc: subprocess.Popen | None = None
+        self.limits_path = self.dir / f"{name}.limits.json"
+        self.stats_path = self.dir / f"{name}.stats.json"
+        self.log_path = self.dir / f"{name}.log"
+
+    def start(self, port: int | None = None) -> "RlsServer":
+        """Starts on `port` (default: the previous one if restarting, else a free one)."""
+        self.limits_path.write_text(json.dumps(self.limits))
+        self.stats_path.unlink(missing_ok=True)
+        for _attempt in range(3):
+            self.port = port or self.port or free_port()
+            start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
+            log = open(self.log_path, "ab")
+            self.proc = subprocess.Popen(
+                [self.binary, "--listen", f"{HOST}:{self.port}", "--redis", self.redis_url,
+                 "--limits", str(self.limits_path), "--delay-ms", str(self.delay_ms),
+                 "--stats-file", str(self.stats_path)],
+                cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent)
+            log.close()
+            deadline = time.monotonic() + START_TIMEOUT
+            while time.monotonic() < deadline and self.proc.poll() is None:
+                with open(self.log_path, "rb") as f:
+                    f.seek(start_at)
+                    if b"listening on " in f.read():
+                        return self
+                time.sleep(0.05)
+            _stop(self.proc)
+            if port is not None:
+                break
+            self.port = 0
+        raise RuntimeError(f"rls-server did not start\n{_tail(self.log_path)}")
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def stats(self) -> dict[str, int]:
+        """Calls since this process started: requests (counted on arrival), hits, ok,
+        over_limit, errors, cancelled (the client reset the stream before the answer)."""
+        try:
+            return json.loads(self.stats_path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {"requests": 0, "hits": 0, "ok": 0, "over_limit": 0, "errors": 0, "cancelled": 0}
+
+    def calls(self) -> list[str]:
+        """The per-call log lines (`call N domain=... descriptors=[tenant=x] -> OK/remaining=...`,
+        `call N -> CANCELLED ...`)."""
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return []
+        return [l for l in text.splitlines() if l.startswith("call ")]
+
+    def log_tail(self, n: int = 30) -> str:
+        return _tail(self.log_path, n)
+
+
+def grpc_cluster(name: str, port: int, connect_timeout: str = "1s") -> dict:
+    """A STATIC HTTP/2 cluster at 127.0.0.1:`port` (for gRPC calls from the filter)."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": connect_timeout,
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": HOST, "port_value": port}}}}]}],
+        },
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Fixtures (import them into a test module: `from .rls import redis, rls_bin, rls_factory`)
+
+
+@pytest.fixture(scope="session")
+def rls_bin() -> str:
+    try:
+        return build_rls_server()
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    binary = redis_bin()
+    if binary is None:
+        pytest.skip("no redis-server (apt-get install -y redis-server)")
+    r = Redis(tmp_path_factory.mktemp("redis"), binary).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def rls_factory(rls_bin, redis, tmp_path_factory):
+    """`make(limits, delay_ms=0)` -> a started RlsServer on the module's Redis, stopped at the
+    end of the module."""
+    started: list[RlsServer] = []
+    workdir = tmp_path_factory.mktemp("rls")
+
+    def make(limits: list[dict], *, delay_ms: int = 0, start: bool = True) -> RlsServer:
+        s = RlsServer(rls_bin, workdir, redis.url, limits, delay_ms=delay_ms, name=f"rls{len(started)}")
+        started.append(s)
+        if start:
+            s.start()
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
