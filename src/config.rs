@@ -162,6 +162,8 @@ pub struct Config {
     pub near_limit_permille: u32,
     /// `None` when `global` is absent or its mode is `local`.
     pub global: Option<Global>,
+    /// Tokens a worker may lease from a rich bucket (0 = off); see worker_lease.rs.
+    pub worker_lease: u64,
 }
 
 impl Config {
@@ -248,7 +250,12 @@ impl Config {
             None => None,
             Some(v) => global_section(v)?,
         };
+        let worker_lease = match obj.get("worker_lease") {
+            None => 0,
+            Some(v) => int_in("worker_lease", v, 0, 1_000_000)?,
+        };
         Ok(Config {
+            worker_lease,
             global,
             default_policy,
             tenant_sources,
@@ -297,6 +304,7 @@ const TOP_FIELDS: &[&str] = &[
     "unknown_tenants",
     "near_limit_fraction",
     "global",
+    "worker_lease",
 ];
 
 /// An object whose keys were checked against the allowed list, with its path for messages.

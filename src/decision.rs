@@ -6,6 +6,7 @@ use crate::metrics::{Counter, Scoped, COUNTERS};
 use crate::response::{retry_after_seconds, Quota};
 use crate::store::{self, hash128, Namespace, Outcome, SharedStore, SlotUse};
 use crate::tenant::TenantId;
+use crate::worker_lease::{Entry, WorkerLeases};
 
 /// Which per-name counters a decision touches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,11 +72,45 @@ pub fn select<'c>(
     (&config.default_policy, owner, None)
 }
 
-/// Decides a metered request of `cost` tokens for `tenant` at `now_ns`.
+/// Admits a request from this worker's lease, if `worker_lease` is on and the tenant has
+/// one; touches neither shared data nor the clock.
+pub fn from_lease<'c>(
+    config: &'c Config,
+    leases: &mut WorkerLeases,
+    tenant: &TenantId,
+    rule: Option<(usize, &'c crate::config::Rule)>,
+    cost: u64,
+) -> Option<Decision<'c>> {
+    if config.worker_lease == 0 {
+        return None;
+    }
+    let (policy, owner, scope) = select(config, tenant, rule);
+    let quota = leases.spend(owner, &policy.limit, cost)?;
+    let mut events = Events::default();
+    events.bump(Counter::Allowed, 1);
+    events.scoped = scope.map(|s| (s, Scoped::Allowed));
+    Some(Decision { deny: false, retry_after_seconds: 0, quota: Some(quota), policy, events })
+}
+
+/// How many tokens to lease along with a debit: none unless on, and only from buckets at
+/// least four leases deep (small buckets stay exact to the token).
+fn lease_size(config: &Config, policy: &Policy, owner: u128, leases: Option<&WorkerLeases>) -> u64 {
+    match leases {
+        Some(l) if config.worker_lease > 0 && l.has_room(owner) && policy.limit.capacity / 4 >= config.worker_lease => {
+            config.worker_lease
+        }
+        _ => 0,
+    }
+}
+
+/// Decides a metered request of `cost` tokens for `tenant` at `now_ns`. With `leases`, a
+/// worker lease may be taken along (see worker_lease.rs); a lease it replaces is returned.
+#[allow(clippy::too_many_arguments)]
 pub fn decide<'c>(
     config: &'c Config,
     ns: &Namespace,
     store: &mut impl SharedStore,
+    leases: Option<&mut WorkerLeases>,
     tenant: &TenantId,
     rule: Option<(usize, &'c crate::config::Rule)>,
     cost: u64,
@@ -84,7 +119,19 @@ pub fn decide<'c>(
     let (policy, owner, scope) = select(config, tenant, rule);
     let mode = policy.mode.unwrap_or(config.mode);
     let mut events = Events::default();
-    let mut debit = store::debit(store, ns, owner, &policy.limit, cost, now_ns, config.max_tenants);
+    let grab = lease_size(config, policy, owner, leases.as_deref());
+    let mut debit = store::debit(store, ns, owner, &policy.limit, cost, grab, now_ns, config.max_tenants);
+    if let (Some(leases), Outcome::Decided { verdict, .. }) = (leases, debit.outcome) {
+        if debit.granted > 0 {
+            let quota = Quota::new(policy.limit.capacity, policy.limit.window_seconds(), &verdict);
+            let replaced = leases.add(Entry { owner, limit: policy.limit, tokens: debit.granted, quota });
+            if let Some(old) = replaced {
+                store::give_back(store, ns, old.owner, &old.limit, old.tokens, now_ns, config.max_tenants);
+            }
+        }
+    }
+    // The request's own view: the lease tokens are the worker's, not spent yet.
+    let lease_tokens = debit.granted;
     events.bump(Counter::CasRetries, debit.cas_retries);
     let mut limit = policy.limit;
 
@@ -127,7 +174,9 @@ pub fn decide<'c>(
         }
     };
 
-    let quota = Some(Quota::new(limit.capacity, limit.window_seconds(), &verdict));
+    let mut quota = Quota::new(limit.capacity, limit.window_seconds(), &verdict);
+    quota.remaining = quota.remaining.saturating_add(lease_tokens);
+    let quota = Some(quota);
     if verdict.allowed {
         events.bump(Counter::Allowed, 1);
         events.scoped = scope.map(|s| (s, Scoped::Allowed));
@@ -182,7 +231,7 @@ mod tests {
         let mut denied = 0;
         let mut allowed = 0;
         for _ in 0..n {
-            let d = decide(c, &ns, s, &id(tenant), None, 1, T0);
+            let d = decide(c, &ns, s, None, &id(tenant), None, 1, T0);
             if d.deny {
                 denied += 1;
             } else {
@@ -208,7 +257,7 @@ mod tests {
         let ns = Namespace::new("t");
         let mut shadow = 0;
         for _ in 0..5 {
-            let d = decide(&c, &ns, &mut s, &id("x"), None, 1, T0);
+            let d = decide(&c, &ns, &mut s, None, &id("x"), None, 1, T0);
             assert!(!d.deny);
             shadow += d.events.counters[Counter::ShadowDenied as usize];
         }
@@ -228,7 +277,7 @@ mod tests {
         for (policy, deny) in [("allow", false), ("deny", true)] {
             let c = cfg(&format!(r#"{{"capacity":5,"refill_rate":1,"on_store_error":"{policy}"}}"#));
             let mut s = FakeStore { fail_sets: true, ..Default::default() };
-            let d = decide(&c, &Namespace::new("t"), &mut s, &id("x"), None, 1, T0);
+            let d = decide(&c, &Namespace::new("t"), &mut s, None, &id("x"), None, 1, T0);
             assert_eq!(d.deny, deny);
             assert_eq!(d.events.counters[Counter::StoreErrors as usize], 1);
         }
@@ -243,7 +292,7 @@ mod tests {
         let ns = Namespace::new("t");
         let login = |s: &mut FakeStore| {
             let Metering::Charge { cost, rule } = classify(&c.rules, b"POST", b"/login") else { panic!() };
-            decide(&c, &ns, s, &id("acme"), rule, cost, T0)
+            decide(&c, &ns, s, None, &id("acme"), rule, cost, T0)
         };
         assert!(!login(&mut s).deny);
         let second = login(&mut s);
@@ -252,7 +301,7 @@ mod tests {
         assert!(login(&mut s).deny);
         // The main bucket was not debited by the login rule.
         let Metering::Charge { cost, rule } = classify(&c.rules, b"GET", b"/x") else { panic!() };
-        let d = decide(&c, &ns, &mut s, &id("acme"), rule, cost, T0);
+        let d = decide(&c, &ns, &mut s, None, &id("acme"), rule, cost, T0);
         assert_eq!(d.quota.unwrap().remaining, 99);
     }
 
@@ -264,7 +313,7 @@ mod tests {
         let ns = Namespace::new("t");
         let mut admitted = 0;
         for i in 0..50 {
-            if !decide(&c, &ns, &mut s, &id(&format!("t{i}")), None, 1, T0).deny {
+            if !decide(&c, &ns, &mut s, None, &id(&format!("t{i}")), None, 1, T0).deny {
                 admitted += 1;
             }
         }
@@ -273,8 +322,8 @@ mod tests {
         assert!(s.data.len() <= 3);
         let c = cfg(r#"{"capacity":1,"refill_rate":0.001,"max_tenants":1,"overflow":"deny"}"#);
         let mut s = FakeStore::default();
-        assert!(!decide(&c, &ns, &mut s, &id("a"), None, 1, T0).deny);
-        let d = decide(&c, &ns, &mut s, &id("b"), None, 1, T0);
+        assert!(!decide(&c, &ns, &mut s, None, &id("a"), None, 1, T0).deny);
+        let d = decide(&c, &ns, &mut s, None, &id("b"), None, 1, T0);
         assert!(d.deny);
         assert_eq!(d.events.counters[Counter::OverflowDenied as usize], 1);
     }
@@ -294,8 +343,73 @@ mod tests {
         let mut s = FakeStore::default();
         let ns = Namespace::new("t");
         let near: u32 = (0..10)
-            .map(|_| decide(&c, &ns, &mut s, &id("x"), None, 1, T0).events.counters[Counter::NearLimit as usize])
+            .map(|_| decide(&c, &ns, &mut s, None, &id("x"), None, 1, T0).events.counters[Counter::NearLimit as usize])
             .sum();
         assert_eq!(near, 2); // remaining 1 and 0 are below 20 % of 10
+    }
+
+    mod worker_leases {
+        use super::*;
+        use crate::store::give_back;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Workers with leases never admit more than the bucket holds, and while leases are
+            /// out they under-admit by at most workers x lease; after give-back, nothing is lost.
+            #[test]
+            fn bounds_hold(picks in prop::collection::vec(0usize..4, 1..600), lease in 1u64..8, cap in 32u64..200) {
+                let c = cfg(&format!(r#"{{"capacity":{cap},"refill_rate":0.001,"worker_lease":{lease}}}"#));
+                let ns = Namespace::new("t");
+                let mut s = FakeStore::default();
+                let mut workers: Vec<WorkerLeases> = (0..4).map(|_| WorkerLeases::default()).collect();
+                let t = id("hot");
+                let mut admitted = 0u64;
+                let mut denied_any = false;
+                for w in picks {
+                    let leases = &mut workers[w];
+                    let d = match from_lease(&c, leases, &t, None, 1) {
+                        Some(d) => d,
+                        None => decide(&c, &ns, &mut s, Some(leases), &t, None, 1, T0),
+                    };
+                    if d.deny { denied_any = true } else { admitted += 1 }
+                }
+                prop_assert!(admitted <= cap, "admitted {} > capacity {}", admitted, cap);
+                // Give everything back, then drain the bucket without leases: the total is exact.
+                let owner = hash128(&[b"hot"]);
+                let limit = c.default_policy.limit;
+                for w in &mut workers {
+                    for e in w.drain() {
+                        prop_assert!(give_back(&mut s, &ns, owner, &limit, e.tokens, T0, c.max_tenants));
+                    }
+                }
+                let before = admitted;
+                while !decide(&c, &ns, &mut s, None, &t, None, 1, T0).deny { admitted += 1; }
+                prop_assert_eq!(admitted, cap);
+                // Denials only happen while at most workers x lease tokens sit in leases.
+                if denied_any {
+                    prop_assert!(cap - before <= 4 * lease, "under-admitted {} with lease {}", cap - before, lease);
+                }
+            }
+        }
+
+        #[test]
+        fn small_buckets_never_lease() {
+            let c = cfg(r#"{"capacity":5,"refill_rate":1,"worker_lease":2}"#);
+            let ns = Namespace::new("t");
+            let mut s = FakeStore::default();
+            let mut a = WorkerLeases::default();
+            let mut b = WorkerLeases::default();
+            let mut n = 0;
+            for i in 0..20 {
+                let l = if i % 2 == 0 { &mut a } else { &mut b };
+                let d = from_lease(&c, l, &id("x"), None, 1)
+                    .unwrap_or_else(|| decide(&c, &ns, &mut s, Some(l), &id("x"), None, 1, T0));
+                if !d.deny {
+                    n += 1;
+                }
+            }
+            assert_eq!(n, 5);
+            assert_eq!(a.drain().count() + b.drain().count(), 0);
+        }
     }
 }

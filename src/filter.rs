@@ -4,17 +4,19 @@
 //! one header read, one shared-data get, one set, one counter increment.
 
 use crate::config::{Config, Global, GlobalMode, HeaderStyle};
-use crate::decision::{decide, Events, Scope};
+use crate::decision::{decide, from_lease, Events, Scope};
 use crate::global::{self, Plan};
 use crate::metrics::{self, COUNTERS, SCOPED};
 use crate::response::{self, Quota};
 use crate::rls;
 use crate::rules::{classify, Metering};
-use crate::store::{GetError, Namespace, SetError, SharedStore};
+use crate::store::{give_back, GetError, Namespace, SetError, SharedStore};
 use crate::tenant::{self, RequestFacts, TenantId};
+use crate::worker_lease::WorkerLeases;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -33,6 +35,31 @@ struct Active {
     ns: Namespace,
     default_tenant: TenantId,
     metrics: MetricIds,
+    /// This worker's token leases (`worker_lease`), given back every tick.
+    leases: RefCell<WorkerLeases>,
+    /// Counters of lease-admitted requests, flushed with the next shared-data decision or
+    /// tick, so the lease path makes no host call for stats.
+    batched: RefCell<Events>,
+}
+
+impl Active {
+    /// Gives every unspent lease back to the shared buckets and flushes batched counters.
+    fn settle(&self) {
+        if let Ok(mut leases) = self.leases.try_borrow_mut() {
+            let now = now_ns();
+            for e in leases.drain() {
+                give_back(&mut HostStore, &self.ns, e.owner, &e.limit, e.tokens, now, self.config.max_tenants);
+            }
+        }
+        self.flush();
+    }
+
+    fn flush(&self) {
+        if let Ok(mut batched) = self.batched.try_borrow_mut() {
+            record(&self.metrics, &batched);
+            *batched = Events::default();
+        }
+    }
 }
 
 struct MetricIds {
@@ -81,8 +108,27 @@ impl RootContext for Root {
                 config.mode
             ),
         );
-        self.active = Some(Rc::new(Active { ns: Namespace::new(&root_id), config, default_tenant, metrics }));
+        // Leases taken under the old config go back before it is replaced.
+        if let Some(old) = self.active.take() {
+            old.settle();
+        }
+        let tick = if config.worker_lease > 0 { Duration::from_secs(1) } else { Duration::ZERO };
+        let _ = hostcalls::set_tick_period(tick);
+        self.active = Some(Rc::new(Active {
+            ns: Namespace::new(&root_id),
+            config,
+            default_tenant,
+            metrics,
+            leases: RefCell::new(WorkerLeases::default()),
+            batched: RefCell::new(Events::default()),
+        }));
         true
+    }
+
+    fn on_tick(&mut self) {
+        if let Some(active) = &self.active {
+            active.settle();
+        }
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -252,10 +298,30 @@ impl HttpContext for Filter {
         };
 
         let tenant = tenant::resolve(&config.tenant_sources, &active.default_tenant, &mut facts);
-        let now = now_ns();
         if global.is_none_or(|g| g.mode == GlobalMode::Both) {
-            let decision = decide(config, &active.ns, &mut HostStore, &tenant, rule, cost, now);
-            record(&active.metrics, &decision.events);
+            let mut leases = active.leases.try_borrow_mut().ok();
+            let decision = match leases.as_deref_mut().and_then(|l| from_lease(config, l, &tenant, rule, cost)) {
+                Some(d) => {
+                    batch(&active, &d.events);
+                    d
+                }
+                None => {
+                    let d = decide(
+                        config,
+                        &active.ns,
+                        &mut HostStore,
+                        leases.as_deref_mut(),
+                        &tenant,
+                        rule,
+                        cost,
+                        now_ns(),
+                    );
+                    record(&active.metrics, &d.events);
+                    active.flush();
+                    d
+                }
+            };
+            drop(leases);
             if decision.deny {
                 send_deny(config, decision.retry_after_seconds, &decision.policy.name, decision.quota.as_ref(), &[]);
                 return Action::Pause;
@@ -270,7 +336,7 @@ impl HttpContext for Filter {
             }
         }
         let Some(global) = global else { return Action::Continue };
-        self.ask_service(&active, global, &mut facts, &method, tenant, cost, now)
+        self.ask_service(&active, global, &mut facts, &method, tenant, cost, now_ns())
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -399,6 +465,22 @@ fn policy_name(config: &Config, index: usize) -> &str {
 fn increment(id: u32, by: u32) {
     if by > 0 {
         let _ = hostcalls::increment_metric(id, by as i64);
+    }
+}
+
+/// Keeps a lease decision's counters for the next flush; per-name counters go at once.
+fn batch(active: &Active, events: &Events) {
+    if events.scoped.is_some() {
+        record(&active.metrics, events);
+        return;
+    }
+    match active.batched.try_borrow_mut() {
+        Ok(mut batched) => {
+            for (sum, n) in batched.counters.iter_mut().zip(events.counters.iter()) {
+                *sum = sum.saturating_add(*n);
+            }
+        }
+        Err(_) => record(&active.metrics, events),
     }
 }
 

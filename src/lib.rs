@@ -14,6 +14,7 @@ pub mod rls;
 pub mod rules;
 pub mod store;
 pub mod tenant;
+pub mod worker_lease;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;

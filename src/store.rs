@@ -246,6 +246,8 @@ pub struct Debit {
     pub outcome: Outcome,
     /// CAS mismatches seen (each one a retry).
     pub cas_retries: u32,
+    /// Extra tokens taken for the worker's lease (see `debit`'s `grab`).
+    pub granted: u64,
 }
 
 /// Where an owner's record is, or may be created.
@@ -291,13 +293,17 @@ fn locate(
     Ok(free.unwrap_or(Location::Full))
 }
 
-/// Debits `cost` tokens from `owner`'s bucket in the slot table.
+/// Debits `cost` tokens from `owner`'s bucket in the slot table. With `grab > 0` it also
+/// takes `grab` extra tokens for a worker-local lease, but only if the bucket is still at
+/// least half full afterwards (so leases never compete for a scarce bucket).
+#[allow(clippy::too_many_arguments)]
 pub fn debit(
     store: &mut impl SharedStore,
     ns: &Namespace,
     owner: u128,
     limit: &Limit,
     cost: u64,
+    grab: u64,
     now_ns: u64,
     max_tenants: u32,
 ) -> Debit {
@@ -305,7 +311,7 @@ pub fn debit(
     for _ in 0..MAX_CAS_ATTEMPTS {
         let location = match locate(store, ns, owner, max_tenants, now_ns) {
             Ok(l) => l,
-            Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries },
+            Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
         };
         let (slot, t_full, cas, use_) = match location {
             Location::Own { slot, bytes, cas } => {
@@ -316,19 +322,29 @@ pub fn debit(
             }
             Location::Free { slot, cas: None } => (slot, 0, CREATE_CAS, SlotUse::Created),
             Location::Free { slot, cas: Some(cas) } => (slot, 0, cas, SlotUse::Reclaimed),
-            Location::Full => return Debit { outcome: Outcome::NoSlot, cas_retries },
+            Location::Full => return Debit { outcome: Outcome::NoSlot, cas_retries, granted: 0 },
         };
-        match write(store, ns.slot_key(slot).as_str(), owner, limit, t_full, cas, cost, now_ns) {
+        let granted = if grab > 0 {
+            let with_lease = bucket::debit(limit, t_full, now_ns, cost.saturating_add(grab));
+            if with_lease.allowed && with_lease.remaining.saturating_mul(2) >= limit.capacity {
+                grab
+            } else {
+                0
+            }
+        } else {
+            0
+        };
+        match write(store, ns.slot_key(slot).as_str(), owner, limit, t_full, cas, cost + granted, now_ns) {
             Step::Done(verdict, wrote) => {
                 // A denial on a free slot wrote nothing, so it neither created nor reclaimed.
                 let slot = if wrote || use_ == SlotUse::Existing { use_ } else { SlotUse::Untouched };
-                return Debit { outcome: Outcome::Decided { verdict, slot }, cas_retries };
+                return Debit { outcome: Outcome::Decided { verdict, slot }, cas_retries, granted };
             }
             Step::Retry => cas_retries += 1,
-            Step::Failed => return Debit { outcome: Outcome::StoreError, cas_retries },
+            Step::Failed => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
         }
     }
-    Debit { outcome: Outcome::StoreError, cas_retries }
+    Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 }
 }
 
 /// Debits a bucket under a fixed key (the shared overflow bucket).
@@ -343,7 +359,7 @@ pub fn debit_named(
     let mut cas_retries = 0;
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (t_full, cas, creating) = match store.get(key) {
-            Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries },
+            Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
             Ok(None) => (0, CREATE_CAS, true),
             Ok(Some((bytes, cas))) => match Record::decode(&bytes) {
                 Some(r) if r.owner == owner => (bucket::rescale(r.t_full, now_ns, &r.limit, limit), cas, false),
@@ -354,13 +370,48 @@ pub fn debit_named(
             Step::Done(verdict, wrote) => {
                 // Creating the key counts toward live_slots like any other key.
                 let slot = if wrote && creating { SlotUse::Created } else { SlotUse::Existing };
-                return Debit { outcome: Outcome::Decided { verdict, slot }, cas_retries };
+                return Debit { outcome: Outcome::Decided { verdict, slot }, cas_retries, granted: 0 };
             }
             Step::Retry => cas_retries += 1,
-            Step::Failed => return Debit { outcome: Outcome::StoreError, cas_retries },
+            Step::Failed => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
         }
     }
-    Debit { outcome: Outcome::StoreError, cas_retries }
+    Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 }
+}
+
+/// Returns `tokens` a worker leased but did not spend to `owner`'s bucket: `t_full` moves
+/// back by that many intervals, never before `now` (a bucket cannot be more than full). If
+/// the bucket was reconfigured or its slot reused meanwhile, the tokens are dropped, which
+/// can only under-admit. Returns whether they went back.
+pub fn give_back(
+    store: &mut impl SharedStore,
+    ns: &Namespace,
+    owner: u128,
+    limit: &Limit,
+    tokens: u64,
+    now_ns: u64,
+    max_tenants: u32,
+) -> bool {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (slot, record, cas) = match locate(store, ns, owner, max_tenants, now_ns) {
+            Ok(Location::Own { slot, bytes, cas }) => match Record::decode(&bytes) {
+                Some(r) if r.limit == *limit => (slot, r, cas),
+                _ => return false,
+            },
+            _ => return false,
+        };
+        let back = limit.interval.saturating_mul(u128::from(tokens));
+        let t_full = record.t_full.saturating_sub(back).max(bucket::now_ticks(now_ns));
+        if t_full >= record.t_full {
+            return true; // already full: nothing to give back
+        }
+        match store.set(ns.slot_key(slot).as_str(), &Record { t_full, ..record }.encode(), cas) {
+            Ok(()) => return true,
+            Err(SetError::CasMismatch) => {}
+            Err(SetError::Failed) => return false,
+        }
+    }
+    false
 }
 
 /// Layout version of a lease record.
@@ -633,7 +684,7 @@ mod tests {
         let ns = Namespace::new("r");
         let l = lim(5, 1.0);
         let owner = hash128(&[b"acme"]);
-        let n = (0..20).filter(|_| allowed(&debit(&mut s, &ns, owner, &l, 1, T0, 100))).count();
+        let n = (0..20).filter(|_| allowed(&debit(&mut s, &ns, owner, &l, 1, 0, T0, 100))).count();
         assert_eq!(n, 5);
         assert_eq!(s.data.len(), 1);
     }
@@ -643,9 +694,9 @@ mod tests {
         let mut s = FakeStore::default();
         let ns = Namespace::new("r");
         let owner = hash128(&[b"acme"]);
-        debit(&mut s, &ns, owner, &lim(5, 1.0), 1, T0, 1000);
+        debit(&mut s, &ns, owner, &lim(5, 1.0), 1, 0, T0, 1000);
         s.gets = 0;
-        debit(&mut s, &ns, owner, &lim(5, 1.0), 1, T0, 1000);
+        debit(&mut s, &ns, owner, &lim(5, 1.0), 1, 0, T0, 1000);
         assert_eq!(s.gets, 1);
     }
 
@@ -654,19 +705,19 @@ mod tests {
         let mut s = FakeStore::default();
         let ns = Namespace::new("r");
         s.conflicts = 3;
-        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, T0, 10);
+        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 10);
         assert!(allowed(&d));
         assert_eq!(d.cas_retries, 3);
         s.conflicts = MAX_CAS_ATTEMPTS;
-        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, T0, 10);
+        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 10);
         assert_eq!(d.outcome, Outcome::StoreError);
         assert_eq!(d.cas_retries, MAX_CAS_ATTEMPTS);
         s.conflicts = 0;
         s.fail_sets = true;
-        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, T0, 10).outcome, Outcome::StoreError);
+        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 10).outcome, Outcome::StoreError);
         s.fail_sets = false;
         s.fail_gets = true;
-        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, T0, 10).outcome, Outcome::StoreError);
+        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 10).outcome, Outcome::StoreError);
     }
 
     #[test]
@@ -676,7 +727,7 @@ mod tests {
         let l = lim(2, 1.0);
         let mut no_slot = 0;
         for i in 0..1000u32 {
-            let d = debit(&mut s, &ns, hash128(&[&i.to_le_bytes()]), &l, 1, T0, 16);
+            let d = debit(&mut s, &ns, hash128(&[&i.to_le_bytes()]), &l, 1, 0, T0, 16);
             if d.outcome == Outcome::NoSlot {
                 no_slot += 1;
             }
@@ -684,7 +735,7 @@ mod tests {
         assert!(s.data.len() <= 16);
         assert!(no_slot > 900);
         // After the buckets refilled, new owners reclaim slots.
-        let d = debit(&mut s, &ns, hash128(&[b"late"]), &l, 1, T0 + 10 * SEC, 16);
+        let d = debit(&mut s, &ns, hash128(&[b"late"]), &l, 1, 0, T0 + 10 * SEC, 16);
         assert!(matches!(d.outcome, Outcome::Decided { slot: SlotUse::Reclaimed, .. }), "{d:?}");
         assert!(s.data.len() <= 16);
     }
@@ -700,14 +751,14 @@ mod tests {
         let blocker = Record { owner: 99, limit: l, t_full: bucket::now_ticks(T0 + 1000 * SEC) };
         s.data.insert(ns.slot_key(c[0]).as_str().to_string(), (blocker.encode().to_vec(), 5));
         for _ in 0..3 {
-            assert!(allowed(&debit(&mut s, &ns, owner, &l, 1, T0, 1000)));
+            assert!(allowed(&debit(&mut s, &ns, owner, &l, 1, 0, T0, 1000)));
         }
         // The blocker refills; the owner must still find its own (empty) bucket, not a new one.
         let later = T0 + 2000 * SEC;
-        let d = debit(&mut s, &ns, owner, &l, 1, later, 1000);
+        let d = debit(&mut s, &ns, owner, &l, 1, 0, later, 1000);
         assert!(allowed(&d)); // two tokens refilled at 0.001/s over 2000 s
-        assert!(allowed(&debit(&mut s, &ns, owner, &l, 1, later, 1000)));
-        assert!(!allowed(&debit(&mut s, &ns, owner, &l, 1, later, 1000)));
+        assert!(allowed(&debit(&mut s, &ns, owner, &l, 1, 0, later, 1000)));
+        assert!(!allowed(&debit(&mut s, &ns, owner, &l, 1, 0, later, 1000)));
     }
 
     #[test]
@@ -745,12 +796,12 @@ mod tests {
         let mut s = FakeStore::default();
         let ns = Namespace::new("r");
         // One slot: a live bucket blocks a lease; an expired lease is reclaimed by a bucket.
-        assert!(allowed(&debit(&mut s, &ns, 1, &lim(5, 0.001), 1, T0, 1)));
+        assert!(allowed(&debit(&mut s, &ns, 1, &lim(5, 0.001), 1, 0, T0, 1)));
         assert!(!lease_add(&mut s, &ns, 2, 3, T0 + SEC, T0, 1));
         let mut s = FakeStore::default();
         assert!(lease_add(&mut s, &ns, 2, 3, T0 + SEC, T0, 1));
-        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, T0, 1).outcome, Outcome::NoSlot);
-        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, T0 + 2 * SEC, 1);
+        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 1).outcome, Outcome::NoSlot);
+        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0 + 2 * SEC, 1);
         assert!(matches!(d.outcome, Outcome::Decided { slot: SlotUse::Reclaimed, .. }));
     }
 
@@ -764,7 +815,7 @@ mod tests {
             let mut n = 0;
             for c in conflict_pattern {
                 s.conflicts = c;
-                if allowed(&debit(&mut s, &ns, 5, &l, 1, T0, 64)) { n += 1; }
+                if allowed(&debit(&mut s, &ns, 5, &l, 1, 0, T0, 64)) { n += 1; }
             }
             prop_assert!(n <= cap);
         }

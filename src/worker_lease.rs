@@ -1,0 +1,113 @@
+//! The worker-local fast path (opt-in, `worker_lease`): a worker takes a few tokens from a
+//! rich shared bucket in the same compare-and-swap as a request's own debit, then admits the
+//! tenant's next requests from that lease without touching shared data. Every second the
+//! worker gives back what it did not spend.
+//!
+//! Bounds: a leased token was debited from the shared bucket before it is spent, so the
+//! lease never admits more than the bucket holds (no over-admission). Tokens sit in a lease
+//! only while the bucket was at least half full when they were taken, and for at most one
+//! tick; so the worst case under-admission is `workers x worker_lease` tokens per tenant,
+//! held by workers that stopped receiving that tenant's requests, for up to one second.
+
+use crate::bucket::Limit;
+use crate::response::Quota;
+
+/// Tenants a worker keeps leases for; more go the normal way.
+pub const MAX_LEASES: usize = 64;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entry {
+    pub owner: u128,
+    pub limit: Limit,
+    pub tokens: u64,
+    /// The bucket as seen when the lease was taken, lease tokens excluded.
+    pub quota: Quota,
+}
+
+#[derive(Debug, Default)]
+pub struct WorkerLeases {
+    entries: Vec<Entry>,
+}
+
+impl WorkerLeases {
+    /// Spends `cost` tokens of `owner`'s lease; returns the bucket's approximate state (the
+    /// remaining count as if the leased tokens were still in the shared bucket).
+    pub fn spend(&mut self, owner: u128, limit: &Limit, cost: u64) -> Option<Quota> {
+        let entry = self.entries.iter_mut().find(|e| e.owner == owner && e.limit == *limit && e.tokens >= cost)?;
+        entry.tokens -= cost;
+        Some(Quota { remaining: entry.quota.remaining.saturating_add(entry.tokens), ..entry.quota })
+    }
+
+    /// Whether a lease for `owner` could be stored.
+    pub fn has_room(&self, owner: u128) -> bool {
+        self.entries.len() < MAX_LEASES || self.entries.iter().any(|e| e.owner == owner)
+    }
+
+    /// Stores a fresh lease. Any older lease of the owner is returned to the caller, to be
+    /// given back (it was taken under a different limit, or is simply merged here).
+    pub fn add(&mut self, entry: Entry) -> Option<Entry> {
+        if let Some(existing) = self.entries.iter_mut().find(|e| e.owner == entry.owner) {
+            if existing.limit == entry.limit {
+                existing.tokens = existing.tokens.saturating_add(entry.tokens);
+                existing.quota = entry.quota;
+                return None;
+            }
+            return Some(std::mem::replace(existing, entry));
+        }
+        if self.entries.len() < MAX_LEASES {
+            self.entries.push(entry);
+            None
+        } else {
+            Some(entry)
+        }
+    }
+
+    /// Removes every lease; those with tokens left are to be given back.
+    pub fn drain(&mut self) -> impl Iterator<Item = Entry> + '_ {
+        self.entries.drain(..).filter(|e| e.tokens > 0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(owner: u128, tokens: u64) -> Entry {
+        Entry {
+            owner,
+            limit: Limit::new(100, 1.0).unwrap(),
+            tokens,
+            quota: Quota { capacity: 100, remaining: 60, reset_seconds: 40, window_seconds: 100 },
+        }
+    }
+
+    #[test]
+    fn spends_until_empty() {
+        let mut l = WorkerLeases::default();
+        let limit = Limit::new(100, 1.0).unwrap();
+        assert_eq!(l.add(entry(1, 3)), None);
+        assert_eq!(l.spend(1, &limit, 2).unwrap().remaining, 61);
+        assert_eq!(l.spend(1, &limit, 2), None);
+        assert_eq!(l.spend(1, &limit, 1).unwrap().remaining, 60);
+        assert_eq!(l.spend(1, &limit, 1), None);
+        assert_eq!(l.spend(2, &limit, 1), None);
+        // Another limit (reconfigured) never spends the old lease.
+        l.add(entry(3, 5));
+        assert_eq!(l.spend(3, &Limit::new(100, 2.0).unwrap(), 1), None);
+    }
+
+    #[test]
+    fn bounded_and_drained() {
+        let mut l = WorkerLeases::default();
+        for owner in 0..MAX_LEASES as u128 {
+            assert_eq!(l.add(entry(owner, 2)), None);
+        }
+        assert!(!l.has_room(999));
+        assert!(l.has_room(5));
+        assert_eq!(l.add(entry(999, 2)).map(|e| e.owner), Some(999));
+        let limit = Limit::new(100, 1.0).unwrap();
+        l.spend(0, &limit, 2);
+        assert_eq!(l.drain().count(), MAX_LEASES - 1);
+        assert_eq!(l.drain().count(), 0);
+    }
+}
