@@ -18,6 +18,10 @@ Then: admission accuracy at 2 and 4 workers, tenant spread, memory per tenant, .
 
   ENVOY_BIN=... WASM=... python bench/bench.py            # full run -> bench/RESULTS.md, bench/*.png
   ENVOY_BIN=... WASM=... python bench/bench.py --smoke    # every code path in seconds -> bench/out/smoke/
+  ENVOY_BIN=... python bench/bench.py --ab NAME=PATH.wasm[:CONFIGJSON] ... [--rounds 7] [--seconds 4]
+      # A/B quick mode: only CPU us/request at 16 connections, the floor and each variant (its own
+      # listener and vm_id) in one Envoy; prints a table (WASM is not needed). CONFIGJSON defaults to
+      # the full run's `ours` config (bucket too large to deny, headers off).
 
 The smoke run exits 0 whenever the measurements ran: it reports, it never asserts performance.
 """
@@ -945,15 +949,151 @@ Wall time of this run: {c['wall']:.0f} s.
 
 
 # --------------------------------------------------------------------------------------------
+# A/B quick mode: CPU per request only, floor + variants in one Envoy
+
+AB_DEFAULT_CONFIG = {"capacity": HUGE, "refill_rate": HUGE, "rate_limit_headers": "off", "max_tenants": 20_000}
+
+
+def parse_ab(spec: str) -> tuple[str, Path, str]:
+    """NAME=PATH.wasm[:CONFIGJSON] -> (name, path, configuration string)."""
+    name, eq, rest = spec.partition("=")
+    if not eq or not name or not rest:
+        raise ValueError(f"--ab {spec!r}: expected NAME=PATH.wasm[:CONFIGJSON]")
+    if not all(c.isalnum() or c in "_-" for c in name) or name == "floor":
+        raise ValueError(f"--ab {spec!r}: NAME must be [A-Za-z0-9_-]+ and not 'floor'")
+    path, colon, conf = rest.partition(":")
+    if colon:
+        try:
+            json.loads(conf)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--ab {spec!r}: CONFIGJSON is not JSON: {e}") from None
+    else:
+        conf = json.dumps(AB_DEFAULT_CONFIG)
+    wasm = Path(path).resolve()
+    if not wasm.is_file():
+        raise ValueError(f"--ab {spec!r}: no such file {wasm}")
+    return name, wasm, conf
+
+
+def run_ab(args, envoy_bin: str) -> int:
+    try:
+        variants = [parse_ab(s) for s in args.ab]
+    except ValueError as e:
+        sys.exit(f"bench: {e}")
+    names = [v[0] for v in variants]
+    if len(set(names)) != len(names):
+        sys.exit("bench: --ab names must be distinct")
+    rounds, seconds, conns, warm = args.rounds, args.seconds, args.conns, args.warm
+    load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    wrk_bin = ensure_wrk()
+    noop = build_noop()
+    cores = sorted(os.sched_getaffinity(0))
+    envoy_cpus, wrk_cpus = (str(cores[0]), str(cores[1])) if len(cores) >= 2 else (None, None)
+    workdir = Path(tempfile.mkdtemp(prefix="trl-ab-"))
+    wrk = Wrk(wrk_bin, workdir, wrk_cpus)
+    order_all = ["floor"] + names
+    sizes = {"floor": noop.stat().st_size} | {n: w.stat().st_size for n, w, _ in variants}
+    confs = {n: c for n, _, c in variants}
+    log(f"A/B: {len(order_all)} listeners, {rounds} rounds x {seconds} s, {conns} connections; load {load_start}")
+    rows: list[dict] = []
+    try:
+        listeners = [listener("floor", [wasm_filter("bench_noop", noop, "{}")])]
+        listeners += [listener(n, [wasm_filter(f"ab_{n}", w, c)]) for n, w, c in variants]
+        envoy = Envoy(envoy_bin, workdir, "envoy_ab", listeners, 1, envoy_cpus)
+        try:
+            for name in order_all:
+                status, hdrs = http_get(envoy.url(name), "sanity")
+                if status != 200:
+                    raise RuntimeError(f"listener {name}: status {status}")
+                log(f"listener {name}: 200, x-ratelimit-limit {'present' if 'x-ratelimit-limit' in hdrs else 'absent'}")
+            if warm:
+                for name in order_all:
+                    wrk.run(envoy.url(name), conns, warm, "static")
+            n = len(order_all)
+            for rnd in range(rounds):
+                order = order_all[rnd % n :] + order_all[: rnd % n]  # rotate to spread drift
+                for name in order:
+                    r = measure(envoy, wrk, name, conns, seconds)
+                    r["round"] = rnd
+                    rows.append(r)
+                line = ", ".join(f"{x['listener']} {x['cpu_us_per_req']:.2f}" for x in rows if x["round"] == rnd)
+                log(f"round {rnd + 1}/{rounds}: us/req {line}")
+            try:  # the filters' own counters (summed over every listener that defines them)
+                custom = [x for x in envoy.get("/stats?filter=^wasmcustom[.]").splitlines() if not x.endswith(": 0")]
+                log("wasmcustom stats: " + "; ".join(custom))
+            except Exception as e:  # informative only
+                log(f"wasmcustom stats unavailable: {e}")
+        finally:
+            envoy.stop()
+    finally:
+        _kill_children()
+        shutil.rmtree(workdir, ignore_errors=True)
+    load_end = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+    out = [
+        f"A/B: CPU us/request, {conns} connections, 1 Envoy worker (pinned), {rounds} interleaved rounds x {seconds} s",
+        f"load average start / end: {load_start} / {load_end}; "
+        f"median other CPU (non-Envoy busy CPUs, wrk <= ~1.0): {med([r['other_cpu'] for r in rows]):.2f}",
+        "",
+        "| listener | bytes | CPU us/request median (min-max) | / floor: median of per-round ratios (min-max) "
+        f"| / {names[0]}: same | req/s median |",
+        "|---|---|---|---|---|---|",
+    ]
+
+    def ratio(num: str, den: str) -> str:
+        if num == den:
+            return "1"
+        pr = paired_ratios(rows, num, den, "cpu_us_per_req")
+        return f"{med(pr):.3f} ({min(pr):.3f}-{max(pr):.3f})"
+
+    for name in order_all:
+        s = [r for r in rows if r["listener"] == name]
+        cpu = summarize(s, "cpu_us_per_req")
+        out.append(
+            f"| {name} | {sizes[name]:,} | {fmt_range(*cpu)} | {ratio(name, 'floor')} | {ratio(name, names[0])} "
+            f"| {med([r['rps'] for r in s]):.0f} |"
+        )
+    bad = [r for r in rows if r["non2xx"] or r["socket_errors"]]
+    if bad:
+        out.append(f"\nNote: {len(bad)} runs saw non-2xx responses or socket errors (should be none).")
+    out.append("")
+    out += [f"config {n}: {confs[n]}" for n in names]
+    text = "\n".join(out)
+    print()
+    print(text)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "ab.md").write_text(text + "\n")
+        (args.out / "ab.json").write_text(json.dumps({"rows": rows, "sizes": sizes, "configs": confs,
+                                                      "load_start": load_start, "load_end": load_end}, indent=1))
+        log(f"wrote {args.out / 'ab.md'}, {args.out / 'ab.json'}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="every code path in seconds; writes to bench/out/smoke")
     ap.add_argument("--out", type=Path, help="output directory (default: bench/ for a full run)")
+    ab = ap.add_argument_group("A/B quick mode (only with --ab)")
+    ab.add_argument("--ab", action="append", metavar="NAME=PATH.wasm[:CONFIGJSON]",
+                    help="a variant to compare with the floor (repeatable); CONFIGJSON defaults to "
+                         "the full run's `ours` config (bucket too large to deny, headers off)")
+    ab.add_argument("--rounds", type=int, default=7, help="interleaved rounds (default 7)")
+    ab.add_argument("--seconds", type=int, default=4, help="seconds per measurement (default 4)")
+    ab.add_argument("--conns", type=int, default=16, help="wrk connections (default 16)")
+    ab.add_argument("--warm", type=int, default=2, help="warm-up seconds per listener (default 2)")
     args = ap.parse_args()
 
     envoy_bin = os.environ.get("ENVOY_BIN")
+    if args.ab:
+        if args.smoke:
+            sys.exit("bench: --ab and --smoke are exclusive")
+        if not envoy_bin or not Path(envoy_bin).exists():
+            sys.exit("bench: set ENVOY_BIN to the Envoy binary")
+        return run_ab(args, envoy_bin)
     wasm = os.environ.get("WASM")
     if not envoy_bin or not wasm:
         sys.exit("bench: set ENVOY_BIN and WASM (make bench does)")
