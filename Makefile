@@ -68,13 +68,13 @@ run: deps wasm
 
 lint:
 	cargo fmt --check
-	cargo clippy --all-targets -- -D warnings
+	cargo clippy --profile ci --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip1 --lib -- -D warnings
 
 # Unit and property tests of the pure modules, and the wasm test host suites (tests/*.rs),
-# which load the release .wasm.
+# which load the release .wasm (built by `wasm` with the release profile).
 unit: wasm
-	cargo test --release
+	cargo test --profile ci
 
 # End-to-end: the real Envoy binary with the built .wasm on loopback ports.
 # The global-limit tests run a real rate-limit service (tests/rls-server, built on limitador)

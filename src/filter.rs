@@ -132,9 +132,14 @@ impl RootContext for Root {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        // on_configure failed: Envoy does not create the filter then; pass-through if it does.
-        let active = self.active.clone()?;
-        Some(Box::new(Filter { active, pending: None, service_headers: Vec::new(), waiting: None }))
+        // Without an accepted config Envoy does not use the plugin; if a stream comes anyway
+        // it passes through (returning None would make the SDK abort the VM).
+        match self.active.clone() {
+            Some(active) => {
+                Some(Box::new(Filter { active, pending: None, service_headers: Vec::new(), waiting: None }))
+            }
+            None => Some(Box::new(PassThrough)),
+        }
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -167,6 +172,12 @@ fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
         .collect::<Result<_, _>>()?;
     Ok(MetricIds { global, live_slots, tenants, rules })
 }
+
+/// The HTTP context of a plugin that has no accepted config.
+struct PassThrough;
+
+impl Context for PassThrough {}
+impl HttpContext for PassThrough {}
 
 struct Filter {
     active: Rc<Active>,
@@ -245,22 +256,61 @@ impl RequestFacts for HostFacts {
     }
 }
 
+/// Shared data through the raw ABI calls: the SDK's wrappers panic on any status but Ok,
+/// NotFound and CasMismatch, which would abort the VM where `on_store_error` must apply.
 struct HostStore;
+
+mod abi {
+    // Status codes of the proxy-wasm ABI.
+    pub const OK: u32 = 0;
+    pub const NOT_FOUND: u32 = 1;
+    pub const CAS_MISMATCH: u32 = 8;
+
+    #[link(wasm_import_module = "env")]
+    extern "C" {
+        pub fn proxy_get_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+            return_cas: *mut u32,
+        ) -> u32;
+        pub fn proxy_set_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+            cas: u32,
+        ) -> u32;
+    }
+}
 
 impl SharedStore for HostStore {
     fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, GetError> {
-        match hostcalls::get_shared_data(key) {
-            Ok((Some(bytes), Some(cas))) => Ok(Some((bytes, cas))),
-            Ok(_) => Ok(None),
-            Err(_) => Err(GetError),
+        let mut data: *mut u8 = std::ptr::null_mut();
+        let mut size: usize = 0;
+        let mut cas: u32 = 0;
+        // SAFETY: the pointers are valid for the call; on Ok the host wrote a buffer it got
+        // from this module's proxy_on_memory_allocate (the SDK's: a boxed slice of exactly
+        // `size` bytes), which we take ownership of once.
+        let status = unsafe { abi::proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
+        match status {
+            abi::OK if !data.is_null() => {
+                let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
+                Ok(Some((bytes, cas)))
+            }
+            abi::OK | abi::NOT_FOUND => Ok(None),
+            _ => Err(GetError),
         }
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
-        match hostcalls::set_shared_data(key, Some(value), Some(cas)) {
-            Ok(()) => Ok(()),
-            Err(Status::CasMismatch) => Err(SetError::CasMismatch),
-            Err(_) => Err(SetError::Failed),
+        // SAFETY: both slices are valid for the duration of the call.
+        let status = unsafe { abi::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) };
+        match status {
+            abi::OK => Ok(()),
+            abi::CAS_MISMATCH => Err(SetError::CasMismatch),
+            _ => Err(SetError::Failed),
         }
     }
 }

@@ -313,19 +313,20 @@ pub fn debit(
             Ok(l) => l,
             Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
         };
-        let (slot, t_full, cas, use_) = match location {
+        let (slot, state, cas, use_) = match location {
             Location::Own { slot, bytes, cas } => {
                 // Owner ids of buckets and leases never coincide (see decision.rs), so this
                 // is a bucket; anything else is treated as a new bucket.
-                let t_full = Record::decode(&bytes).map_or(0, |r| bucket::rescale(r.t_full, now_ns, &r.limit, limit));
-                (slot, t_full, cas, SlotUse::Existing)
+                let state = Record::decode(&bytes)
+                    .map_or((0, false), |r| (bucket::rescale(r.t_full, now_ns, &r.limit, limit), r.limit != *limit));
+                (slot, state, cas, SlotUse::Existing)
             }
-            Location::Free { slot, cas: None } => (slot, 0, CREATE_CAS, SlotUse::Created),
-            Location::Free { slot, cas: Some(cas) } => (slot, 0, cas, SlotUse::Reclaimed),
+            Location::Free { slot, cas: None } => (slot, (0, false), CREATE_CAS, SlotUse::Created),
+            Location::Free { slot, cas: Some(cas) } => (slot, (0, false), cas, SlotUse::Reclaimed),
             Location::Full => return Debit { outcome: Outcome::NoSlot, cas_retries, granted: 0 },
         };
         let granted = if grab > 0 {
-            let with_lease = bucket::debit(limit, t_full, now_ns, cost.saturating_add(grab));
+            let with_lease = bucket::debit(limit, state.0, now_ns, cost.saturating_add(grab));
             if with_lease.allowed && with_lease.remaining.saturating_mul(2) >= limit.capacity {
                 grab
             } else {
@@ -334,7 +335,7 @@ pub fn debit(
         } else {
             0
         };
-        match write(store, ns.slot_key(slot).as_str(), owner, limit, t_full, cas, cost + granted, now_ns) {
+        match write(store, ns.slot_key(slot).as_str(), owner, limit, state, cas, cost + granted, now_ns) {
             Step::Done(verdict, wrote) => {
                 // A denial on a free slot wrote nothing, so it neither created nor reclaimed.
                 let slot = if wrote || use_ == SlotUse::Existing { use_ } else { SlotUse::Untouched };
@@ -358,15 +359,17 @@ pub fn debit_named(
 ) -> Debit {
     let mut cas_retries = 0;
     for _ in 0..MAX_CAS_ATTEMPTS {
-        let (t_full, cas, creating) = match store.get(key) {
+        let (state, cas, creating) = match store.get(key) {
             Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
-            Ok(None) => (0, CREATE_CAS, true),
+            Ok(None) => ((0, false), CREATE_CAS, true),
             Ok(Some((bytes, cas))) => match Record::decode(&bytes) {
-                Some(r) if r.owner == owner => (bucket::rescale(r.t_full, now_ns, &r.limit, limit), cas, false),
-                _ => (0, cas, false),
+                Some(r) if r.owner == owner => {
+                    ((bucket::rescale(r.t_full, now_ns, &r.limit, limit), r.limit != *limit), cas, false)
+                }
+                _ => ((0, false), cas, false),
             },
         };
-        match write(store, key, owner, limit, t_full, cas, cost, now_ns) {
+        match write(store, key, owner, limit, state, cas, cost, now_ns) {
             Step::Done(verdict, wrote) => {
                 // Creating the key counts toward live_slots like any other key.
                 let slot = if wrote && creating { SlotUse::Created } else { SlotUse::Existing };
@@ -552,19 +555,23 @@ fn write(
     key: &str,
     owner: u128,
     limit: &Limit,
-    t_full: u128,
+    state: (u128, bool),
     cas: u32,
     cost: u64,
     now_ns: u64,
 ) -> Step {
+    let (t_full, rescaled) = state;
     let verdict = bucket::debit(limit, t_full, now_ns, cost);
-    if !verdict.allowed {
+    if !verdict.allowed && !rescaled {
         return Step::Done(verdict, false);
     }
+    // A denial writes only to record a reconfiguration (the state carried over to the new
+    // limit); otherwise it changes nothing, so there is nothing to race on.
     let record = Record { owner, limit: *limit, t_full: verdict.t_full };
     match store.set(key, &record.encode(), cas) {
-        Ok(()) => Step::Done(verdict, true),
+        Ok(()) => Step::Done(verdict, verdict.allowed),
         Err(SetError::CasMismatch) => Step::Retry,
+        Err(SetError::Failed) if !verdict.allowed => Step::Done(verdict, false),
         Err(SetError::Failed) => Step::Failed,
     }
 }
@@ -759,6 +766,21 @@ mod tests {
         assert!(allowed(&d)); // two tokens refilled at 0.001/s over 2000 s
         assert!(allowed(&debit(&mut s, &ns, owner, &l, 1, 0, later, 1000)));
         assert!(!allowed(&debit(&mut s, &ns, owner, &l, 1, 0, later, 1000)));
+    }
+
+    #[test]
+    fn a_denial_after_shrinking_records_the_clamped_debt() {
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("r");
+        let old = lim(10, 0.001);
+        for _ in 0..7 {
+            assert!(allowed(&debit(&mut s, &ns, 3, &old, 1, 0, T0, 10)));
+        }
+        let new = lim(5, 0.001); // one token per 1000 s
+        assert!(!allowed(&debit(&mut s, &ns, 3, &new, 1, 0, T0, 10)));
+        // The debt was clamped to 5 tokens and stored: the first token is due after 1000 s,
+        // not after the 3000 s the unclamped debt of 7 would take.
+        assert!(allowed(&debit(&mut s, &ns, 3, &new, 1, 0, T0 + 1000 * SEC, 10)));
     }
 
     #[test]

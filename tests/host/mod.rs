@@ -1,0 +1,759 @@
+//! A test-only proxy-wasm host (ABI 0.2.1) that runs the release `tenant_ratelimit.wasm`
+//! under wasmtime, so integration tests drive the real module the way Envoy does.
+//!
+//! # Writing a test
+//!
+//! ```ignore
+//! #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing)]
+//! mod host;
+//! use host::{Request, Vm, World};
+//!
+//! #[test]
+//! fn third_request_is_denied() {
+//!     let world = World::new();                       // shared data, stats, clock: this test's only
+//!     let vm = Vm::new(&world).unwrap();              // one worker; Vm::new again for more
+//!     assert!(vm.configure(r#"{"capacity":2,"refill_rate":1}"#).unwrap());
+//!     let acme = Request::get("/").tenant("acme");    // x-tenant-id: acme
+//!     assert!(vm.request(&acme).unwrap().allowed());
+//!     assert!(vm.request(&acme).unwrap().allowed());
+//!     let reply = vm.request(&acme).unwrap();
+//!     assert_eq!(reply.local_reply.unwrap().status, 429);
+//!     world.advance_secs(1.0);                        // the virtual clock
+//!     assert_eq!(world.counter("tenant_ratelimit.denied"), 1);
+//! }
+//! ```
+//!
+//! `vm.logs()` gives what the module logged (level + message); `Reply` says whether the
+//! request continued, the local reply (status, headers, body) and the response headers the
+//! filter added. Several `Vm`s on one `World` are Envoy workers sharing one shared-data store
+//! and one set of stats; [`Cluster`] runs a workload over them with a seeded [`Scheduler`]
+//! that lets another VM run a whole request, or writes the key itself, between one VM's
+//! shared-data get and its set. [`World::cas_storm`], [`World::fail_sets`] and
+//! [`World::fail_gets`] inject faults. A trap (the module is `panic = "abort"`) or running out
+//! of fuel comes back as [`HostError::Trap`], with the module's last log lines.
+//!
+//! Nothing is global except the compiled module (immutable code, compiled once per test
+//! binary); every test has its own `World`, so tests run in parallel.
+//!
+//! # ABI calls
+//!
+//! The host refuses (with [`HostError::Refused`], naming the call) a module that imports
+//! anything not listed here, so an SDK upgrade cannot silently skip behaviour.
+//!
+//! Modelled (Envoy's semantics): `proxy_log`, `proxy_get_log_level`,
+//! `proxy_get_current_time_nanoseconds` (virtual clock), `proxy_set_tick_period_milliseconds`
+//! (recorded), `proxy_get_buffer_bytes` / `proxy_set_buffer_bytes` (plugin and VM
+//! configuration, request/response body), `proxy_get_header_map_pairs`,
+//! `proxy_set_header_map_pairs`, `proxy_get_header_map_value` (case-insensitive, first value,
+//! `NotFound` when absent), `proxy_add_header_map_value`, `proxy_replace_header_map_value`,
+//! `proxy_remove_header_map_value` (response maps only exist in the response phase, as in
+//! Envoy), `proxy_get_property` / `proxy_set_property` (NUL-separated paths; per-request then
+//! per-VM values; `plugin_root_id`, `plugin_name`, `plugin_vm_id` preset), `proxy_get_shared_data`
+//! / `proxy_set_shared_data` (Envoy's: missing key `NotFound`, cas counter skips 0, cas 0
+//! overwrites, stale cas `CasMismatch`, missing key created whatever the cas, no delete),
+//! `proxy_send_local_response`, `proxy_continue_stream`, `proxy_close_stream`, `proxy_done`,
+//! `proxy_get_status`, `proxy_set_effective_context`, `proxy_define_metric`,
+//! `proxy_increment_metric` (counters: offset must be > 0, as in Envoy), `proxy_record_metric`,
+//! `proxy_get_metric`. WASI: `environ_get`, `environ_sizes_get`, `args_get`, `args_sizes_get`
+//! (all empty), `fd_write` (captured per VM), `proc_exit` (a trap), `clock_time_get` (virtual
+//! clock), `random_get` (seeded).
+//!
+//! Linked but not modelled (a call traps naming itself; extend `abi.rs` when the filter starts
+//! using one): `proxy_http_call`, `proxy_grpc_call`, `proxy_grpc_stream`, `proxy_grpc_send`,
+//! `proxy_grpc_cancel`, `proxy_grpc_close`, `proxy_register_shared_queue`,
+//! `proxy_resolve_shared_queue`, `proxy_enqueue_shared_queue`, `proxy_dequeue_shared_queue`,
+//! `proxy_call_foreign_function`.
+#![allow(dead_code)]
+
+mod abi;
+pub mod world;
+
+#[allow(unused_imports)]
+pub use world::{status, Completed, Interference, MetricKind, Point, Rng, Scheduler, SharedOp, World, SEC, T0_NS};
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock};
+use wasmtime::{Engine, InstancePre, Memory, Module, Store, TypedFunc};
+use world::lock;
+
+/// Instructions one guest call may run before it counts as a hang.
+const FUEL_PER_CALL: u64 = 2_000_000_000;
+/// The root context of the (only) plugin of each VM.
+pub const ROOT_CONTEXT: u32 = 1;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    Trace,
+    Debug,
+    Info,
+    Warn,
+    Error,
+    Critical,
+}
+
+impl Level {
+    fn from_raw(level: i32) -> Level {
+        match level {
+            0 => Level::Trace,
+            1 => Level::Debug,
+            2 => Level::Info,
+            3 => Level::Warn,
+            4 => Level::Error,
+            _ => Level::Critical,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogLine {
+    pub level: Level,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Continue,
+    Pause,
+}
+
+#[derive(Debug)]
+pub enum HostError {
+    /// The module imports a call this host does not implement, or lacks an export it needs.
+    Refused(String),
+    /// The guest trapped (abort, unreachable, out of fuel, a host call's error).
+    Trap {
+        message: String,
+        logs: Vec<LogLine>,
+        stderr: String,
+    },
+    /// A call on a VM that trapped before.
+    Dead(String),
+    Setup(String),
+}
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostError::Refused(m) => write!(f, "module refused: {m}"),
+            HostError::Trap { message, logs, stderr } => {
+                write!(f, "guest trapped: {message}")?;
+                for l in logs.iter().rev().take(5).rev() {
+                    write!(f, "\n  log {:?}: {}", l.level, l.message)?;
+                }
+                if !stderr.is_empty() {
+                    write!(f, "\n  stderr: {stderr}")?;
+                }
+                Ok(())
+            }
+            HostError::Dead(m) => write!(f, "VM is dead after an earlier trap: {m}"),
+            HostError::Setup(m) => write!(f, "host setup: {m}"),
+        }
+    }
+}
+
+impl std::error::Error for HostError {}
+
+/// A request as the filter sees it: pseudo-headers and headers, properties (e.g.
+/// `source.address`), and the upstream's response headers for the response phase.
+#[derive(Debug, Clone)]
+pub struct Request {
+    /// Free text for grouping results (set by [`Request::tenant`], or [`Request::label`]).
+    pub label: String,
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub properties: Vec<(Vec<String>, Vec<u8>)>,
+    pub response_headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub end_of_stream: bool,
+}
+
+impl Request {
+    pub fn new(method: &str, path: impl AsRef<[u8]>) -> Request {
+        Request {
+            label: String::new(),
+            headers: vec![
+                (b":method".to_vec(), method.as_bytes().to_vec()),
+                (b":path".to_vec(), path.as_ref().to_vec()),
+                (b":authority".to_vec(), b"example.test".to_vec()),
+                (b":scheme".to_vec(), b"http".to_vec()),
+            ],
+            properties: Vec::new(),
+            response_headers: vec![(b":status".to_vec(), b"200".to_vec())],
+            end_of_stream: true,
+        }
+    }
+
+    pub fn get(path: impl AsRef<[u8]>) -> Request {
+        Request::new("GET", path)
+    }
+
+    pub fn header(mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Request {
+        self.headers.push((name.as_ref().to_vec(), value.as_ref().to_vec()));
+        self
+    }
+
+    /// `x-tenant-id: <id>`, and the label.
+    pub fn tenant(self, id: &str) -> Request {
+        self.header("x-tenant-id", id).label(id)
+    }
+
+    pub fn label(mut self, label: &str) -> Request {
+        self.label = label.to_string();
+        self
+    }
+
+    /// Envoy's `source.address` (`ip:port`).
+    pub fn source(self, address: &str) -> Request {
+        self.property(&["source", "address"], address)
+    }
+
+    pub fn property(mut self, path: &[&str], value: impl AsRef<[u8]>) -> Request {
+        self.properties.push((path.iter().map(|s| s.to_string()).collect(), value.as_ref().to_vec()));
+        self
+    }
+
+    pub fn response_header(mut self, name: &str, value: &str) -> Request {
+        self.response_headers.push((name.as_bytes().to_vec(), value.as_bytes().to_vec()));
+        self
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub status: u32,
+    pub details: String,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    pub grpc_status: i32,
+}
+
+impl LocalReply {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.iter().find(|(n, _)| n.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+    }
+}
+
+/// What happened to one HTTP stream.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub request_action: Action,
+    pub local_reply: Option<LocalReply>,
+    /// `None` when the response phase did not run (paused without a local reply).
+    pub response_action: Option<Action>,
+    /// The response headers after the filter's `on_response_headers` (upstream's, or the
+    /// local reply's).
+    pub response_headers: Vec<(String, Vec<u8>)>,
+    /// What the filter added/replaced in the response headers, in order.
+    pub added_response_headers: Vec<(String, String)>,
+    pub continue_calls: u32,
+    pub close_calls: u32,
+}
+
+impl Reply {
+    /// Continued to the upstream with no local reply.
+    pub fn allowed(&self) -> bool {
+        self.request_action == Action::Continue && self.local_reply.is_none()
+    }
+
+    pub fn status(&self) -> Option<u32> {
+        self.local_reply.as_ref().map(|r| r.status)
+    }
+
+    /// A response header (final map), as text.
+    pub fn response_header(&self, name: &str) -> Option<String> {
+        self.response_headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// `x-ratelimit-remaining` as a number.
+    pub fn remaining(&self) -> Option<u64> {
+        self.response_header("x-ratelimit-remaining").and_then(|v| v.parse().ok())
+    }
+}
+
+/// One HTTP stream in flight inside a VM.
+#[derive(Debug, Default)]
+pub(crate) struct Stream {
+    pub id: u32,
+    pub request_headers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub request_trailers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub response_headers: Option<Vec<(Vec<u8>, Vec<u8>)>>,
+    pub response_trailers: Vec<(Vec<u8>, Vec<u8>)>,
+    pub request_body: Vec<u8>,
+    pub response_body: Vec<u8>,
+    pub properties: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub local_reply: Option<LocalReply>,
+    pub added_response_headers: Vec<(String, String)>,
+    pub continue_calls: u32,
+    pub close_calls: u32,
+}
+
+/// The per-VM host state (the wasmtime `Store`'s data).
+pub(crate) struct VmState {
+    pub world: World,
+    pub index: usize,
+    pub memory: Option<Memory>,
+    pub alloc: Option<TypedFunc<i32, i32>>,
+    pub plugin_config: Vec<u8>,
+    pub vm_config: Vec<u8>,
+    pub properties: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub stream: Option<Stream>,
+    pub logs: Vec<LogLine>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    /// Metric id - 1 -> name.
+    pub metric_ids: Vec<String>,
+    pub tick_period_ms: u32,
+    pub effective_context: u32,
+    /// Interferences the scheduler applied during the current request.
+    pub interference: u32,
+    pub rng: Rng,
+}
+
+/// NUL-joined property path, the key of property maps.
+pub(crate) fn property_key(path: &[&str]) -> Vec<u8> {
+    path.join("\0").into_bytes()
+}
+
+struct Exports {
+    on_context_create: TypedFunc<(i32, i32), ()>,
+    on_vm_start: TypedFunc<(i32, i32), i32>,
+    on_configure: TypedFunc<(i32, i32), i32>,
+    on_request_headers: TypedFunc<(i32, i32, i32), i32>,
+    on_response_headers: TypedFunc<(i32, i32, i32), i32>,
+    on_done: TypedFunc<i32, i32>,
+    on_log: TypedFunc<i32, ()>,
+    on_delete: TypedFunc<i32, ()>,
+}
+
+pub(crate) struct VmCore {
+    store: Store<VmState>,
+    exports: Exports,
+    pub index: usize,
+    dead: Option<String>,
+    next_context: u32,
+}
+
+/// A loaded module, checked against the host's calls, ready to instantiate.
+pub struct Loaded {
+    engine: Engine,
+    pre: InstancePre<VmState>,
+}
+
+fn engine() -> &'static Engine {
+    static ENGINE: OnceLock<Engine> = OnceLock::new();
+    ENGINE.get_or_init(|| {
+        let mut config = wasmtime::Config::new();
+        config.consume_fuel(true);
+        Engine::new(&config).unwrap_or_else(|e| panic!("wasmtime engine: {e}"))
+    })
+}
+
+/// Where the release module is: `$TENANT_RATELIMIT_WASM`, else under the target directory.
+pub fn wasm_path() -> PathBuf {
+    if let Ok(p) = std::env::var("TENANT_RATELIMIT_WASM") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target"));
+    target.join("wasm32-wasip1/release/tenant_ratelimit.wasm")
+}
+
+/// The release module, compiled once per test binary.
+pub fn release_module() -> &'static Loaded {
+    static MODULE: OnceLock<Loaded> = OnceLock::new();
+    MODULE.get_or_init(|| {
+        let path = wasm_path();
+        let bytes = std::fs::read(&path).unwrap_or_else(|e| {
+            panic!(
+                "cannot read {}: {e}\nbuild it first: cargo build --release --target wasm32-wasip1 --lib (or make wasm)",
+                path.display()
+            )
+        });
+        warn_if_stale(&path);
+        Loaded::from_bytes(&bytes).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    })
+}
+
+/// A stale module would test old code: say so loudly (the Makefile builds it before tests).
+fn warn_if_stale(wasm: &std::path::Path) {
+    let modified = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let Some(built) = modified(wasm) else { return };
+    let src = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("src");
+    let newer: Vec<String> = std::fs::read_dir(&src)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| modified(p).is_some_and(|m| m > built))
+        .map(|p| p.display().to_string())
+        .collect();
+    if !newer.is_empty() {
+        eprintln!(
+            "WARNING: {} is older than {}; rebuild with `make wasm` to test the current source",
+            wasm.display(),
+            newer.join(", ")
+        );
+    }
+}
+
+impl Loaded {
+    /// Compiles `bytes` and checks it: every import must be a call this host implements, and
+    /// the proxy-wasm 0.2.1 exports must be there.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Loaded, HostError> {
+        let engine = engine().clone();
+        let module = Module::new(&engine, bytes).map_err(|e| HostError::Setup(format!("compile: {e}")))?;
+        let (linker, implemented) = abi::linker(&engine).map_err(|e| HostError::Setup(format!("linker: {e}")))?;
+        let missing: Vec<String> = module
+            .imports()
+            .filter(|i| !implemented.contains(&(i.module().to_string(), i.name().to_string())))
+            .map(|i| format!("{}.{}", i.module(), i.name()))
+            .collect();
+        if !missing.is_empty() {
+            return Err(HostError::Refused(format!(
+                "it imports host calls this test host does not implement: {}",
+                missing.join(", ")
+            )));
+        }
+        for export in [
+            "proxy_abi_version_0_2_1",
+            "memory",
+            "proxy_on_memory_allocate",
+            "proxy_on_context_create",
+            "proxy_on_vm_start",
+            "proxy_on_configure",
+            "proxy_on_request_headers",
+            "proxy_on_response_headers",
+            "proxy_on_done",
+            "proxy_on_log",
+            "proxy_on_delete",
+        ] {
+            if module.get_export(export).is_none() {
+                return Err(HostError::Refused(format!("it does not export `{export}`")));
+            }
+        }
+        let pre = linker.instantiate_pre(&module).map_err(|e| HostError::Refused(format!("{e:#}")))?;
+        Ok(Loaded { engine, pre })
+    }
+}
+
+fn trap(state: &VmState, e: &wasmtime::Error) -> HostError {
+    HostError::Trap {
+        message: format!("{e:#}"),
+        logs: state.logs.clone(),
+        stderr: String::from_utf8_lossy(&state.stderr).into_owned(),
+    }
+}
+
+impl VmCore {
+    fn new(world: &World, loaded: &Loaded, index: usize) -> Result<VmCore, HostError> {
+        let mut properties = BTreeMap::new();
+        properties.insert(property_key(&["plugin_root_id"]), b"tenant-ratelimit".to_vec());
+        properties.insert(property_key(&["plugin_name"]), b"tenant-ratelimit".to_vec());
+        properties.insert(property_key(&["plugin_vm_id"]), b"".to_vec());
+        let state = VmState {
+            world: world.clone(),
+            index,
+            memory: None,
+            alloc: None,
+            plugin_config: Vec::new(),
+            vm_config: Vec::new(),
+            properties,
+            stream: None,
+            logs: Vec::new(),
+            stdout: Vec::new(),
+            stderr: Vec::new(),
+            metric_ids: Vec::new(),
+            tick_period_ms: 0,
+            effective_context: 0,
+            interference: 0,
+            rng: Rng::new(0x5eed ^ index as u64),
+        };
+        let mut store = Store::new(&loaded.engine, state);
+        let setup = |e: wasmtime::Error| HostError::Setup(format!("{e:#}"));
+        store.set_fuel(FUEL_PER_CALL).map_err(setup)?;
+        let instance = loaded.pre.instantiate(&mut store).map_err(|e| trap(store.data(), &e))?;
+        let memory =
+            instance.get_memory(&mut store, "memory").ok_or_else(|| HostError::Refused("no exported memory".into()))?;
+        let alloc = instance.get_typed_func::<i32, i32>(&mut store, "proxy_on_memory_allocate").map_err(setup)?;
+        store.data_mut().memory = Some(memory);
+        store.data_mut().alloc = Some(alloc);
+        let exports = Exports {
+            on_context_create: instance.get_typed_func(&mut store, "proxy_on_context_create").map_err(setup)?,
+            on_vm_start: instance.get_typed_func(&mut store, "proxy_on_vm_start").map_err(setup)?,
+            on_configure: instance.get_typed_func(&mut store, "proxy_on_configure").map_err(setup)?,
+            on_request_headers: instance.get_typed_func(&mut store, "proxy_on_request_headers").map_err(setup)?,
+            on_response_headers: instance.get_typed_func(&mut store, "proxy_on_response_headers").map_err(setup)?,
+            on_done: instance.get_typed_func(&mut store, "proxy_on_done").map_err(setup)?,
+            on_log: instance.get_typed_func(&mut store, "proxy_on_log").map_err(setup)?,
+            on_delete: instance.get_typed_func(&mut store, "proxy_on_delete").map_err(setup)?,
+        };
+        // WASI reactor initialisation (runs the SDK's `main!`), then the root context.
+        let init = instance
+            .get_typed_func::<(), ()>(&mut store, "_initialize")
+            .or_else(|_| instance.get_typed_func::<(), ()>(&mut store, "_start"));
+        let mut core = VmCore { store, exports, index, dead: None, next_context: ROOT_CONTEXT + 1 };
+        if let Ok(init) = init {
+            core.guest(|s| init.call(s, ()))?;
+        }
+        let create = core.exports.on_context_create.clone();
+        core.guest(|s| create.call(s, (ROOT_CONTEXT as i32, 0)))?;
+        let start = core.exports.on_vm_start.clone();
+        let size = core.store.data().vm_config.len() as i32;
+        let ok = core.guest(|s| start.call(s, (ROOT_CONTEXT as i32, size)))?;
+        if ok == 0 {
+            return Err(HostError::Setup("proxy_on_vm_start returned false".into()));
+        }
+        Ok(core)
+    }
+
+    /// One top-level guest call with a fresh fuel budget; a trap kills the VM.
+    fn guest<R>(&mut self, f: impl FnOnce(&mut Store<VmState>) -> wasmtime::Result<R>) -> Result<R, HostError> {
+        if let Some(why) = &self.dead {
+            return Err(HostError::Dead(why.clone()));
+        }
+        let setup = |e: wasmtime::Error| HostError::Setup(format!("{e:#}"));
+        self.store.set_fuel(FUEL_PER_CALL).map_err(setup)?;
+        match f(&mut self.store) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let err = trap(self.store.data(), &e);
+                self.dead = Some(format!("{e:#}"));
+                Err(err)
+            }
+        }
+    }
+
+    fn configure(&mut self, config: &[u8]) -> Result<bool, HostError> {
+        self.store.data_mut().plugin_config = config.to_vec();
+        let f = self.exports.on_configure.clone();
+        let size = config.len() as i32;
+        Ok(self.guest(|s| f.call(s, (ROOT_CONTEXT as i32, size)))? != 0)
+    }
+
+    pub(crate) fn run_request(&mut self, req: &Request, nested: bool) -> Result<Reply, HostError> {
+        let id = self.next_context;
+        self.next_context += 1;
+        let mut stream = Stream { id, request_headers: req.headers.clone(), ..Stream::default() };
+        for (path, value) in &req.properties {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            stream.properties.insert(property_key(&path), value.clone());
+        }
+        let n_headers = stream.request_headers.len() as i32;
+        {
+            let state = self.store.data_mut();
+            state.stream = Some(stream);
+            state.interference = 0;
+        }
+        let e = &self.exports;
+        let (create, on_req, on_resp) =
+            (e.on_context_create.clone(), e.on_request_headers.clone(), e.on_response_headers.clone());
+        let (done, log, delete) = (e.on_done.clone(), e.on_log.clone(), e.on_delete.clone());
+        let ctx = id as i32;
+        self.guest(|s| create.call(s, (ctx, ROOT_CONTEXT as i32)))?;
+        let eos = i32::from(req.end_of_stream);
+        let request_action = action(self.guest(|s| on_req.call(s, (ctx, n_headers, eos)))?);
+
+        // The response phase: the upstream's headers, or the local reply's (Envoy encodes a
+        // local reply through the filter chain too).
+        let local = self.store.data().stream.as_ref().and_then(|s| s.local_reply.clone());
+        let response = match (&local, request_action) {
+            (Some(l), _) => {
+                let mut h = vec![(b":status".to_vec(), l.status.to_string().into_bytes())];
+                h.extend(l.headers.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())));
+                Some(h)
+            }
+            (None, Action::Continue) => Some(req.response_headers.clone()),
+            (None, Action::Pause) => None,
+        };
+        let mut response_action = None;
+        if let Some(headers) = response {
+            let n = headers.len() as i32;
+            if let Some(s) = self.store.data_mut().stream.as_mut() {
+                s.response_headers = Some(headers);
+            }
+            response_action = Some(action(self.guest(|s| on_resp.call(s, (ctx, n, 1)))?));
+        }
+        self.guest(|s| done.call(s, ctx))?;
+        self.guest(|s| log.call(s, ctx))?;
+        self.guest(|s| delete.call(s, ctx))?;
+
+        let stream = self.store.data_mut().stream.take().unwrap_or_default();
+        let reply = Reply {
+            request_action,
+            local_reply: stream.local_reply,
+            response_action,
+            response_headers: stream
+                .response_headers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(n, v)| (String::from_utf8_lossy(&n).into_owned(), v))
+                .collect(),
+            added_response_headers: stream.added_response_headers,
+            continue_calls: stream.continue_calls,
+            close_calls: stream.close_calls,
+        };
+        let world = self.store.data().world.clone();
+        let mut shared = world.shared();
+        let now_ns = shared.now_ns;
+        shared.completed.push(Completed {
+            vm: self.index,
+            label: req.label.clone(),
+            allowed: reply.allowed(),
+            status: reply.status(),
+            nested,
+            now_ns,
+        });
+        drop(shared);
+        Ok(reply)
+    }
+}
+
+fn action(raw: i32) -> Action {
+    if raw == 0 {
+        Action::Continue
+    } else {
+        Action::Pause
+    }
+}
+
+/// One VM instance (an Envoy worker) of the module, on a [`World`].
+#[derive(Clone)]
+pub struct Vm {
+    core: Arc<Mutex<VmCore>>,
+    pub world: World,
+    pub index: usize,
+}
+
+impl Vm {
+    /// Instantiates the release module on `world` and starts it (`_initialize`, root context,
+    /// `proxy_on_vm_start`).
+    pub fn new(world: &World) -> Result<Vm, HostError> {
+        Vm::with_module(world, release_module())
+    }
+
+    pub fn with_module(world: &World, loaded: &Loaded) -> Result<Vm, HostError> {
+        let mut vms = lock(&world.inner.vms);
+        let index = vms.len();
+        let core = Arc::new(Mutex::new(VmCore::new(world, loaded, index)?));
+        vms.push(Arc::downgrade(&core));
+        Ok(Vm { core, world: world.clone(), index })
+    }
+
+    /// A VM with `config` applied; panics if the module refuses it.
+    pub fn configured(world: &World, config: &str) -> Vm {
+        let vm = Vm::new(world).unwrap_or_else(|e| panic!("{e}"));
+        match vm.configure(config) {
+            Ok(true) => vm,
+            Ok(false) => panic!("config refused: {config}\nlogs: {:?}", vm.logs()),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn core(&self) -> std::sync::MutexGuard<'_, VmCore> {
+        lock(&self.core)
+    }
+
+    /// `proxy_on_configure` with this plugin configuration: whether the module accepted it.
+    pub fn configure(&self, config: &str) -> Result<bool, HostError> {
+        self.configure_bytes(config.as_bytes())
+    }
+
+    pub fn configure_bytes(&self, config: &[u8]) -> Result<bool, HostError> {
+        self.core().configure(config)
+    }
+
+    /// Runs one HTTP stream: context create, request headers, response headers (if the
+    /// request continued or a local reply was sent), done, log, delete.
+    pub fn request(&self, req: &Request) -> Result<Reply, HostError> {
+        self.core().run_request(req, false)
+    }
+
+    /// Sets a VM-wide property (e.g. `plugin_root_id`, before `configure`).
+    pub fn set_property(&self, path: &[&str], value: impl AsRef<[u8]>) {
+        self.core().store.data_mut().properties.insert(property_key(path), value.as_ref().to_vec());
+    }
+
+    pub fn logs(&self) -> Vec<LogLine> {
+        self.core().store.data().logs.clone()
+    }
+
+    pub fn take_logs(&self) -> Vec<LogLine> {
+        std::mem::take(&mut self.core().store.data_mut().logs)
+    }
+
+    /// What the module wrote to stdout and stderr through WASI.
+    pub fn output(&self) -> (String, String) {
+        let core = self.core();
+        let s = core.store.data();
+        (String::from_utf8_lossy(&s.stdout).into_owned(), String::from_utf8_lossy(&s.stderr).into_owned())
+    }
+
+    pub fn is_dead(&self) -> bool {
+        self.core().dead.is_some()
+    }
+
+    pub fn tick_period_ms(&self) -> u32 {
+        self.core().store.data().tick_period_ms
+    }
+}
+
+/// A step of a [`Cluster`] workload.
+#[derive(Debug, Clone)]
+pub enum Step {
+    Request(Request),
+    /// Moves the virtual clock forward.
+    AdvanceNs(u64),
+}
+
+/// N workers on one world, driven by a seeded scheduler.
+pub struct Cluster {
+    pub world: World,
+    pub vms: Vec<Vm>,
+}
+
+impl Cluster {
+    /// `n` VMs, each configured with `config` (panics if refused).
+    pub fn new(n: usize, config: &str) -> Cluster {
+        let world = World::new();
+        let vms = (0..n).map(|_| Vm::configured(&world, config)).collect();
+        Cluster { world, vms }
+    }
+
+    /// Runs the workload. Requests between two clock steps are queued together; each is
+    /// started on a VM the scheduler picks, and while it runs, the scheduler may run further
+    /// queued requests on other VMs between its get and set, or write its key. Returns the
+    /// finished requests in completion order.
+    pub fn run(&self, steps: &[Step], scheduler: Scheduler) -> Result<Vec<Completed>, HostError> {
+        let world = &self.world;
+        world.set_scheduler(scheduler);
+        world.take_completed();
+        let mut i = 0;
+        while i < steps.len() {
+            match &steps[i] {
+                Step::AdvanceNs(ns) => {
+                    world.advance_ns(i64::try_from(*ns).unwrap_or(i64::MAX));
+                    i += 1;
+                }
+                Step::Request(_) => {
+                    while let Some(Step::Request(r)) = steps.get(i) {
+                        world.enqueue(r.clone());
+                        i += 1;
+                    }
+                    while let Some(r) = world.pop_queued() {
+                        let pick = {
+                            let mut s = world.shared();
+                            let n = self.vms.len() as u64;
+                            s.scheduler.as_mut().map_or(0, |sch| sch.rng.below(n)) as usize
+                        };
+                        self.vms[pick].request(&r)?;
+                    }
+                }
+            }
+        }
+        Ok(world.take_completed())
+    }
+}
