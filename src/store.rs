@@ -315,11 +315,7 @@ pub fn debit(
         };
         let (slot, state, cas, use_) = match location {
             Location::Own { slot, bytes, cas } => {
-                // Owner ids of buckets and leases never coincide (see decision.rs), so this
-                // is a bucket; anything else is treated as a new bucket.
-                let state = Record::decode(&bytes)
-                    .map_or((0, false), |r| (bucket::rescale(r.t_full, now_ns, &r.limit, limit), r.limit != *limit));
-                (slot, state, cas, SlotUse::Existing)
+                (slot, stored_state(&bytes, owner, limit, now_ns), cas, SlotUse::Existing)
             }
             Location::Free { slot, cas: None } => (slot, (0, false), CREATE_CAS, SlotUse::Created),
             Location::Free { slot, cas: Some(cas) } => (slot, (0, false), cas, SlotUse::Reclaimed),
@@ -348,6 +344,16 @@ pub fn debit(
     Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 }
 }
 
+/// `owner`'s bucket as stored, carried over to `limit`: its `t_full`, and whether the limit
+/// changed (then the carried state must be written back even on a denial). Anything else
+/// (another owner, a lease, foreign bytes) reads as a new, full bucket.
+fn stored_state(bytes: &[u8], owner: u128, limit: &Limit, now_ns: u64) -> (u128, bool) {
+    match Record::decode(bytes) {
+        Some(r) if r.owner == owner => (bucket::rescale(r.t_full, now_ns, &r.limit, limit), r.limit != *limit),
+        _ => (0, false),
+    }
+}
+
 /// Debits a bucket under a fixed key (the shared overflow bucket).
 pub fn debit_named(
     store: &mut impl SharedStore,
@@ -362,12 +368,7 @@ pub fn debit_named(
         let (state, cas, creating) = match store.get(key) {
             Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
             Ok(None) => ((0, false), CREATE_CAS, true),
-            Ok(Some((bytes, cas))) => match Record::decode(&bytes) {
-                Some(r) if r.owner == owner => {
-                    ((bucket::rescale(r.t_full, now_ns, &r.limit, limit), r.limit != *limit), cas, false)
-                }
-                _ => ((0, false), cas, false),
-            },
+            Ok(Some((bytes, cas))) => (stored_state(&bytes, owner, limit, now_ns), cas, false),
         };
         match write(store, key, owner, limit, state, cas, cost, now_ns) {
             Step::Done(verdict, wrote) => {
