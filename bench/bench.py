@@ -22,6 +22,15 @@ Then: admission accuracy at 2 and 4 workers, tenant spread, memory per tenant, .
       # A/B quick mode: only CPU us/request at 16 connections, the floor and each variant (its own
       # listener and vm_id) in one Envoy; prints a table (WASM is not needed). CONFIGJSON defaults to
       # the full run's `ours` config (bucket too large to deny, headers off).
+  ENVOY_BIN=... WASM=... python bench/bench.py --only global [--smoke]
+      # only the global-limits phase (below); replaces or appends the `## Global limits` section of
+      # RESULTS.md (bench/ or bench/out/smoke/) and leaves the other sections alone.
+
+Global limits phase (full run, --smoke, --only global): our filter with `global` mode "global",
+"both", and lease_tokens 10 and 100, against local only; one Envoy, one listener each, a
+`ratelimit` cluster to one tests/rls-server (RLS_SERVER, else tests/rls-server/target/release/
+rls-server) on one redis-server, both started on free loopback ports and stopped at exit. Without
+either binary the phase prints one line saying why it was skipped, and the rest still runs.
 
 The smoke run exits 0 whenever the measurements ran: it reports, it never asserts performance.
 """
@@ -255,8 +264,8 @@ def native_filter(stat_prefix: str, max_tokens: int, per_second: int, max_descri
     }
 
 
-def bootstrap(admin_log: Path, listeners: list[dict]) -> dict:
-    return {
+def bootstrap(admin_log: Path, listeners: list[dict], clusters: list[dict] | None = None) -> dict:
+    b = {
         "admin": {
             "access_log": [
                 {
@@ -271,16 +280,21 @@ def bootstrap(admin_log: Path, listeners: list[dict]) -> dict:
         },
         "static_resources": {"listeners": listeners},
     }
+    if clusters:
+        b["static_resources"]["clusters"] = clusters
+    return b
 
 
 class Envoy:
     """One Envoy process on loopback; listener ports and the admin port are read back."""
 
-    def __init__(self, envoy_bin: str, workdir: Path, name: str, listeners: list[dict], concurrency: int, cpus: str | None):
+    def __init__(self, envoy_bin: str, workdir: Path, name: str, listeners: list[dict], concurrency: int, cpus: str | None,
+                 clusters: list[dict] | None = None):
         self.workdir = workdir
         self.name = name
         cfg_path = workdir / f"{name}.yaml"
-        cfg_path.write_text(json.dumps(bootstrap(workdir / f"{name}.admin.log", listeners), indent=1))  # JSON is YAML
+        cfg = bootstrap(workdir / f"{name}.admin.log", listeners, clusters)
+        cfg_path.write_text(json.dumps(cfg, indent=1))  # JSON is YAML
         self.admin_path = workdir / f"{name}.admin_address"
         self.admin_path.unlink(missing_ok=True)
         self.log_path = workdir / f"{name}.log"
@@ -664,6 +678,262 @@ def phase_memory(envoy_bin: str, wasm: Path, wrk: Wrk, workdir: Path, steps, cpu
 
 
 # --------------------------------------------------------------------------------------------
+# global limits: our filter asking a rate-limit service (tests/rls-server on redis-server)
+
+RLS_DEFAULT = REPO / "tests" / "rls-server" / "target" / "release" / "rls-server"
+GLOBAL_LISTENERS = ["g_local", "g_global", "g_both", "g_lease10", "g_lease100"]
+GLOBAL_LABELS = {
+    "g_local": "local only (no `global`)",
+    "g_global": "mode global",
+    "g_both": "mode both",
+    "g_lease10": "mode global, lease_tokens 10",
+    "g_lease100": "mode global, lease_tokens 100",
+}
+GLOBAL_SECTIONS = {  # the `global` section of each listener's config (None: local only)
+    "g_local": None,
+    "g_global": {"mode": "global"},
+    "g_both": {"mode": "both"},
+    "g_lease10": {"mode": "global", "lease_tokens": 10},
+    "g_lease100": {"mode": "global", "lease_tokens": 100},
+}
+GLOBAL_DOMAIN = "bench"
+GLOBAL_TIMEOUT_MS = 200
+GLOBAL_CONNS = 16
+GLOBAL_LIMIT = {"namespace": GLOBAL_DOMAIN, "max_value": HUGE, "seconds": 60, "conditions": [], "variables": ["tenant"]}
+STAT = "wasmcustom.tenant_ratelimit."
+
+
+class GlobalSkip(Exception):
+    """The global phase cannot run here (missing rls-server or redis-server)."""
+
+
+def global_prereqs() -> tuple[str, str]:
+    """(rls-server, redis-server) binaries, or GlobalSkip saying what is missing."""
+    rls = os.environ.get("RLS_SERVER") or str(RLS_DEFAULT)
+    if not (Path(rls).is_file() and os.access(rls, os.X_OK)):
+        how = "RLS_SERVER" if os.environ.get("RLS_SERVER") else "cargo build --release --manifest-path tests/rls-server/Cargo.toml, or set RLS_SERVER"
+        raise GlobalSkip(f"no rls-server binary at {rls} ({how})")
+    redis = shutil.which("redis-server")
+    if not redis:
+        raise GlobalSkip("redis-server is not installed (apt-get install -y redis-server)")
+    return rls, redis
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child if bench.py dies without running its atexit handler."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:
+        pass
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _redis_ping(port: int) -> bool:
+    import socket
+
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"*1\r\n$4\r\nPING\r\n")
+            return s.recv(64).startswith(b"+PONG")
+    except OSError:
+        return False
+
+
+def _start_service(cmd_for_port, ready, log_path: Path, what: str) -> tuple[subprocess.Popen, int]:
+    """Starts a loopback service on a free port (3 tries: the port can be taken in between)."""
+    for _attempt in range(3):
+        port = free_port()
+        with open(log_path, "ab") as logf:
+            p = spawn(cmd_for_port(port), stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
+                      preexec_fn=_die_with_parent)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and p.poll() is None:
+            if ready(port):
+                return p, port
+            time.sleep(0.05)
+        reap(p)
+    tail = log_path.read_text(errors="replace")[-2000:] if log_path.exists() else ""
+    raise RuntimeError(f"{what} did not start\n--- log tail ---\n{tail}")
+
+
+def _rls_ready(log_path: Path):
+    return lambda _port: log_path.exists() and b"listening on " in log_path.read_bytes()
+
+
+def proc_ticks(pid: int) -> int:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def global_listener_config(wasm: Path, name: str) -> dict:
+    conf = {"capacity": HUGE, "refill_rate": HUGE, "rate_limit_headers": "off", "max_tenants": 20_000}
+    sec = GLOBAL_SECTIONS[name]
+    if sec is not None:
+        conf["global"] = {"cluster": "ratelimit", "domain": GLOBAL_DOMAIN, "timeout_ms": GLOBAL_TIMEOUT_MS,
+                          "failure_mode": "allow", "tenant_key": "tenant"} | sec
+    return wasm_filter(f"trl_{name}", wasm, json.dumps(conf))
+
+
+def rls_cluster(port: int) -> dict:
+    """STATIC, HTTP/2 (as tests/e2e/rls.py `grpc_cluster`)."""
+    return {
+        "name": "ratelimit",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            },
+        },
+        "load_assignment": {
+            "cluster_name": "ratelimit",
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {
+                "socket_address": {"address": "127.0.0.1", "port_value": port}}}}]}],
+        },
+    }  # fmt: skip
+
+
+def phase_global(envoy_bin: str, wasm: Path, wrk: Wrk, workdir: Path, rounds: int, seconds: int, warm_s: int,
+                 cpus: str | None) -> dict:
+    """One Envoy (1 worker, pinned like the perf phase), one listener per variant, a `ratelimit`
+    cluster to one rls-server on one redis-server (both unpinned). Raises GlobalSkip."""
+    rls_bin, redis_bin = global_prereqs()
+    gdir = workdir / "global"
+    gdir.mkdir(exist_ok=True)
+    redis, redis_port = _start_service(
+        lambda port: [redis_bin, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                      "--dir", str(gdir), "--protected-mode", "yes", "--daemonize", "no"],
+        _redis_ping, gdir / "redis.log", "redis-server")
+    limits = gdir / "limits.json"
+    limits.write_text(json.dumps([GLOBAL_LIMIT]))
+    rls_log = gdir / "rls.log"
+    # Its stdout gets one line per call: kept in the work dir (removed at exit), only read at start.
+    rls, rls_port = _start_service(
+        lambda port: [rls_bin, "--listen", f"127.0.0.1:{port}", "--redis", f"redis://127.0.0.1:{redis_port}",
+                      "--limits", str(limits)],
+        _rls_ready(rls_log), rls_log, "rls-server")
+    service_pids = [rls.pid, redis.pid]
+    versions = {"redis": cmd_out([redis_bin, "--version"]), "rls_server": rls_bin}
+    log(f"global: redis-server on {redis_port}, rls-server on {rls_port}")
+    rows: list[dict] = []
+    try:
+        listeners = [listener(n, [global_listener_config(wasm, n)]) for n in GLOBAL_LISTENERS]
+        envoy = Envoy(envoy_bin, workdir, "envoy_global", listeners, 1, cpus, clusters=[rls_cluster(rls_port)])
+        try:
+            counters = ("global_calls", "global_errors", "global_over_limit", "lease_hits")
+            snap = lambda: {k: envoy.stat(STAT + k) for k in counters}  # noqa: E731
+            for name in GLOBAL_LISTENERS:  # sanity: 200, and a global listener really calls the service
+                c0 = snap()
+                status, _ = http_get(envoy.url(name), "sanity")
+                c1 = snap()
+                if status != 200:
+                    raise RuntimeError(f"listener {name}: status {status}")
+                calls, errs = c1["global_calls"] - c0["global_calls"], c1["global_errors"] - c0["global_errors"]
+                want = 0 if GLOBAL_SECTIONS[name] is None else 1
+                if calls != want or errs:
+                    raise RuntimeError(f"listener {name}: {calls} service calls, {errs} errors (want {want}, 0)\n"
+                                       f"rls-server log tail:\n{rls_log.read_text(errors='replace')[-1500:]}")
+            if warm_s:
+                log(f"global warm-up: {warm_s} s per listener")
+                for name in GLOBAL_LISTENERS:
+                    wrk.run(envoy.url(name), GLOBAL_CONNS, warm_s, "static")
+            n = len(GLOBAL_LISTENERS)
+            for rnd in range(rounds):
+                order = GLOBAL_LISTENERS[rnd % n :] + GLOBAL_LISTENERS[: rnd % n]
+                for name in order:
+                    c0, s0 = snap(), sum(proc_ticks(p) for p in service_pids)
+                    r = measure(envoy, wrk, name, GLOBAL_CONNS, seconds)
+                    s1, c1 = sum(proc_ticks(p) for p in service_pids), snap()
+                    reqs = max(r["requests"], 1)
+                    r["round"] = rnd
+                    r["service_cpu_us_per_req"] = (s1 - s0) * 1e6 / CLK_TCK / reqs
+                    for k in counters:
+                        r[k] = c1[k] - c0[k]
+                    r["calls_per_req"] = r["global_calls"] / reqs
+                    rows.append(r)
+                line = ", ".join(f"{x['listener']} {x['rps']:.0f}/s {x['cpu_us_per_req']:.1f}us"
+                                 for x in rows if x["round"] == rnd)
+                log(f"global round {rnd + 1}/{rounds}: {line}")
+        finally:
+            envoy.stop()
+    finally:
+        reap(rls)
+        reap(redis)
+    return {"rows": rows, "rounds": rounds, "seconds": seconds, "warm": warm_s, "conns": GLOBAL_CONNS,
+            "timeout_ms": GLOBAL_TIMEOUT_MS, "limit": GLOBAL_LIMIT, "versions": versions,
+            "load": " ".join(Path("/proc/loadavg").read_text().split()[:3])}
+
+
+def run_global_phase(*args) -> dict:
+    """phase_global, or {"skipped": why} after printing one line."""
+    try:
+        return phase_global(*args)
+    except GlobalSkip as e:
+        print(f"[bench] global phase skipped: {e}", flush=True)
+        return {"skipped": str(e)}
+
+
+def global_section(g: dict, load_start: str = "", load_end: str = "") -> str:
+    """The `## Global limits` section of RESULTS.md."""
+    head = "## Global limits\n\n"
+    if "skipped" in g:
+        return head + f"Skipped: {g['skipped']}.\n"
+    rows = g["rows"]
+    lim = g["limit"]
+    lines = [
+        f"Our filter asking a rate-limit service (`global` section) against the same filter with local "
+        f"buckets only. One Envoy (`--concurrency 1`, pinned like the perf phase), one listener per "
+        f"variant (its own `root_id`/`vm_id`), a `ratelimit` cluster (STATIC, HTTP/2) to ONE "
+        f"`tests/rls-server` (limitador over Redis; it serialises its calls) backed by ONE `redis-server`, "
+        f"both on loopback and unpinned (they share the machine with wrk). One hot tenant "
+        f"(`x-tenant-id: tenant-1`), {g['conns']} connections, {g['rounds']} interleaved round{'s' if g['rounds'] != 1 else ''} of "
+        f"{g['seconds']} s after a {g['warm']} s warm-up per listener; median (min-max) over rounds.",
+        "",
+        f"Nothing is denied: the service limit is {lim['max_value']:,} per {lim['seconds']} s per tenant, "
+        f"the local bucket {HUGE:,} at {HUGE:,}/s; `timeout_ms` {g['timeout_ms']}, `failure_mode` allow. "
+        f"**Service CPU** = rls-server + redis-server utime+stime per request; **calls/request** = "
+        f"`global_calls` / requests; **errors** = `global_errors` (service errors and timeouts, each "
+        f"admitted) summed over rounds; **other CPU** = CPUs busy with anything but Envoy (wrk, and here the "
+        f"service too). Redis: `{g['versions']['redis'].split(' sha=')[0]}`."
+        + (f" Load average at start / end of this phase: {load_start} / {load_end}." if load_start else ""),
+        "",
+        "| listener | requests/s | p99 us | Envoy CPU us/request | CPU / local (per-round) | service CPU us/request "
+        "| calls/request | errors | other CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name in GLOBAL_LISTENERS:
+        s = [r for r in rows if r["listener"] == name]
+        if not s:
+            continue
+        pr = paired_ratios(rows, name, "g_local", "cpu_us_per_req")
+        ratio = "1" if name == "g_local" else f"{med(pr):.2f} ({min(pr):.2f}-{max(pr):.2f})"
+        lines.append(
+            f"| {GLOBAL_LABELS[name]} | {fmt_range(*summarize(s, 'rps'), nd=0)} | {fmt_range(*summarize(s, 'p99_us'), nd=0)} "
+            f"| {fmt_range(*summarize(s, 'cpu_us_per_req'))} | {ratio} | {fmt_range(*summarize(s, 'service_cpu_us_per_req'))} "
+            f"| {med([r['calls_per_req'] for r in s]):.3f} | {sum(r['global_errors'] for r in s):,} "
+            f"| {med([r['other_cpu'] for r in s]):.2f} |"
+        )
+    bad = [r for r in rows if r["non2xx"] or r["socket_errors"]]
+    if bad:
+        lines.append(f"\nNote: {len(bad)} runs saw non-2xx responses or socket errors (should be none).")
+    return head + "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------------------------
 # report
 
 
@@ -936,6 +1206,7 @@ more than the new tenants: requests in flight when the step stops).
 
 {c['memory']}
 
+{c['global']}
 ## Module size
 
 | module | bytes |
@@ -1071,12 +1342,69 @@ def run_ab(args, envoy_bin: str) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# --only global: this phase alone, its section replaced (or appended) in RESULTS.md
+
+
+def replace_section(text: str, section: str) -> str:
+    """`text` with its `## Global limits` section (up to the next `## ` heading) replaced by
+    `section`, or with `section` appended when there is none."""
+    lines = text.splitlines(keepends=True)
+    start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == "## Global limits"), None)
+    if start is None:
+        return text.rstrip("\n") + "\n\n" + section
+    end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
+    rest = "".join(lines[end:])
+    return "".join(lines[:start]) + section + ("\n" + rest if rest else "")
+
+
+def run_only_global(args, envoy_bin: str, wasm: Path, rounds: int, seconds: int, warm: int) -> int:
+    outdir = args.out or (BENCH_DIR / "out" / "smoke" if args.smoke else BENCH_DIR)
+    try:
+        global_prereqs()
+    except GlobalSkip as e:
+        print(f"[bench] global phase skipped: {e}", flush=True)
+        return 0
+    load_start = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    wrk_bin = ensure_wrk()
+    cores = sorted(os.sched_getaffinity(0))
+    envoy_cpus, wrk_cpus = (str(cores[0]), str(cores[1])) if len(cores) >= 2 else (None, None)
+    workdir = Path(tempfile.mkdtemp(prefix="trl-global-"))
+    try:
+        wrk = Wrk(wrk_bin, workdir, wrk_cpus)
+        g = run_global_phase(envoy_bin, wasm, wrk, workdir, rounds, seconds, warm, envoy_cpus)
+    finally:
+        _kill_children()
+        shutil.rmtree(workdir, ignore_errors=True)
+    load_end = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+    if "skipped" in g:
+        return 0
+    date = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    section = global_section(g, load_start, load_end)
+    cmd = f"bench/bench.py --only global{' --smoke' if args.smoke else ''}"
+    section = section.replace("\n\n", f"\n\nMeasured by `{cmd}` on {date}"
+                              f"{' (SMOKE: 1 round of 1 s, not meaningful)' if args.smoke else ''}. ", 1)
+    outdir.mkdir(parents=True, exist_ok=True)
+    report = outdir / "RESULTS.md"
+    report.write_text(replace_section(report.read_text() if report.exists() else "", section).lstrip("\n"))
+    raw = (outdir if (args.smoke or args.out) else BENCH_DIR / "out") / "global.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps(g, indent=1))
+    log(f"wrote {report} (section `## Global limits`), {raw}")
+    print()
+    print(section)
+    return 0
+
+
+# --------------------------------------------------------------------------------------------
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="every code path in seconds; writes to bench/out/smoke")
     ap.add_argument("--out", type=Path, help="output directory (default: bench/ for a full run)")
+    ap.add_argument("--only", choices=["global"],
+                    help="run one phase only: `global` updates (or appends) the `## Global limits` section "
+                         "of RESULTS.md in the output directory and leaves the rest of the file alone")
     ab = ap.add_argument_group("A/B quick mode (only with --ab)")
     ab.add_argument("--ab", action="append", metavar="NAME=PATH.wasm[:CONFIGJSON]",
                     help="a variant to compare with the floor (repeatable); CONFIGJSON defaults to "
@@ -1101,6 +1429,9 @@ def main() -> int:
     if not Path(envoy_bin).exists() or not wasm.exists():
         sys.exit(f"bench: missing {envoy_bin if not Path(envoy_bin).exists() else wasm}")
     wasm_size = wasm.stat().st_size  # the module Envoy loads below (a rebuild mid-run would not be measured)
+    g_rounds, g_seconds, g_warm = (1, 1, 0) if args.smoke else (5, 4, 2)
+    if args.only == "global":
+        return run_only_global(args, envoy_bin, wasm, g_rounds, g_seconds, g_warm)
 
     if args.smoke:
         conns_list, rounds, seconds, warm = [1, 64], 1, 1, 0
@@ -1158,6 +1489,10 @@ def main() -> int:
         acc = phase_accuracy(envoy_bin, wasm, wrk, workdir, [2, 4], acc_seconds)
         log("memory")
         mem = phase_memory(envoy_bin, wasm, wrk, workdir, mem_steps, envoy_cpus)
+        log("global limits")
+        g_load0 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
+        glob = run_global_phase(envoy_bin, wasm, wrk, workdir, g_rounds, g_seconds, g_warm, envoy_cpus)
+        g_load1 = " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
         perf_md, head = perf_tables(perf, conns_list)
         spread_md, spread_res = spread_table(spread, spread_counts)
@@ -1173,7 +1508,7 @@ def main() -> int:
                 hl.append(f"| {k} | {r[0]:.3f} (per-round {r[1]:.3f}-{r[2]:.3f}) |")
 
         files = plots(perf, conns_list, outdir)
-        raw = {"perf": perf, "spread": spread, "accuracy": acc, "memory": mem}
+        raw = {"perf": perf, "spread": spread, "accuracy": acc, "memory": mem, "global": glob}
         # Raw samples: next to the report for smoke/--out runs, in the ignored bench/out/ otherwise.
         raw_path = outdir / "results.json" if (args.smoke or args.out) else BENCH_DIR / "out" / "results.json"
         raw_path.parent.mkdir(parents=True, exist_ok=True)
@@ -1209,6 +1544,7 @@ def main() -> int:
             "accuracy": accuracy_table(acc),
             "acc_seconds": acc_seconds,
             "memory": memory_table(mem),
+            "global": global_section(glob, g_load0, g_load1),
             "mem_max_tenants": max(200_000, 2 * mem_steps[-1]),
             "wasm_name": wasm.name,
             "wasm_size": wasm_size,
@@ -1224,6 +1560,8 @@ def main() -> int:
         print("\n".join(hl))
         print()
         print(ctx["stand"])
+        print()
+        print(ctx["global"])
     finally:
         _kill_children()
         shutil.rmtree(workdir, ignore_errors=True)
