@@ -46,9 +46,12 @@ $(WASM_OPT):
 
 wasm: rust-target $(WASM_OPT)
 	cargo build --release --target wasm32-wasip1 --lib
-	@if [ ! -f $(WASM).optimized ] || [ $(WASM) -nt $(WASM).optimized ]; then \
+	@# Optimize whenever the file is not the one we optimized last (by content: cargo may
+	@# put back its own hard-linked copy with an older mtime).
+	@if [ "$$(sha256sum < $(WASM))" != "$$(cat $(WASM).optimized 2>/dev/null)" ]; then \
 	  echo "wasm-opt -Oz $(WASM)"; \
-	  $(WASM_OPT) -Oz $(WASM_FEATURES) $(WASM) -o $(WASM).tmp && mv $(WASM).tmp $(WASM) && touch $(WASM).optimized; \
+	  $(WASM_OPT) -Oz $(WASM_FEATURES) $(WASM) -o $(WASM).tmp && mv $(WASM).tmp $(WASM) && \
+	  sha256sum < $(WASM) > $(WASM).optimized; \
 	fi
 	@size=$$(stat -c %s $(WASM)); echo "wasm: $(WASM) $$size bytes (limit $(MAX_WASM_BYTES))"; \
 	  if [ $$size -gt $(MAX_WASM_BYTES) ]; then echo "wasm is over the size limit"; exit 1; fi
