@@ -139,7 +139,7 @@ pub fn decide<'c>(
         match config.overflow {
             Overflow::Deny => {
                 events.bump(Counter::OverflowDenied, 1);
-                return refuse(config, policy, mode, scope, events);
+                return refuse(policy, mode, scope, events);
             }
             Overflow::Bucket(overflow_limit) => {
                 events.bump(Counter::OverflowUsed, 1);
@@ -169,7 +169,7 @@ pub fn decide<'c>(
                     events.scoped = scope.map(|s| (s, Scoped::Allowed));
                     Decision { deny: false, retry_after_seconds: 0, quota: None, policy, events }
                 }
-                StoreErrorPolicy::Deny => refuse(config, policy, mode, scope, events),
+                StoreErrorPolicy::Deny => refuse(policy, mode, scope, events),
             };
         }
     };
@@ -187,20 +187,14 @@ pub fn decide<'c>(
         return Decision { deny: false, retry_after_seconds: 0, quota, policy, events };
     }
     let retry = retry_after_seconds(&verdict);
-    let mut d = refuse(config, policy, mode, scope, events);
+    let mut d = refuse(policy, mode, scope, events);
     d.retry_after_seconds = retry;
     d.quota = quota;
     d
 }
 
 /// A denial (or, in shadow mode, a counted pass) without bucket details.
-fn refuse<'c>(
-    _config: &Config,
-    policy: &'c Policy,
-    mode: Mode,
-    scope: Option<Scope>,
-    mut events: Events,
-) -> Decision<'c> {
+fn refuse<'c>(policy: &'c Policy, mode: Mode, scope: Option<Scope>, mut events: Events) -> Decision<'c> {
     let shadow = mode == Mode::Shadow;
     let (global, scoped) =
         if shadow { (Counter::ShadowDenied, Scoped::ShadowDenied) } else { (Counter::Denied, Scoped::Denied) };
