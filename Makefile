@@ -82,10 +82,11 @@ unit: wasm
 # End-to-end: the real Envoy binary with the built .wasm on loopback ports.
 # The global-limit tests run a real rate-limit service (tests/rls-server, built on limitador)
 # against a real redis-server from Debian; the load tests use wrk from Debian.
+# valgrind (callgrind) counts the bench's instructions per request.
 system-packages:
-	@command -v redis-server >/dev/null && command -v wrk >/dev/null || \
-	  apt-get install -y -q redis-server wrk >/dev/null || \
-	  (apt-get update -q >/dev/null && apt-get install -y -q redis-server wrk >/dev/null)
+	@command -v redis-server >/dev/null && command -v wrk >/dev/null && command -v valgrind >/dev/null || \
+	  apt-get install -y -q redis-server wrk valgrind >/dev/null || \
+	  (apt-get update -q >/dev/null && apt-get install -y -q redis-server wrk valgrind >/dev/null)
 
 e2e: deps wasm system-packages
 	cargo build --quiet --release --bin tenant-ratelimit-check
@@ -105,9 +106,14 @@ clean:
 	cargo clean
 	rm -rf $(VENV) bench/out
 
-# The benchmark driver (bench/), a program that reports numbers; the smoke run keeps it working.
-bench: deps wasm
+# The benchmark drivers (bench/), programs that report numbers; the smoke runs keep them working.
+# bench.py (wall-clock CPU, latency, accuracy, memory, size) rewrites bench/RESULTS.md; then
+# instructions.py (instructions per request under callgrind, the primary CPU figure) replaces
+# its own section of it.
+bench: deps wasm system-packages
 	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) $(PY) bench/bench.py
+	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) $(PY) bench/instructions.py
 
-bench-smoke: deps wasm
+bench-smoke: deps wasm system-packages
+	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) $(PY) bench/instructions.py --smoke
 	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) $(PY) bench/bench.py --smoke

@@ -289,7 +289,7 @@ class Envoy:
     """One Envoy process on loopback; listener ports and the admin port are read back."""
 
     def __init__(self, envoy_bin: str, workdir: Path, name: str, listeners: list[dict], concurrency: int, cpus: str | None,
-                 clusters: list[dict] | None = None):
+                 clusters: list[dict] | None = None, wrap: list[str] | None = None, ready_timeout: float = 60):
         self.workdir = workdir
         self.name = name
         cfg_path = workdir / f"{name}.yaml"
@@ -307,8 +307,11 @@ class Envoy:
             "--log-level", "warn",
             "--log-path", str(self.log_path),
         ]  # fmt: skip
+        if wrap:
+            cmd = wrap + cmd  # e.g. valgrind: it runs Envoy in its own process, same pid
         if cpus is not None:
             cmd = ["taskset", "-c", cpus] + cmd  # taskset execs Envoy: same pid
+        self.ready_timeout = ready_timeout
         self.proc = spawn(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         self.pid = self.proc.pid
         self.admin = self._wait_ready(len(listeners))
@@ -320,7 +323,7 @@ class Envoy:
         raise RuntimeError(f"envoy {self.name}: {why}\n--- envoy log tail ---\n{tail}")
 
     def _wait_ready(self, n_listeners: int) -> str:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + self.ready_timeout
         admin = None
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -336,7 +339,7 @@ class Envoy:
                 except Exception:
                     pass
             time.sleep(0.05)
-        self._fail("not ready within 60 s")
+        self._fail(f"not ready within {self.ready_timeout:.0f} s")
         raise AssertionError  # unreachable
 
     def get(self, path: str) -> str:
@@ -1345,11 +1348,11 @@ def run_ab(args, envoy_bin: str) -> int:
 # --only global: this phase alone, its section replaced (or appended) in RESULTS.md
 
 
-def replace_section(text: str, section: str) -> str:
-    """`text` with its `## Global limits` section (up to the next `## ` heading) replaced by
-    `section`, or with `section` appended when there is none."""
+def replace_section(text: str, section: str, heading: str = "## Global limits") -> str:
+    """`text` with its `heading` section (up to the next `## ` heading) replaced by `section`,
+    or with `section` appended when there is none."""
     lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == "## Global limits"), None)
+    start = next((i for i, l in enumerate(lines) if l.rstrip("\n") == heading), None)
     if start is None:
         return text.rstrip("\n") + "\n\n" + section
     end = next((j for j in range(start + 1, len(lines)) if lines[j].startswith("## ")), len(lines))
