@@ -49,7 +49,8 @@ fn jwt_claim_reads_istios_payload_key_by_default() {
     let world = World::new();
     let vm = Vm::configured(&world, &config(r#"{"jwt_claim":{"claim":"org.id"}}"#));
     let claim = |key: &str, v: &str| {
-        Request::get("/").property(&["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", key, "org", "id"], v)
+        Request::get("/")
+            .property(&["metadata", "filter_metadata", "envoy.filters.http.jwt_authn", key, "org", "id"], v)
     };
     assert!(allowed(&vm, claim("payload", "org-1")));
     assert!(!allowed(&vm, claim("payload", "org-1").header("x-tenant-id", "other")));
