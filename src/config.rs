@@ -507,7 +507,7 @@ fn tenant_source(field: &str, v: &Value) -> Result<TenantSource, ConfigError> {
             }
             Ok(TenantSource::Query(name.to_string()))
         }
-        "source_ip" => flag(&path, value).map(|_| TenantSource::SourceIp),
+        "source_ip" => source_ip(&path, value),
         "peer_principal" => flag(&path, value).map(|_| TenantSource::PeerPrincipal),
         "xff" => {
             let o = Fields::new(&path, value, &["trusted_hops"])?;
@@ -524,16 +524,37 @@ fn tenant_source(field: &str, v: &Value) -> Result<TenantSource, ConfigError> {
                 return err(&o.path("claim"), "must be a claim name or a dotted path such as \"org.id\"");
             }
             let key = match o.get("metadata_key") {
-                None => "jwt_payload",
-                Some(k) => string(&o.path("metadata_key"), k)?,
+                None => None,
+                Some(k) => {
+                    let k = string(&o.path("metadata_key"), k)?;
+                    if k.is_empty() {
+                        return err(&o.path("metadata_key"), "must be the jwt_authn provider's payload_in_metadata");
+                    }
+                    Some(k.to_string())
+                }
             };
-            Ok(TenantSource::JwtClaim {
-                metadata_key: key.to_string(),
-                claim_path: claim.split('.').map(str::to_string).collect(),
-            })
+            Ok(TenantSource::JwtClaim { metadata_key: key, claim_path: claim.split('.').map(str::to_string).collect() })
         }
         _ => err(field, format!("unknown source; expected one of: {}", SOURCE_KINDS.join(", "))),
     }
+}
+
+/// `{"source_ip": true}` (the TCP peer; a header-derived address is refused) or
+/// `{"source_ip": {"trusted_client_address": true}}` (Envoy's downstream address as the
+/// listener computed it, X-Forwarded-For included: an explicit opt-in, see the README).
+fn source_ip(field: &str, v: &Value) -> Result<TenantSource, ConfigError> {
+    if let Value::Object(_) = v {
+        let o = Fields::new(field, v, &["trusted_client_address"])?;
+        let trusted = match o.get("trusted_client_address") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return err(&o.path("trusted_client_address"), format!("must be true or false, got {}", shown(other)))
+            }
+        };
+        return Ok(TenantSource::SourceIp { trusted_client_address: trusted });
+    }
+    flag(field, v).map(|_| TenantSource::SourceIp { trusted_client_address: false })
 }
 
 /// `{"source_ip": true}`: the value must be `true`; `false` would be a confusing no-op.
@@ -839,6 +860,32 @@ mod tests {
     }
 
     #[test]
+    fn source_ip_and_jwt_claim_forms() {
+        let sources = |from: &str| parse(&format!(r#"{{"capacity":1,"refill_rate":1,"tenant":{{"from":[{from}]}}}}"#));
+        let peer = TenantSource::SourceIp { trusted_client_address: false };
+        let trusted = TenantSource::SourceIp { trusted_client_address: true };
+        assert_eq!(sources(r#"{"source_ip":true}"#).unwrap().tenant_sources, vec![peer.clone()]);
+        assert_eq!(sources(r#"{"source_ip":{}}"#).unwrap().tenant_sources, vec![peer.clone()]);
+        assert_eq!(sources(r#"{"source_ip":{"trusted_client_address":false}}"#).unwrap().tenant_sources, vec![peer]);
+        assert_eq!(sources(r#"{"source_ip":{"trusted_client_address":true}}"#).unwrap().tenant_sources, vec![trusted]);
+        let e = sources(r#"{"source_ip":{"trusted_client_address":1}}"#).unwrap_err();
+        assert_eq!(e.field, "tenant.from[0].source_ip.trusted_client_address");
+        let e = sources(r#"{"source_ip":{"trusted_hops":1}}"#).unwrap_err();
+        assert!(e.field.starts_with("tenant.from[0].source_ip"), "{e}");
+        assert_eq!(sources(r#"{"source_ip":false}"#).unwrap_err().field, "tenant.from[0].source_ip");
+        // jwt_claim: no metadata_key = the defaults (Istio's "payload", then "jwt_payload")
+        let jwt = |key: Option<&str>| TenantSource::JwtClaim {
+            metadata_key: key.map(str::to_string),
+            claim_path: vec!["org".into(), "id".into()],
+        };
+        assert_eq!(sources(r#"{"jwt_claim":{"claim":"org.id"}}"#).unwrap().tenant_sources, vec![jwt(None)]);
+        let c = sources(r#"{"jwt_claim":{"claim":"org.id","metadata_key":"k"}}"#).unwrap();
+        assert_eq!(c.tenant_sources, vec![jwt(Some("k"))]);
+        let e = sources(r#"{"jwt_claim":{"claim":"org.id","metadata_key":""}}"#).unwrap_err();
+        assert_eq!(e.field, "tenant.from[0].jwt_claim.metadata_key");
+    }
+
+    #[test]
     fn errors_name_the_field() {
         assert_eq!(field_of(r#"{"refill_rate":1}"#), "capacity");
         assert_eq!(field_of(r#"{"capacity":1}"#), "refill_rate");
@@ -1013,6 +1060,7 @@ mod tests {
                     "rate_limit_headers", "mode", "on_store_error", "max_tenants", "overflow",
                     "unknown_tenants", "near_limit_fraction", "header", "query", "source_ip", "xff",
                     "trusted_hops", "peer_principal", "jwt_claim", "claim", "metadata_key",
+                    "trusted_client_address",
                 ]).prop_map(String::from),
                 1 => ".{0,8}",
             ]

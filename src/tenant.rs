@@ -11,14 +11,20 @@ pub enum TenantSource {
     Header(String),
     /// A query parameter of `:path` (first occurrence, percent-decoded).
     Query(String),
-    /// Envoy's `source.address`, port stripped.
-    SourceIp,
+    /// Envoy's downstream address (`source.address`), port stripped. With
+    /// `trusted_client_address: false` (the `{"source_ip": true}` form) only an address that is
+    /// the TCP peer counts: one Envoy derived from a request header (X-Forwarded-For or an
+    /// original-IP detection extension) is refused, because under Envoy's default connection
+    /// manager settings any client can write it. `true` takes Envoy's address as it is, which is
+    /// only as trustworthy as the listener's `use_remote_address` / `xff_num_trusted_hops`.
+    SourceIp { trusted_client_address: bool },
     /// The client entry of `x-forwarded-for`, skipping `trusted_hops` entries from the right.
     Xff { trusted_hops: u32 },
     /// The URI SAN of the mTLS peer certificate.
     PeerPrincipal,
-    /// A claim of the payload `jwt_authn` verified and wrote to dynamic metadata.
-    JwtClaim { metadata_key: String, claim_path: Vec<String> },
+    /// A claim of the payload `jwt_authn` verified and wrote to dynamic metadata, under
+    /// `metadata_key`, or when that is `None` under [`JWT_DEFAULT_KEYS`] (first found wins).
+    JwtClaim { metadata_key: Option<String>, claim_path: Vec<String> },
 }
 
 /// A tenant id in a fixed buffer, so the request path does not allocate for it.
@@ -151,17 +157,76 @@ pub trait RequestFacts {
 /// The dynamic-metadata namespace Envoy's `jwt_authn` filter writes verified payloads to.
 pub const JWT_AUTHN_NAMESPACE: &str = "envoy.filters.http.jwt_authn";
 
+/// Where `jwt_claim` looks for the payload when no `metadata_key` is configured: `payload` is
+/// the `payload_in_metadata` Istio's RequestAuthentication sets (istio/istio
+/// pilot/pkg/security/authn/policy_applier.go, `filters.EnvoyJwtFilterPayload`); `jwt_payload`
+/// was this filter's earlier default and stays so existing Envoy configs keep working. The
+/// second key is read only when the first is absent.
+pub const JWT_DEFAULT_KEYS: [&str; 2] = ["payload", "jwt_payload"];
+
 /// Tries each source in order; the first present and valid id wins, else `default`.
 pub fn resolve(sources: &[TenantSource], default: &TenantId, facts: &mut impl RequestFacts) -> TenantId {
     for source in sources {
-        if let Some(id) = from_source(source, facts) {
-            return id;
+        match from_source(source, facts) {
+            Found::Id(id) => return id,
+            Found::Nothing => {}
+            Found::Untrusted => return *default,
         }
     }
     *default
 }
 
-fn from_source(source: &TenantSource, facts: &mut impl RequestFacts) -> Option<TenantId> {
+/// What one source yields for a request.
+enum Found {
+    Id(TenantId),
+    /// Absent or invalid: try the next source.
+    Nothing,
+    /// The source applies but its value came from the client (a header-derived address under
+    /// `{"source_ip": true}`): the request goes to `tenant.default` without trying later
+    /// sources, so the header cannot pick a bucket, directly or by unlocking a later source.
+    Untrusted,
+}
+
+impl From<Option<TenantId>> for Found {
+    fn from(id: Option<TenantId>) -> Found {
+        id.map_or(Found::Nothing, Found::Id)
+    }
+}
+
+fn from_source(source: &TenantSource, facts: &mut impl RequestFacts) -> Found {
+    match source {
+        TenantSource::SourceIp { trusted_client_address } => {
+            let Some(addr) = facts.property(&["source", "address"]) else {
+                return Found::Nothing;
+            };
+            if !trusted_client_address && is_header_derived(&addr) {
+                return Found::Untrusted;
+            }
+            TenantId::new(strip_port(&addr)).into()
+        }
+        other => id_from_source(other, facts).into(),
+    }
+}
+
+/// True for an address Envoy took from a request header rather than from the connection.
+/// Envoy parses X-Forwarded-For (and the custom-header detection extension's header) into an
+/// address with port 0, while a TCP peer always has a nonzero port; so `ip:0` / `[ip]:0` is
+/// the mark of a header-derived address. The proxy-wasm host exposes no property with the TCP
+/// peer itself when Envoy replaced it (Envoy 1.40: `source.*` is the possibly derived address).
+pub fn is_header_derived(addr: &[u8]) -> bool {
+    port(addr) == Some(&b"0"[..])
+}
+
+/// The port of `1.2.3.4:5678` or `[::1]:5678`; `None` for an address without one.
+fn port(addr: &[u8]) -> Option<&[u8]> {
+    let colon = addr.iter().rposition(|&b| b == b':')?;
+    let (host, port) = (addr.get(..colon)?, addr.get(colon + 1..)?);
+    let bracketed = host.starts_with(b"[") && host.ends_with(b"]");
+    let one_colon = !host.contains(&b':');
+    (bracketed || one_colon).then_some(port)
+}
+
+fn id_from_source(source: &TenantSource, facts: &mut impl RequestFacts) -> Option<TenantId> {
     match source {
         TenantSource::Header(name) => TenantId::new(&facts.header(name)?),
         TenantSource::Query(name) => {
@@ -169,16 +234,29 @@ fn from_source(source: &TenantSource, facts: &mut impl RequestFacts) -> Option<T
             let path = facts.path()?;
             TenantId::new(query_param(path, name.as_bytes(), &mut buf)?)
         }
-        TenantSource::SourceIp => TenantId::new(strip_port(&facts.property(&["source", "address"])?)),
+        TenantSource::SourceIp { .. } => None, // from_source decides on addresses
         TenantSource::Xff { trusted_hops } => {
             let xff = facts.header("x-forwarded-for")?;
             TenantId::new(xff_client(&xff, *trusted_hops)?)
         }
         TenantSource::PeerPrincipal => TenantId::new(&facts.property(&["connection", "uri_san_peer_certificate"])?),
         TenantSource::JwtClaim { metadata_key, claim_path } => {
-            let mut path: Vec<&str> = vec!["metadata", "filter_metadata", JWT_AUTHN_NAMESPACE, metadata_key];
+            let [istio, legacy] = JWT_DEFAULT_KEYS;
+            let (first, second) = match metadata_key {
+                Some(key) => (key.as_str(), None),
+                None => (istio, Some(legacy)),
+            };
+            let mut path: Vec<&str> = vec!["metadata", "filter_metadata", JWT_AUTHN_NAMESPACE, first];
             path.extend(claim_path.iter().map(String::as_str));
-            TenantId::new(&facts.property(&path)?)
+            let value = match (facts.property(&path), second) {
+                (Some(value), _) => value,
+                (None, Some(key)) => {
+                    *path.get_mut(3)? = key;
+                    facts.property(&path)?
+                }
+                (None, None) => return None,
+            };
+            TenantId::new(&value)
         }
     }
 }
@@ -193,6 +271,9 @@ mod tests {
         headers: Vec<(String, Vec<u8>)>,
         path: Vec<u8>,
         source: Option<Vec<u8>>,
+        /// Other properties, by path joined with '.'.
+        props: Vec<(String, Vec<u8>)>,
+        asked: Vec<String>,
     }
 
     impl RequestFacts for Facts {
@@ -203,10 +284,12 @@ mod tests {
             Some(&self.path)
         }
         fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
+            let joined = path.join(".");
+            self.asked.push(joined.clone());
             if path == ["source", "address"] {
                 self.source.clone()
             } else {
-                None
+                self.props.iter().find(|(p, _)| *p == joined).map(|(_, v)| v.clone())
             }
         }
     }
@@ -216,7 +299,11 @@ mod tests {
     }
 
     fn sources() -> Vec<TenantSource> {
-        vec![TenantSource::Header("x-tenant-id".into()), TenantSource::Query("tenant".into()), TenantSource::SourceIp]
+        vec![
+            TenantSource::Header("x-tenant-id".into()),
+            TenantSource::Query("tenant".into()),
+            TenantSource::SourceIp { trusted_client_address: false },
+        ]
     }
 
     #[test]
@@ -275,6 +362,60 @@ mod tests {
     }
 
     #[test]
+    fn header_derived_addresses_are_recognised() {
+        assert!(is_header_derived(b"7.7.7.7:0"));
+        assert!(is_header_derived(b"[2001:db8::7]:0"));
+        assert!(!is_header_derived(b"127.0.0.1:40000"));
+        assert!(!is_header_derived(b"[::1]:0x"));
+        assert!(!is_header_derived(b"[::1]:10"));
+        assert!(!is_header_derived(b"2001:db8::0")); // bare IPv6, no port
+        assert!(!is_header_derived(b"/tmp/envoy.sock"));
+        assert!(!is_header_derived(b"7.7.7.7"));
+    }
+
+    #[test]
+    fn source_ip_refuses_a_header_derived_address_and_skips_later_sources() {
+        let peer_then_header = |trusted| {
+            vec![TenantSource::SourceIp { trusted_client_address: trusted }, TenantSource::Header("x-tenant-id".into())]
+        };
+        let mut f = Facts {
+            headers: vec![("x-tenant-id".into(), b"chosen".to_vec())],
+            source: Some(b"127.0.0.1:40000".to_vec()),
+            ..Default::default()
+        };
+        assert_eq!(resolve(&peer_then_header(false), &default_id(), &mut f).as_str(), "127.0.0.1");
+        // Envoy took 7.7.7.7 from X-Forwarded-For: neither it nor the header source decides
+        f.source = Some(b"7.7.7.7:0".to_vec());
+        assert_eq!(resolve(&peer_then_header(false), &default_id(), &mut f).as_str(), "default");
+        f.source = Some(b"[2001:db8::7]:0".to_vec());
+        assert_eq!(resolve(&peer_then_header(false), &default_id(), &mut f).as_str(), "default");
+        // the explicit opt-in takes Envoy's address as it is
+        assert_eq!(resolve(&peer_then_header(true), &default_id(), &mut f).as_str(), "2001:db8::7");
+        // no address at all: the next source, as before
+        f.source = None;
+        assert_eq!(resolve(&peer_then_header(false), &default_id(), &mut f).as_str(), "chosen");
+    }
+
+    #[test]
+    fn jwt_claim_default_key_is_istios_then_the_legacy_one() {
+        let jwt = |key: Option<&str>| {
+            vec![TenantSource::JwtClaim { metadata_key: key.map(str::to_string), claim_path: vec!["sub".into()] }]
+        };
+        let ns = "metadata.filter_metadata.envoy.filters.http.jwt_authn";
+        let mut f = Facts { props: vec![(format!("{ns}.payload.sub"), b"istio".to_vec())], ..Default::default() };
+        assert_eq!(resolve(&jwt(None), &default_id(), &mut f).as_str(), "istio");
+        assert_eq!(f.asked.len(), 1, "one host call when Istio's key is present");
+        f.props = vec![(format!("{ns}.jwt_payload.sub"), b"legacy".to_vec())];
+        assert_eq!(resolve(&jwt(None), &default_id(), &mut f).as_str(), "legacy");
+        f.props.push((format!("{ns}.payload.sub"), b"istio".to_vec()));
+        assert_eq!(resolve(&jwt(Some("jwt_payload")), &default_id(), &mut f).as_str(), "legacy");
+        f.props.clear();
+        f.asked.clear();
+        assert_eq!(resolve(&jwt(Some("mine")), &default_id(), &mut f).as_str(), "default");
+        assert_eq!(f.asked, vec![format!("{ns}.mine.sub")]);
+    }
+
+    #[test]
     fn xff_takes_entry_from_the_right() {
         assert_eq!(xff_client(b"1.1.1.1", 0), Some(&b"1.1.1.1"[..]));
         assert_eq!(xff_client(b"6.6.6.6, 1.1.1.1, 10.0.0.1", 1), Some(&b"1.1.1.1"[..]));
@@ -285,7 +426,7 @@ mod tests {
     proptest! {
         #[test]
         fn any_bytes_resolve_to_a_valid_id(header: Vec<u8>, path: Vec<u8>, src: Vec<u8>) {
-            let mut f = Facts { headers: vec![("x-tenant-id".into(), header)], path, source: Some(src) };
+            let mut f = Facts { headers: vec![("x-tenant-id".into(), header)], path, source: Some(src), ..Default::default() };
             let id = resolve(&sources(), &default_id(), &mut f);
             prop_assert!(is_valid_tenant_id(id.as_bytes()));
         }

@@ -18,7 +18,7 @@ def doc_of(kind, file):
 
 
 def test_expected_manifests_exist():
-    assert {"wasmplugin.yaml", "envoyfilter.yaml", "envoyfilter-remote.yaml"} <= set(MANIFESTS)
+    assert {"wasmplugin.yaml", "wasmplugin-gateway.yaml", "envoyfilter.yaml", "envoyfilter-remote.yaml"} <= set(MANIFESTS)
 
 
 @pytest.mark.parametrize("name", MANIFESTS)
@@ -47,6 +47,36 @@ def test_wasmplugin_content():
     # The commented alternatives name the other URL schemes Istio accepts.
     text = (ISTIO / "wasmplugin.yaml").read_text()
     assert "url: https://" in text and "url: file:///" in text
+
+
+def test_gateway_wasmplugin_selects_the_gateways_listeners():
+    """Istio attaches a WasmPlugin to a gateway's listeners only for mode CLIENT or
+    CLIENT_AND_SERVER (istio/api wasm.proto TrafficSelector; pilot maps the gateway listener
+    class to CLIENT): the sidecar example's SERVER would attach nothing."""
+    spec = doc_of("WasmPlugin", "wasmplugin-gateway.yaml")["spec"]
+    assert spec["selector"]["matchLabels"] == {"istio": "ingressgateway"}
+    assert [m["mode"] for m in spec["match"]] == ["CLIENT"]
+    assert spec["failStrategy"] == "FAIL_OPEN"
+    assert spec["pluginName"] == "tenant_ratelimit"
+    assert spec["url"] == doc_of("WasmPlugin", "wasmplugin.yaml")["spec"]["url"]
+    sources = spec["pluginConfig"]["tenant"]["from"]
+    assert sources == [{"jwt_claim": {"claim": "tenant"}}, {"source_ip": True}]
+    # the sidecar example stays inbound-only
+    assert [m["mode"] for m in doc_of("WasmPlugin", "wasmplugin.yaml")["spec"]["match"]] == ["SERVER"]
+
+
+def test_gateway_match_mode_is_schema_checked():
+    errors = mutated("WasmPlugin", "wasmplugin-gateway.yaml", lambda d: d["spec"].update(match=[{"mode": "GATEWAY"}]))
+    assert any("mode" in e and "GATEWAY" in e for e in errors), errors
+
+
+def test_fail_strategy_version_claims():
+    """failStrategy is an Istio 1.19 field (not 1.18); FAIL_RELOAD is documented where the
+    strategy is chosen."""
+    for f in ("wasmplugin.yaml", "wasmplugin-gateway.yaml"):
+        text = (ISTIO / f).read_text()
+        assert "1.18" not in text and "failStrategy needs >= 1.19" in text, f
+        assert "FAIL_RELOAD" in text, f
 
 
 @pytest.mark.parametrize("file", ["envoyfilter.yaml", "envoyfilter-remote.yaml"])

@@ -1,6 +1,8 @@
 """Issue 12: tenant from a JWT claim. Envoy's jwt_authn runs first with a local JWKS and
 `payload_in_metadata: jwt_payload`; our filter reads the claim from that dynamic metadata.
-Tokens are RS256, signed with the openssl CLI."""
+Issue 15: the `istio` listener runs jwt_authn exactly as Istio's RequestAuthentication
+configures it (`payload_in_metadata: payload`), and jwt_claim finds the claim with no
+metadata_key. Tokens are RS256, signed with the openssl CLI."""
 
 from __future__ import annotations
 
@@ -25,6 +27,29 @@ def jwt_authn(jwks: str) -> dict:
     }
 
 
+def istio_jwt_authn(jwks: str) -> dict:
+    """What istiod generates for one RequestAuthentication jwtRule (istio/istio
+    pilot/pkg/security/authn/policy_applier.go, convertToEnvoyJwtConfig, with the JWKS
+    inlined as PILOT_JWT_ENABLE_REMOTE_JWKS=istiod does): provider "origins-0",
+    payload_in_metadata "payload" (filters.EnvoyJwtFilterPayload), scope/permission normalized,
+    a token optional (allow_missing) but rejected when invalid, CORS preflight bypassed."""
+    return {
+        "name": "envoy.filters.http.jwt_authn",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+            "providers": {"origins-0": {
+                "issuer": ISSUER,
+                "local_jwks": {"inline_string": jwks},
+                "payload_in_metadata": "payload",
+                "normalize_payload_in_metadata": {"space_delimited_claims": ["permission", "scope"]},
+            }},
+            "rules": [{"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
+                {"provider_name": "origins-0"}, {"allow_missing": {}}]}}}],
+            "bypass_cors_preflight": True,
+        },
+    }
+
+
 def plugin(claim: str) -> dict:
     return {"capacity": 10, "refill_rate": "1/hour", "rate_limit_headers": "ietf",
             "tenant": {"from": [{"jwt_claim": {"claim": claim}}, {"header": "x-tenant-id"}]},
@@ -44,6 +69,7 @@ def envoy(envoy_factory, keys, wasm):
     return envoy_factory(config=bootstrap([
         http_listener("jwt", plugin("tenant"), wasm, pre_filters=pre),
         http_listener("jwt_nested", plugin("org.id"), wasm, pre_filters=pre),
+        http_listener("istio", plugin("tenant"), wasm, pre_filters=[istio_jwt_authn(good.jwks())]),
     ]))
 
 
@@ -104,3 +130,17 @@ def test_expired_and_forged_tokens_never_reach_the_filter(envoy, keys):
     after = envoy.counters()
     for name in ("allowed", "denied", "tenant.evil.allowed", "tenant.evil.denied"):
         assert after[name] == before[name], name
+
+
+def test_istio_request_authentication_payload_is_found_by_default(envoy, keys):
+    """No metadata_key in the plugin config: the claim is read from the key Istio sets."""
+    good, forger = keys
+    port = envoy.port("istio")
+    resps = send(port, 4, headers={**bearer(good.token(claims(tenant="globex"))), "x-tenant-id": "acme"})
+    assert [policy(r) for r in resps] == ["globex"] * 4
+    assert statuses(resps) == [200, 200, 200, 429]
+    # Istio lets a request without a token through (allow_missing): the next source decides
+    r = request(port, headers={"x-tenant-id": "evil"})
+    assert (r.status, policy(r)) == (200, "evil")
+    # an invalid token is still refused by jwt_authn before the filter runs
+    assert request(port, headers=bearer(forger.token(claims(tenant="evil")))).status == 401

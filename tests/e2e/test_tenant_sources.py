@@ -24,6 +24,17 @@ def xff_config(hops: int) -> dict:
             "tenant": {"from": [{"xff": {"trusted_hops": hops}}, {"header": "x-tenant-id"}]}}
 
 
+SPOOFS = ("7.7.7.7", "8.8.8.8", "9.9.9.9")
+
+
+def peer_config(source: dict) -> dict:
+    """The issue's config: one token per bucket, no refill to speak of. Every bucket a request
+    could land in is listed, so ratelimit-policy names the bucket that was charged."""
+    return {"capacity": 1, "refill_rate": 0.001, "rate_limit_headers": "ietf",
+            "tenants": {t: {"capacity": 1} for t in ("127.0.0.1", "nobody", *SPOOFS)},
+            "tenant": {"from": [source, {"header": "x-tenant-id"}], "default": "nobody"}}
+
+
 LISTENERS = {
     # the HCM as an operator behind one trusted proxy/LB would configure it (defaults)
     "xff": {"plugin_config": xff_config(1)},
@@ -32,6 +43,17 @@ LISTENERS = {
     "xff_edge2": {"plugin_config": xff_config(2), "hcm_extra": {"use_remote_address": True}},
     "source_ip": {"capacity": 100, "refill_rate": SLOW, "rate_limit_headers": "ietf",
                   "tenants": {"127.0.0.1": {"capacity": 3}}, "tenant": {"from": [{"source_ip": True}]}},
+    # Issue 15: source_ip under Envoy's default HCM (no use_remote_address) ...
+    "peer": {"plugin_config": peer_config({"source_ip": True})},
+    # ... at the edge, where Envoy's address is always the TCP peer ...
+    "peer_edge": {"plugin_config": peer_config({"source_ip": True}), "hcm_extra": {"use_remote_address": True}},
+    # ... behind one trusted proxy: Envoy takes the client from XFF, which the plugin must be told to trust
+    "trusted_hop": {"plugin_config": peer_config({"source_ip": {"trusted_client_address": True}}),
+                    "hcm_extra": {"use_remote_address": True, "xff_num_trusted_hops": 1}},
+    "trusted_hop_peer_only": {"plugin_config": peer_config({"source_ip": True}),
+                              "hcm_extra": {"use_remote_address": True, "xff_num_trusted_hops": 1}},
+    # the opt-in on the default HCM: the trap the opt-in's documentation warns about
+    "trusted_default_hcm": {"plugin_config": peer_config({"source_ip": {"trusted_client_address": True}})},
 }
 
 
@@ -99,3 +121,61 @@ def test_source_ip_is_the_tenant(envoy):
     resps += send(port, 2, connections=2)
     assert [policy(r) for r in resps] == ["127.0.0.1"] * 5
     assert statuses(resps) == [200, 200, 200, 429, 429]
+
+
+def on_one_connection(port: int, headers: list[dict]) -> list:
+    with Client(port) as c:
+        return [c.request("/", h) for h in headers]
+
+
+def test_default_hcm_xff_cannot_move_a_client_to_a_bucket_of_its_choosing(envoy):
+    """Issue 15: Envoy's default HCM takes the downstream address from the rightmost XFF entry,
+    so `source.address` was whatever the client wrote, and each forged value was a fresh
+    bucket (200, 429, 200, 200 before the fix). Now such an address (port 0 in Envoy) is
+    refused: every forged request lands in `tenant.default`, one shared bucket, and the tenant
+    header listed after source_ip is not consulted either."""
+    resps = on_one_connection(envoy.port("peer"), [
+        {}, {},
+        *({"x-forwarded-for": ip, "x-tenant-id": ip} for ip in SPOOFS),
+        {"x-forwarded-for": "6.6.6.6, 7.7.7.7"},
+        {},
+    ])
+    assert [policy(r) for r in resps] == ["127.0.0.1", "127.0.0.1", "nobody", "nobody", "nobody", "nobody",
+                                          "127.0.0.1"]
+    assert statuses(resps) == [200, 429, 200, 429, 429, 429, 429]
+
+
+def test_edge_hcm_source_ip_is_the_tcp_peer_whatever_the_xff(envoy):
+    """use_remote_address: true (no trusted hops): Envoy's address is the connection's peer,
+    so source_ip is the TCP peer and XFF is only data."""
+    resps = on_one_connection(envoy.port("peer_edge"), [{}, *({"x-forwarded-for": ip} for ip in SPOOFS)])
+    assert [policy(r) for r in resps] == ["127.0.0.1"] * 4
+    assert statuses(resps) == [200, 429, 429, 429]
+
+
+def test_trusted_hops_with_the_opt_in_use_the_xff_client_address(envoy):
+    """use_remote_address: true + xff_num_trusted_hops: 1 and
+    {"source_ip": {"trusted_client_address": true}}: the client address the trusted proxy
+    appended (the rightmost entry) is the tenant; entries a client prepends do not count."""
+    port = envoy.port("trusted_hop")
+    resps = on_one_connection(port, [
+        {"x-forwarded-for": "7.7.7.7"}, {"x-forwarded-for": "7.7.7.7"}, {"x-forwarded-for": "8.8.8.8"},
+        {"x-forwarded-for": "8.8.8.8, 7.7.7.7"}, {},
+    ])
+    assert [policy(r) for r in resps] == ["7.7.7.7", "7.7.7.7", "8.8.8.8", "7.7.7.7", "127.0.0.1"]
+    assert statuses(resps) == [200, 429, 200, 429, 200]
+
+
+def test_trusted_hops_without_the_opt_in_refuse_the_xff_address(envoy):
+    """The same listener with plain {"source_ip": true}: an address from XFF is not the TCP
+    peer, so it is refused (tenant.default) until the plugin is told to trust it."""
+    resps = on_one_connection(envoy.port("trusted_hop_peer_only"), [{"x-forwarded-for": "9.9.9.9"}, {}])
+    assert [policy(r) for r in resps] == ["nobody", "127.0.0.1"]
+
+
+def test_the_opt_in_on_the_default_hcm_is_client_controlled(envoy):
+    """Why trusted_client_address is an opt-in: on Envoy's default HCM the address it accepts
+    is whatever the client puts last in XFF."""
+    resps = on_one_connection(envoy.port("trusted_default_hcm"), [{"x-forwarded-for": ip} for ip in SPOOFS])
+    assert [policy(r) for r in resps] == list(SPOOFS)
+    assert statuses(resps) == [200, 200, 200]
