@@ -77,6 +77,8 @@ def setup(envoy_factory, wasm, servers, tmp_path_factory):
     listeners = [
         listener("local", {"capacity": 2, "refill_rate": SLOW}, wasm, logs),
         listener("one", {"capacity": 1, "refill_rate": SLOW}, wasm, logs),
+        # One slot, held for an hour by the first tenant: every later new tenant overflows.
+        listener("full", {"capacity": 1, "refill_rate": "1/h", "max_tenants": 1, "overflow": "deny"}, wasm, logs),
         listener("global_over", {"capacity": 100, "refill_rate": 100, "global": {
             "cluster": "rls", "domain": "e2e", "timeout_ms": 2000, "mode": "global"}}, wasm, logs),
         listener("global_down", {"capacity": 100, "refill_rate": 100, "global": {
@@ -177,3 +179,14 @@ def test_global_denials_are_resource_exhausted_and_say_why(setup, fresh, name, d
     assert trailers.get("grpc-retry-pushback-ms") == "1000"
     assert upstream.calls == before
     assert [l[1:] for l in log_lines(logs, name, tenant, 1)] == [["200", "8", details]]
+
+
+def test_overflow_denial_says_overflow(setup, fresh):
+    envoy, logs, _ = setup
+    port = envoy.port("full")
+    holder, newcomer = fresh("holder"), fresh("newcomer")
+    call(port, holder)  # takes the only slot (or finds it taken: either way it stays live)
+    code, _, trailers = call(port, newcomer)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert trailers.get("grpc-retry-pushback-ms") == "1000"
+    assert [l[1:] for l in log_lines(logs, "full", newcomer, 1)] == [["200", "8", "tenant_ratelimit_overflow_denied"]]
