@@ -511,7 +511,10 @@ impl Filter {
 /// on the deny path, to tell a gRPC call (which needs a gRPC status) from plain HTTP.
 fn send_deny(config: &Config, denied: &Denied) {
     let content_type = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "content-type").ok().flatten();
-    let grpc = content_type.as_deref().filter(|ct| response::is_grpc(ct)).and_then(|ct| std::str::from_utf8(ct).ok());
+    let grpc = content_type
+        .as_deref()
+        .filter(|ct| response::is_grpc(ct))
+        .map(|ct| std::str::from_utf8(ct).unwrap_or("application/grpc"));
     let reply = response::local_reply(config, denied, grpc);
     let headers = response::serialize_pairs(&reply.headers);
     // The raw call, because the SDK's `send_http_response` passes no details and no gRPC
