@@ -190,3 +190,20 @@ def test_overflow_denial_says_overflow(setup, fresh):
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert trailers.get("grpc-retry-pushback-ms") == "1000"
     assert [l[1:] for l in log_lines(logs, "full", newcomer, 1)] == [["200", "8", "tenant_ratelimit_overflow_denied"]]
+
+
+def test_grpc_web_without_the_grpc_web_filter_gets_grpc_headers(setup, fresh):
+    """Envoy does not treat application/grpc-web as gRPC; the reply still carries the gRPC
+    status in headers (what a gRPC-Web client reads from a trailers-only response)."""
+    envoy, logs, _ = setup
+    tenant = fresh("web")
+    port = envoy.port("one")
+    call(port, tenant)
+    r = request(port, PATH, method="POST", body=b"\x00\x00\x00\x00\x00",
+                headers={"x-tenant-id": tenant, "content-type": "application/grpc-web+proto"})
+    assert r.status == 200
+    assert r.headers["grpc-status"] == "8"
+    assert r.headers["grpc-message"] == "Too Many Requests"
+    assert r.headers["grpc-retry-pushback-ms"] == "60000"
+    assert r.body == b""  # (and Envoy drops the content type of a bodyless non-gRPC reply)
+    assert [l[1:] for l in log_lines(logs, "one", tenant, 2)][1] == ["200", "-", "tenant_ratelimit_denied"]
