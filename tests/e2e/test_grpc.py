@@ -9,11 +9,18 @@ handlers on raw bytes, no protoc). The denial must reach the client as RESOURCE_
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from concurrent import futures
 
-import grpc
-import pytest
+# grpcio's wheels enable gRPC core's fork handlers unless told otherwise; the harness forks
+# Envoy with a preexec_fn (which runs at-fork handlers in the child) while this module's
+# gRPC threads run. Turn them off before grpc initialises: the child only execs.
+os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
+
+import grpc  # noqa: E402
+import pytest  # noqa: E402
 
 from .harness import HOST, bootstrap, cluster_route, file_access_log, free_port, http_listener, request
 from .rls import grpc_cluster
@@ -207,3 +214,31 @@ def test_grpc_web_without_the_grpc_web_filter_gets_grpc_headers(setup, fresh):
     assert r.headers["grpc-retry-pushback-ms"] == "60000"
     assert r.body == b""  # (and Envoy drops the content type of a bodyless non-gRPC reply)
     assert [l[1:] for l in log_lines(logs, "one", tenant, 2)][1] == ["200", "-", "tenant_ratelimit_denied"]
+
+
+RETRYING = json.dumps({"methodConfig": [{
+    "name": [{"service": SERVICE}],
+    "retryPolicy": {"maxAttempts": 5, "initialBackoff": "0.01s", "maxBackoff": "0.01s",
+                    "backoffMultiplier": 1, "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"]},
+}]})
+
+
+def test_a_retrying_client_honours_the_pushback(setup, fresh):
+    """A client whose retry policy covers both codes (10 ms backoff, 5 attempts) makes one
+    attempt, not five: it waits the pushback (60 s) and its 1 s deadline ends the call.
+    Before the fix it got UNAVAILABLE without pushback and retried at once."""
+    envoy, _, _ = setup
+    tenant = fresh("retry")
+    port = envoy.port("one")
+    call(port, tenant)  # spends the one token
+    before = envoy.counter("denied")
+    options = [("grpc.enable_retries", 1), ("grpc.service_config", RETRYING)]
+    with grpc.insecure_channel(f"{HOST}:{port}", options=options) as channel:
+        try:
+            channel.unary_unary(PATH).with_call(b"ping", metadata=[("x-tenant-id", tenant)], timeout=1.0)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as e:
+            code = e.code()
+    attempts = envoy.counter("denied") - before
+    assert attempts == 1, f"{attempts} denied attempts, last code {code}"
+    assert code in (grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
