@@ -20,6 +20,12 @@ const DEFAULT_DENY_CONTENT_TYPE: &str = "application/json";
 const DEFAULT_MAX_TENANTS: u32 = 10_000;
 const MAX_MAX_TENANTS: u64 = 10_000_000;
 const MAX_DENY_BODY: usize = 64 * 1024;
+/// RESOURCE_EXHAUSTED: what Envoy's own rate-limit filters answer gRPC clients with
+/// (`rate_limited_as_resource_exhausted`); UNAVAILABLE (14) would invite an immediate retry.
+const DEFAULT_GRPC_STATUS: u32 = 8;
+const DEFAULT_GRPC_MESSAGE: &str = "Too Many Requests";
+/// A `grpc-message` travels in a header; keep it well under Envoy's header size limits.
+const MAX_GRPC_MESSAGE: usize = 1024;
 const MAX_XFF_HOPS: u64 = 64;
 const MAX_RULES: usize = 256;
 
@@ -135,9 +141,44 @@ pub struct Rule {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deny {
+    /// HTTP status of the reply to a plain HTTP request (gRPC replies are HTTP 200).
     pub status: u32,
     pub body: String,
     pub content_type: String,
+    /// The `grpc-status` of the reply to a gRPC request, 1 to 16.
+    pub grpc_status: u32,
+    /// The `grpc-message`, already percent-encoded as the gRPC wire format requires.
+    pub grpc_message: String,
+}
+
+impl Default for Deny {
+    fn default() -> Deny {
+        Deny {
+            status: 429,
+            body: DEFAULT_DENY_BODY.into(),
+            content_type: DEFAULT_DENY_CONTENT_TYPE.into(),
+            grpc_status: DEFAULT_GRPC_STATUS,
+            grpc_message: DEFAULT_GRPC_MESSAGE.into(),
+        }
+    }
+}
+
+/// Percent-encodes a `grpc-message` the way the gRPC HTTP/2 protocol spells it: bytes
+/// outside visible ASCII and space, and `%` itself, become `%XX`.
+fn grpc_percent_encode(s: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(s.len());
+    for &b in s.as_bytes() {
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            for nibble in [b >> 4, b & 0x0f] {
+                out.push(char::from(HEX.get(usize::from(nibble)).copied().unwrap_or(b'0')));
+            }
+        }
+    }
+    out
 }
 
 /// The checked configuration the filter runs with. Built once per `on_configure`.
@@ -196,9 +237,7 @@ impl Config {
         };
         let deny = match obj.get("deny") {
             Some(v) => deny_section(v)?,
-            None => {
-                Deny { status: 429, body: DEFAULT_DENY_BODY.into(), content_type: DEFAULT_DENY_CONTENT_TYPE.into() }
-            }
+            None => Deny::default(),
         };
         let headers = match obj.get("rate_limit_headers") {
             None => HeaderStyle::XRateLimit,
@@ -698,7 +737,7 @@ fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
 }
 
 fn deny_section(v: &Value) -> Result<Deny, ConfigError> {
-    let obj = Fields::new("deny", v, &["status", "body", "content_type"])?;
+    let obj = Fields::new("deny", v, &["status", "body", "content_type", "grpc_status", "grpc_message"])?;
     let status = match obj.get("status") {
         None => 429,
         Some(s) => int_in("deny.status", s, 400, 599)? as u32,
@@ -723,7 +762,22 @@ fn deny_section(v: &Value) -> Result<Deny, ConfigError> {
             s.to_string()
         }
     };
-    Ok(Deny { status, body, content_type })
+    let grpc_status = match obj.get("grpc_status") {
+        None => DEFAULT_GRPC_STATUS,
+        // 0 (OK) would tell a denied client its call succeeded; 17+ are not gRPC codes.
+        Some(g) => int_in("deny.grpc_status", g, 1, 16)? as u32,
+    };
+    let grpc_message = match obj.get("grpc_message") {
+        None => DEFAULT_GRPC_MESSAGE.to_string(),
+        Some(m) => {
+            let s = string("deny.grpc_message", m)?;
+            if s.len() > MAX_GRPC_MESSAGE {
+                return err("deny.grpc_message", format!("at most {MAX_GRPC_MESSAGE} bytes, got {}", s.len()));
+            }
+            grpc_percent_encode(s)
+        }
+    };
+    Ok(Deny { status, body, content_type, grpc_status, grpc_message })
 }
 
 const GLOBAL_FIELDS: &[&str] = &[
@@ -883,6 +937,25 @@ mod tests {
         assert_eq!(c.tenant_sources, vec![jwt(Some("k"))]);
         let e = sources(r#"{"jwt_claim":{"claim":"org.id","metadata_key":""}}"#).unwrap_err();
         assert_eq!(e.field, "tenant.from[0].jwt_claim.metadata_key");
+    }
+
+    #[test]
+    fn deny_grpc_fields() {
+        let d = parse(r#"{"capacity":1,"refill_rate":1}"#).unwrap().deny;
+        assert_eq!((d.grpc_status, d.grpc_message.as_str()), (8, "Too Many Requests"));
+        let d = parse(r#"{"capacity":1,"refill_rate":1,"deny":{"grpc_status":14,"grpc_message":"50% off: ça"}}"#)
+            .unwrap()
+            .deny;
+        assert_eq!(d.grpc_status, 14);
+        assert_eq!(d.grpc_message, "50%25 off: %C3%A7a");
+        assert_eq!((d.status, d.body.as_str()), (429, DEFAULT_DENY_BODY));
+        for bad in [r#"{"grpc_status":0}"#, r#"{"grpc_status":17}"#, r#"{"grpc_status":"8"}"#] {
+            let json = format!(r#"{{"capacity":1,"refill_rate":1,"deny":{bad}}}"#);
+            assert_eq!(field_of(&json), "deny.grpc_status", "{bad}");
+        }
+        let long = format!(r#"{{"capacity":1,"refill_rate":1,"deny":{{"grpc_message":"{}"}}}}"#, "x".repeat(1025));
+        assert_eq!(field_of(&long), "deny.grpc_message");
+        assert_eq!(field_of(r#"{"capacity":1,"refill_rate":1,"deny":{"grpc_message":7}}"#), "deny.grpc_message");
     }
 
     #[test]
@@ -1057,6 +1130,7 @@ mod tests {
                 4 => prop::sample::select(vec![
                     "capacity", "refill_rate", "tenant", "from", "default", "tenants", "acme", "rules",
                     "methods", "path_prefix", "cost", "name", "deny", "status", "body", "content_type",
+                    "grpc_status", "grpc_message",
                     "rate_limit_headers", "mode", "on_store_error", "max_tenants", "overflow",
                     "unknown_tenants", "near_limit_fraction", "header", "query", "source_ip", "xff",
                     "trusted_hops", "peer_principal", "jwt_claim", "claim", "metadata_key",

@@ -123,7 +123,7 @@ pub fn decide<'c>(
     let mut debit = store::debit(store, ns, owner, &policy.limit, cost, grab, now_ns, config.max_tenants);
     if let (Some(leases), Outcome::Decided { verdict, .. }) = (leases, debit.outcome) {
         if debit.granted > 0 {
-            let quota = Quota::new(policy.limit.capacity, policy.limit.window_seconds(), &verdict);
+            let quota = Quota::new(&policy.limit, &verdict);
             let replaced = leases.add(Entry { owner, limit: policy.limit, tokens: debit.granted, quota });
             if let Some(old) = replaced {
                 store::give_back(store, ns, old.owner, &old.limit, old.tokens, now_ns, config.max_tenants);
@@ -174,7 +174,7 @@ pub fn decide<'c>(
         }
     };
 
-    let mut quota = Quota::new(limit.capacity, limit.window_seconds(), &verdict);
+    let mut quota = Quota::new(&limit, &verdict);
     quota.remaining = quota.remaining.saturating_add(lease_tokens);
     let quota = Some(quota);
     if verdict.allowed {

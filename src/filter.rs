@@ -7,7 +7,7 @@ use crate::config::{Config, Global, GlobalMode, HeaderStyle};
 use crate::decision::{decide, from_lease, Events, Scope};
 use crate::global::{self, Plan};
 use crate::metrics::{self, COUNTERS, SCOPED};
-use crate::response::{self, Quota};
+use crate::response::{self, Denial, Denied, Quota};
 use crate::rls;
 use crate::rules::{classify, Metering};
 use crate::store::{give_back, GetError, Namespace, SetError, SharedStore};
@@ -223,7 +223,16 @@ impl Context for Filter {
         );
         record(&active.metrics, &events);
         if verdict.deny {
-            send_deny(config, verdict.retry_after_seconds, "global", verdict.quota.as_ref(), &verdict.headers);
+            send_deny(
+                config,
+                &Denied {
+                    why: Denial::global(&events),
+                    retry_after: verdict.retry_after_seconds,
+                    policy: "global",
+                    quota: verdict.quota.as_ref(),
+                    extra: &verdict.headers,
+                },
+            );
             return;
         }
         if let Some(quota) = verdict.quota {
@@ -281,6 +290,16 @@ mod abi {
             value_data: *const u8,
             value_size: usize,
             cas: u32,
+        ) -> u32;
+        pub fn proxy_send_local_response(
+            status_code: u32,
+            details_data: *const u8,
+            details_size: usize,
+            body_data: *const u8,
+            body_size: usize,
+            headers_data: *const u8,
+            headers_size: usize,
+            grpc_status: i32,
         ) -> u32;
     }
 }
@@ -373,7 +392,16 @@ impl HttpContext for Filter {
             };
             drop(leases);
             if decision.deny {
-                send_deny(config, decision.retry_after_seconds, &decision.policy.name, decision.quota.as_ref(), &[]);
+                send_deny(
+                    config,
+                    &Denied {
+                        why: Denial::local(&decision.events),
+                        retry_after: decision.retry_after_seconds,
+                        policy: &decision.policy.name,
+                        quota: decision.quota.as_ref(),
+                        extra: &[],
+                    },
+                );
                 return Action::Pause;
             }
             if global.is_none() {
@@ -461,7 +489,16 @@ impl Filter {
                 );
                 record(&active.metrics, &events);
                 if verdict.deny {
-                    send_deny(config, verdict.retry_after_seconds, "global", None, &[]);
+                    send_deny(
+                        config,
+                        &Denied {
+                            why: Denial::global(&events),
+                            retry_after: verdict.retry_after_seconds,
+                            policy: "global",
+                            quota: None,
+                            extra: &[],
+                        },
+                    );
                     return Action::Pause;
                 }
                 Action::Continue
@@ -470,19 +507,31 @@ impl Filter {
     }
 }
 
-/// The local reply for a denied request.
-fn send_deny(config: &Config, retry_after: u64, policy: &str, quota: Option<&Quota>, extra: &[(String, String)]) {
-    let mut headers: Vec<(&str, String)> = Vec::with_capacity(6 + extra.len());
-    headers.push(("retry-after", response::number(retry_after).as_str().to_string()));
-    headers.push(("content-type", config.deny.content_type.clone()));
-    if let Some(quota) = quota {
-        response::rate_limit_headers(config.headers, policy, quota, |n, v| headers.push((n, v.to_string())));
-    }
-    for (n, v) in extra {
-        headers.push((n.as_str(), v.clone()));
-    }
-    let pairs: Vec<(&str, &str)> = headers.iter().map(|(n, v)| (*n, v.as_str())).collect();
-    let _ = hostcalls::send_http_response(config.deny.status, pairs, Some(config.deny.body.as_bytes()));
+/// The local reply for a denied request. The request's `content-type` is read only here,
+/// on the deny path, to tell a gRPC call (which needs a gRPC status) from plain HTTP.
+fn send_deny(config: &Config, denied: &Denied) {
+    let content_type = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "content-type").ok().flatten();
+    let grpc = content_type
+        .as_deref()
+        .filter(|ct| response::is_grpc(ct))
+        .map(|ct| std::str::from_utf8(ct).unwrap_or("application/grpc"));
+    let reply = response::local_reply(config, denied, grpc);
+    let headers = response::serialize_pairs(&reply.headers);
+    // The raw call, because the SDK's `send_http_response` passes no details and no gRPC
+    // status, and aborts the VM on any status but Ok.
+    // SAFETY: every pointer/length pair is a live slice for the duration of the call.
+    let _ = unsafe {
+        abi::proxy_send_local_response(
+            reply.status,
+            reply.details.as_ptr(),
+            reply.details.len(),
+            reply.body.as_ptr(),
+            reply.body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            reply.grpc_status,
+        )
+    };
 }
 
 /// Policies are identified by index so the context stores no borrowed data:

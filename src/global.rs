@@ -93,6 +93,8 @@ pub fn conclude(
             capacity: limit,
             remaining,
             reset_seconds: answer.reset_seconds.unwrap_or(0),
+            // The service's window gives its quota back at the reset, not token by token.
+            next_seconds: answer.reset_seconds.unwrap_or(0),
             window_seconds: answer.window_seconds.unwrap_or(0),
         }),
         _ => None,

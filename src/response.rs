@@ -1,29 +1,203 @@
-//! Rate-limit response headers and the denial's `retry-after`, formatted into stack buffers
-//! so the request path does not allocate.
+//! Local replies (HTTP and gRPC) and rate-limit headers. Header values are formatted into
+//! stack buffers so the allowed path does not allocate; only a denial builds a reply.
 
-use crate::bucket::{ticks_to_seconds_ceil, Verdict};
-use crate::config::HeaderStyle;
+use crate::bucket::{ticks_to_seconds_ceil, Limit, Verdict};
+use crate::config::{Config, HeaderStyle};
+use crate::decision::Events;
+use crate::metrics::Counter;
 
 /// What a response tells the client about its bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
     pub capacity: u64,
     pub remaining: u64,
-    /// Seconds until the bucket is full again, rounded up.
+    /// Seconds until the bucket is full again, rounded up (`x-ratelimit-reset`).
     pub reset_seconds: u64,
+    /// Seconds until at least one more token is available, rounded up; 0 when the bucket
+    /// is full (the `t` of draft-10's `RateLimit`).
+    pub next_seconds: u64,
     /// Seconds for an empty bucket to refill, rounded up.
     pub window_seconds: u64,
 }
 
 impl Quota {
-    pub fn new(capacity: u64, window_seconds: u64, verdict: &Verdict) -> Quota {
+    pub fn new(limit: &Limit, verdict: &Verdict) -> Quota {
         Quota {
-            capacity,
+            capacity: limit.capacity,
             remaining: verdict.remaining,
             reset_seconds: ticks_to_seconds_ceil(verdict.reset),
-            window_seconds,
+            next_seconds: ticks_to_seconds_ceil(next_token_ticks(limit, verdict)),
+            window_seconds: limit.window_seconds(),
         }
     }
+}
+
+/// Ticks until the bucket holds `remaining + 1` whole tokens (0 if it is full). `reset` is
+/// the debt (ticks until full) and `remaining` the whole tokens at the verdict's time, so
+/// the next token arrives when the debt has shrunk to `tau - (remaining + 1) * interval`.
+/// On a denial `remaining < cost`, so this is never later than the verdict's `retry_after`.
+fn next_token_ticks(limit: &Limit, verdict: &Verdict) -> u128 {
+    if verdict.remaining >= limit.capacity {
+        return 0;
+    }
+    let wanted = (verdict.remaining as u128).saturating_add(1).saturating_mul(limit.interval);
+    verdict.reset.saturating_add(wanted).saturating_sub(limit.tau())
+}
+
+/// Why the filter sent a local reply: the response code details Envoy logs as
+/// `%RESPONSE_CODE_DETAILS%`. Envoy requires details without whitespace.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denial {
+    /// The tenant's (or rule's, or overflow) bucket is empty.
+    OverLimit,
+    /// `overflow: "deny"`: no slot for a new tenant.
+    Overflow,
+    /// `on_store_error: "deny"`: shared data could not be updated.
+    StoreError,
+    /// The rate-limit service answered OVER_LIMIT.
+    GlobalOverLimit,
+    /// The rate-limit service failed or timed out, with `failure_mode: "deny"`.
+    GlobalError,
+}
+
+impl Denial {
+    pub const ALL: [Denial; 5] =
+        [Denial::OverLimit, Denial::Overflow, Denial::StoreError, Denial::GlobalOverLimit, Denial::GlobalError];
+
+    pub const fn details(self) -> &'static str {
+        match self {
+            Denial::OverLimit => "tenant_ratelimit_denied",
+            Denial::Overflow => "tenant_ratelimit_overflow_denied",
+            Denial::StoreError => "tenant_ratelimit_store_error",
+            Denial::GlobalOverLimit => "tenant_ratelimit_global_over_limit",
+            Denial::GlobalError => "tenant_ratelimit_global_error",
+        }
+    }
+
+    /// The reason behind a denying local decision (`decision::decide`), read from the
+    /// counters it bumped: each denial path bumps exactly one of these.
+    pub fn local(events: &Events) -> Denial {
+        if count(events, Counter::OverflowDenied) > 0 {
+            Denial::Overflow
+        } else if count(events, Counter::StoreErrors) > 0 {
+            Denial::StoreError
+        } else {
+            Denial::OverLimit
+        }
+    }
+
+    /// The reason behind a denying service verdict (`global::conclude`).
+    pub fn global(events: &Events) -> Denial {
+        if count(events, Counter::GlobalOverLimit) > 0 {
+            Denial::GlobalOverLimit
+        } else {
+            Denial::GlobalError
+        }
+    }
+}
+
+fn count(events: &Events, c: Counter) -> u32 {
+    events.counters.get(c as usize).copied().unwrap_or(0)
+}
+
+/// Whether a request's `content-type` makes it a gRPC call (`application/grpc`,
+/// `application/grpc+proto`, `application/grpc-web`, ...). ASCII case-insensitive.
+pub fn is_grpc(content_type: &[u8]) -> bool {
+    const GRPC: &[u8] = b"application/grpc";
+    content_type.get(..GRPC.len()).is_some_and(|p| p.eq_ignore_ascii_case(GRPC))
+}
+
+/// A denial to answer.
+#[derive(Debug, Clone, Copy)]
+pub struct Denied<'a> {
+    pub why: Denial,
+    /// Whole seconds, at least 1.
+    pub retry_after: u64,
+    /// The policy name for `RateLimit` headers.
+    pub policy: &'a str,
+    /// The bucket, when one was consulted.
+    pub quota: Option<&'a Quota>,
+    /// Headers the rate-limit service asked to add.
+    pub extra: &'a [(String, String)],
+}
+
+/// The arguments of `proxy_send_local_response`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply<'a> {
+    pub status: u32,
+    pub details: &'static str,
+    pub body: &'a [u8],
+    pub headers: Vec<(&'a str, String)>,
+    /// -1: not a gRPC reply.
+    pub grpc_status: i32,
+}
+
+/// Builds the local reply for a denial. `grpc_content_type` is the request's content type
+/// when it is a gRPC request ([`is_grpc`]).
+///
+/// A gRPC client needs HTTP 200 and a `grpc-status`: Envoy turns a local reply to an
+/// `application/grpc` request into a trailers-only response with `:status` 200 and its own
+/// content type whatever status we pass, sets `grpc-status` from our `grpc_status` unless a
+/// `grpc-status` header is already there, and keeps our `grpc-message` when the body is
+/// empty. So the reply says 200, carries both gRPC headers itself and has no body: that way
+/// content types Envoy does not treat as gRPC (`application/grpc-web` without the grpc_web
+/// filter in front) get the same answer, and no body can corrupt gRPC framing.
+pub fn local_reply<'a>(config: &'a Config, denied: &Denied<'a>, grpc_content_type: Option<&'a str>) -> LocalReply<'a> {
+    let deny = &config.deny;
+    let mut headers: Vec<(&'a str, String)> = Vec::with_capacity(8 + denied.extra.len());
+    headers.push(("retry-after", number(denied.retry_after).as_str().to_string()));
+    let mut reply = match grpc_content_type {
+        Some(content_type) => {
+            headers.push(("content-type", content_type.to_string()));
+            headers.push(("grpc-status", number(u64::from(deny.grpc_status)).as_str().to_string()));
+            headers.push(("grpc-message", deny.grpc_message.clone()));
+            // gRFC A6: the delay a retrying client must wait, in milliseconds.
+            let ms = denied.retry_after.saturating_mul(1000);
+            headers.push(("grpc-retry-pushback-ms", number(ms).as_str().to_string()));
+            let grpc_status = i32::try_from(deny.grpc_status).unwrap_or(8);
+            LocalReply { status: 200, details: denied.why.details(), body: &[], headers, grpc_status }
+        }
+        None => {
+            headers.push(("content-type", deny.content_type.clone()));
+            LocalReply {
+                status: deny.status,
+                details: denied.why.details(),
+                body: deny.body.as_bytes(),
+                headers,
+                grpc_status: -1,
+            }
+        }
+    };
+    if let Some(quota) = denied.quota {
+        // `t` must not send a client back before `retry-after` says it may succeed.
+        let quota = Quota { next_seconds: quota.next_seconds.min(denied.retry_after), ..*quota };
+        rate_limit_headers(config.headers, denied.policy, &quota, |n, v| reply.headers.push((n, v.to_string())));
+    }
+    for (n, v) in denied.extra {
+        reply.headers.push((n.as_str(), v.clone()));
+    }
+    reply
+}
+
+/// Serializes header pairs the way `proxy_send_local_response` reads them (proxy-wasm ABI
+/// 0.2.1): the pair count, each pair's name and value sizes, then each name and value
+/// followed by a NUL; integers little-endian u32.
+pub fn serialize_pairs(pairs: &[(&str, String)]) -> Vec<u8> {
+    let size: usize = 4 + pairs.iter().map(|(n, v)| 8 + n.len() + v.len() + 2).sum::<usize>();
+    let mut out = Vec::with_capacity(size);
+    let u32_le = |n: usize| u32::try_from(n).unwrap_or(u32::MAX).to_le_bytes();
+    out.extend_from_slice(&u32_le(pairs.len()));
+    for (n, v) in pairs {
+        out.extend_from_slice(&u32_le(n.len()));
+        out.extend_from_slice(&u32_le(v.len()));
+    }
+    for (n, v) in pairs {
+        out.extend_from_slice(n.as_bytes());
+        out.push(0);
+        out.extend_from_slice(v.as_bytes());
+        out.push(0);
+    }
+    out
 }
 
 /// `retry-after` in whole seconds, rounded up, at least 1 (0 would invite a retry storm).
@@ -110,7 +284,7 @@ pub fn rate_limit_headers(style: HeaderStyle, policy: &str, quota: &Quota, mut e
             p.sf_string(policy).push(b";q=").num(quota.capacity).push(b";w=").num(quota.window_seconds);
             emit("ratelimit-policy", p.as_str());
             let mut r = Value::new();
-            r.sf_string(policy).push(b";r=").num(quota.remaining).push(b";t=").num(quota.reset_seconds);
+            r.sf_string(policy).push(b";r=").num(quota.remaining).push(b";t=").num(quota.next_seconds);
             emit("ratelimit", r.as_str());
         }
     }
@@ -119,7 +293,8 @@ pub fn rate_limit_headers(style: HeaderStyle, policy: &str, quota: &Quota, mut e
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::{debit, Limit};
+    use crate::bucket::{debit, Limit, TICKS_PER_NS};
+    use proptest::prelude::*;
 
     fn collect(style: HeaderStyle, policy: &str, q: &Quota) -> Vec<(String, String)> {
         let mut out = Vec::new();
@@ -127,7 +302,7 @@ mod tests {
         out
     }
 
-    const Q: Quota = Quota { capacity: 120, remaining: 7, reset_seconds: 57, window_seconds: 60 };
+    const Q: Quota = Quota { capacity: 120, remaining: 7, reset_seconds: 57, next_seconds: 1, window_seconds: 60 };
 
     #[test]
     fn x_ratelimit_headers() {
@@ -148,7 +323,7 @@ mod tests {
             collect(HeaderStyle::Ietf, "acme", &Q),
             vec![
                 ("ratelimit-policy".into(), "\"acme\";q=120;w=60".into()),
-                ("ratelimit".into(), "\"acme\";r=7;t=57".into())
+                ("ratelimit".into(), "\"acme\";r=7;t=1".into())
             ]
         );
         let odd = collect(HeaderStyle::Ietf, "a\"b\\c", &Q);
@@ -160,7 +335,13 @@ mod tests {
         assert_eq!(number(0).as_str(), "0");
         assert_eq!(number(u64::MAX).as_str(), "18446744073709551615");
         let long = "x".repeat(128);
-        let q = Quota { capacity: u64::MAX, remaining: u64::MAX, reset_seconds: u64::MAX, window_seconds: u64::MAX };
+        let q = Quota {
+            capacity: u64::MAX,
+            remaining: u64::MAX,
+            reset_seconds: u64::MAX,
+            next_seconds: u64::MAX,
+            window_seconds: u64::MAX,
+        };
         let h = collect(HeaderStyle::Ietf, &long, &q);
         assert!(h[1].1.ends_with(";t=18446744073709551615"));
     }
@@ -175,5 +356,166 @@ mod tests {
         assert_eq!(retry_after_seconds(&v2), 3);
         let v3 = debit(&l, v1.t_full, t0 + 2_499_999_999, 1);
         assert_eq!(retry_after_seconds(&v3), 1);
+    }
+
+    const SEC: u64 = 1_000_000_000;
+    const T0: u64 = 1_700_000_000 * SEC;
+
+    #[test]
+    fn t_is_seconds_until_the_next_token_not_until_full() {
+        // The issue's case: capacity 2 at 60/min, the third request at once is denied.
+        let l = Limit::new(2, 1.0).unwrap();
+        let v1 = debit(&l, 0, T0, 1);
+        let v2 = debit(&l, v1.t_full, T0, 1);
+        let v3 = debit(&l, v2.t_full, T0, 1);
+        assert!(v2.allowed && !v3.allowed);
+        let q = Quota::new(&l, &v3);
+        assert_eq!((q.remaining, q.reset_seconds, q.next_seconds, q.window_seconds), (0, 2, 1, 2));
+        assert_eq!(retry_after_seconds(&v3), 1);
+        // After the first request one token is missing: it comes back in 1 s, and so does full.
+        assert_eq!(Quota::new(&l, &v1).next_seconds, 1);
+        // A full bucket has nothing more to come.
+        let full = debit(&l, 0, T0, 0);
+        assert_eq!(Quota::new(&l, &full).next_seconds, 0);
+        // 10 per minute, 4 spent: the next token is 6 s away, full is 24 s away.
+        let l = Limit::new(10, 1.0 / 6.0).unwrap();
+        let mut t = 0;
+        for _ in 0..4 {
+            t = debit(&l, t, T0, 1).t_full;
+        }
+        let q = Quota::new(&l, &debit(&l, t, T0 + 2 * SEC, 1));
+        assert_eq!((q.remaining, q.next_seconds, q.reset_seconds), (5, 4, 28));
+    }
+
+    proptest! {
+        /// On a denial `t` <= `retry-after`; on any verdict `t` is exactly when one more token
+        /// than `remaining` is there (to the nanosecond), or 0 when the bucket is full.
+        #[test]
+        fn t_is_when_one_more_token_is_there(
+            capacity in 1u64..50,
+            per_minute in 1u64..100_000,
+            steps in prop::collection::vec((0u64..5, 0u64..3 * SEC), 1..40),
+        ) {
+            let l = Limit::new(capacity, per_minute as f64 / 60.0).unwrap();
+            let mut state = 0u128;
+            let mut now = T0;
+            for (cost, gap) in steps {
+                now += gap;
+                let v = debit(&l, state, now, cost);
+                let q = Quota::new(&l, &v);
+                if v.allowed {
+                    state = v.t_full;
+                } else {
+                    prop_assert!(q.next_seconds <= retry_after_seconds(&v));
+                    prop_assert!(v.remaining < cost);
+                }
+                let next = next_token_ticks(&l, &v);
+                if v.remaining >= capacity {
+                    prop_assert_eq!(q.next_seconds, 0);
+                    continue;
+                }
+                prop_assert!(next > 0);
+                let ns = u64::try_from(next.div_ceil(TICKS_PER_NS)).unwrap();
+                let want = v.remaining + 1;
+                prop_assert!(debit(&l, state, now + ns, want).allowed);
+                prop_assert!(!debit(&l, state, now + ns - 1, want).allowed);
+            }
+        }
+    }
+
+    fn config(json: &str) -> Config {
+        Config::from_json_bytes(json.as_bytes()).unwrap()
+    }
+
+    const QUOTA: Quota = Quota { capacity: 2, remaining: 0, reset_seconds: 9, next_seconds: 5, window_seconds: 10 };
+
+    fn denied<'a>(quota: Option<&'a Quota>, extra: &'a [(String, String)]) -> Denied<'a> {
+        Denied { why: Denial::OverLimit, retry_after: 3, policy: "acme", quota, extra }
+    }
+
+    fn header<'a>(r: &'a LocalReply, name: &str) -> Vec<&'a str> {
+        r.headers.iter().filter(|(n, _)| *n == name).map(|(_, v)| v.as_str()).collect()
+    }
+
+    #[test]
+    fn http_denial_reply() {
+        let c = config(r#"{"capacity":2,"refill_rate":1,"rate_limit_headers":"ietf"}"#);
+        let extra = [("x-from-service".to_string(), "1".to_string())];
+        let r = local_reply(&c, &denied(Some(&QUOTA), &extra), None);
+        assert_eq!((r.status, r.details, r.grpc_status), (429, "tenant_ratelimit_denied", -1));
+        assert_eq!(r.body, br#"{"error":"Too Many Requests"}"#);
+        assert_eq!(header(&r, "retry-after"), ["3"]);
+        assert_eq!(header(&r, "content-type"), ["application/json"]);
+        // `t` is clamped to retry-after (3), never the later 5.
+        assert_eq!(header(&r, "ratelimit"), ["\"acme\";r=0;t=3"]);
+        assert_eq!(header(&r, "x-from-service"), ["1"]);
+        assert!(header(&r, "grpc-status").is_empty() && header(&r, "grpc-retry-pushback-ms").is_empty());
+    }
+
+    #[test]
+    fn grpc_denial_reply() {
+        let c = config(r#"{"capacity":2,"refill_rate":1,"deny":{"status":503,"grpc_message":"slow down"}}"#);
+        let d = Denied { why: Denial::StoreError, ..denied(Some(&QUOTA), &[]) };
+        let r = local_reply(&c, &d, Some("application/grpc+proto"));
+        assert_eq!((r.status, r.details, r.grpc_status), (200, "tenant_ratelimit_store_error", 8));
+        assert!(r.body.is_empty());
+        assert_eq!(header(&r, "content-type"), ["application/grpc+proto"]);
+        assert_eq!(header(&r, "grpc-status"), ["8"]);
+        assert_eq!(header(&r, "grpc-message"), ["slow down"]);
+        assert_eq!(header(&r, "grpc-retry-pushback-ms"), ["3000"]);
+        assert_eq!(header(&r, "retry-after"), ["3"]);
+        assert_eq!(header(&r, "x-ratelimit-remaining"), ["0"]);
+        let c = config(r#"{"capacity":2,"refill_rate":1,"deny":{"grpc_status":14}}"#);
+        let r = local_reply(&c, &denied(None, &[]), Some("application/grpc"));
+        assert_eq!((r.grpc_status, header(&r, "grpc-status")), (14, vec!["14"]));
+        assert!(header(&r, "x-ratelimit-limit").is_empty());
+    }
+
+    #[test]
+    fn grpc_content_types() {
+        for ct in ["application/grpc", "application/grpc+proto", "Application/GRPC+json", "application/grpc-web"] {
+            assert!(is_grpc(ct.as_bytes()), "{ct}");
+        }
+        for ct in ["", "application/json", "application/grp", "text/grpc"] {
+            assert!(!is_grpc(ct.as_bytes()), "{ct}");
+        }
+    }
+
+    #[test]
+    fn details_are_distinct_envoy_tokens() {
+        let all: Vec<&str> = Denial::ALL.iter().map(|d| d.details()).collect();
+        for (i, d) in all.iter().enumerate() {
+            assert!(d.starts_with("tenant_ratelimit_"));
+            assert!(d.bytes().all(|b| b.is_ascii_lowercase() || b == b'_'), "{d}");
+            assert!(!all[..i].contains(d), "{d}");
+        }
+    }
+
+    #[test]
+    fn reasons_come_from_the_counters_each_path_bumps() {
+        let mut e = Events::default();
+        assert_eq!(Denial::local(&e), Denial::OverLimit);
+        e.bump(Counter::StoreErrors, 1);
+        assert_eq!(Denial::local(&e), Denial::StoreError);
+        let mut e = Events::default();
+        e.bump(Counter::OverflowDenied, 1);
+        assert_eq!(Denial::local(&e), Denial::Overflow);
+        let mut e = Events::default();
+        e.bump(Counter::GlobalErrors, 1);
+        assert_eq!(Denial::global(&e), Denial::GlobalError);
+        e.bump(Counter::GlobalOverLimit, 1);
+        assert_eq!(Denial::global(&e), Denial::GlobalOverLimit);
+    }
+
+    #[test]
+    fn pairs_serialize_as_the_abi_reads_them() {
+        let bytes = serialize_pairs(&[("ab", "c".to_string()), ("d", String::new())]);
+        let mut want = Vec::new();
+        for n in [2u32, 2, 1, 1, 0] {
+            want.extend_from_slice(&n.to_le_bytes());
+        }
+        want.extend_from_slice(b"ab\0c\0d\0\0");
+        assert_eq!(bytes, want);
+        assert_eq!(serialize_pairs(&[]), 0u32.to_le_bytes());
     }
 }

@@ -77,7 +77,7 @@ mod tests {
             owner,
             limit: Limit::new(100, 1.0).unwrap(),
             tokens,
-            quota: Quota { capacity: 100, remaining: 60, reset_seconds: 40, window_seconds: 100 },
+            quota: Quota { capacity: 100, remaining: 60, reset_seconds: 40, next_seconds: 1, window_seconds: 100 },
         }
     }
 

@@ -163,8 +163,8 @@ mod native {
             Overflow::Bucket(l) => format!("shared bucket, capacity {}", l.capacity),
         };
         println!(
-            "  deny {} | headers {headers} | on_store_error {:?} | max_tenants {} | overflow {overflow} | unknown_tenants {:?}",
-            c.deny.status, c.on_store_error, c.max_tenants, c.unknown_tenants
+            "  deny {} (gRPC status {}) | headers {headers} | on_store_error {:?} | max_tenants {} | overflow {overflow} | unknown_tenants {:?}",
+            c.deny.status, c.deny.grpc_status, c.on_store_error, c.max_tenants, c.unknown_tenants
         );
     }
 

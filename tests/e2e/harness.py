@@ -122,6 +122,31 @@ def http_listener(name: str, plugin_config: Any, wasm: str, *, port: int = 0,
     }
 
 
+def file_access_log(path: Path | str, fmt: str) -> dict:
+    """An HCM `access_log` entry writing `fmt` (Envoy command operators) lines to `path`.
+    Envoy buffers file writes; start it with `--file-flush-interval-msec` to see lines soon."""
+    return {
+        "name": "envoy.access_loggers.file",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+            "path": str(path),
+            "log_format": {"text_format_source": {"inline_string": fmt}},
+        },
+    }
+
+
+def cluster_route(cluster: str, timeout: str = "5s") -> dict:
+    """A route_config sending every request to `cluster` (instead of the direct 200 "ok")."""
+    return {
+        "name": "local",
+        "virtual_hosts": [{
+            "name": "backend",
+            "domains": ["*"],
+            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": timeout}}],
+        }],
+    }
+
+
 def bootstrap(listeners: Iterable[dict] = (), lds_path: str | None = None,
               clusters: Iterable[dict] = ()) -> dict:
     """`clusters`: extra static clusters (e.g. `rls.grpc_cluster(...)`); none by default."""
@@ -175,7 +200,8 @@ class Envoy:
     """One Envoy process. Use as a context manager or call start()/stop()."""
 
     def __init__(self, envoy_bin: str, workdir: Path, config: dict, *, concurrency: int = 2,
-                 name: str = "envoy", log_level: str = "info", max_lifetime: float = 300.0):
+                 name: str = "envoy", log_level: str = "info", max_lifetime: float = 300.0,
+                 extra_args: Iterable[str] = ()):
         self.envoy_bin = envoy_bin
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -184,6 +210,7 @@ class Envoy:
         self.name = name
         self.log_level = log_level
         self.max_lifetime = max_lifetime
+        self.extra_args = list(extra_args)  # more command-line flags, e.g. --file-flush-interval-msec
         self.config_path = self.workdir / f"{name}.yaml"
         self.log_path = self.workdir / f"{name}.log"
         self.admin_path = self.workdir / f"{name}.admin"
@@ -206,6 +233,7 @@ class Envoy:
             "--admin-address-path", str(self.admin_path),
             "--log-level", self.log_level,
             "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
+            *self.extra_args,
         ]
         self._log_file = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,

@@ -20,6 +20,9 @@ LISTENERS = {
     "x_bool": {"capacity": 1, "refill_rate": SLOW, "rate_limit_headers": True},
     "x_str": {"capacity": 1, "refill_rate": SLOW, "rate_limit_headers": "x-ratelimit"},
     "x_default": {"capacity": 1, "refill_rate": SLOW},
+    # Issue 15 item 5: capacity 2 at 60/min used to answer `t=2` beside `retry-after: 1`.
+    "ietf_fast": {"capacity": 2, "refill_rate": "60/min", "rate_limit_headers": "ietf"},
+    "x_fast": {"capacity": 3, "refill_rate": "60/min"},
 }
 
 X_HEADERS = ("x-ratelimit-limit", "x-ratelimit-remaining", "x-ratelimit-reset")
@@ -47,11 +50,34 @@ def test_ietf_listed_tenant(envoy):
         name, params = ietf(r.headers["ratelimit"])
         assert name == "acme"
         assert params["r"] == max(0, 2 - i)
-        assert 0 < params["t"] <= 180
+        # `t`: seconds until one more unit of quota (a token every 60 s), not until full.
+        assert 0 < params["t"] <= 60
         assert set(params) == {"r", "t"}
         for h in X_HEADERS:
             assert h not in r.headers
-    assert int(resps[3].headers["retry-after"]) >= 1
+    retry = int(resps[3].headers["retry-after"])
+    assert 1 <= retry <= 60
+    assert ietf(resps[3].headers["ratelimit"])[1]["t"] <= retry
+
+
+def test_ietf_t_on_a_denial_is_not_later_than_retry_after(envoy, fresh):
+    resps = send(envoy.port("ietf_fast"), 3, headers={"x-tenant-id": fresh("t")})
+    assert statuses(resps) == [200, 200, 429]
+    denied = resps[2]
+    retry = int(denied.headers["retry-after"])
+    name, params = ietf(denied.headers["ratelimit"])
+    assert params["r"] == 0
+    assert params["t"] <= retry, (denied.headers["ratelimit"], retry)
+    assert params["t"] == 1 and retry == 1  # one token a second: both say "in a second"
+    # Allowed responses: the next token is at most a second away, never the 2 s to full.
+    assert [ietf(r.headers["ratelimit"])[1]["t"] for r in resps[:2]] == [1, 1]
+
+
+def test_x_ratelimit_reset_still_counts_to_full(envoy, fresh):
+    resps = send(envoy.port("x_fast"), 4, headers={"x-tenant-id": fresh("x")})
+    assert statuses(resps) == [200, 200, 200, 429]
+    assert resps[3].headers["x-ratelimit-reset"] == "3"  # three tokens at one a second
+    assert resps[3].headers["retry-after"] == "1"
 
 
 def test_ietf_unlisted_tenant_uses_default_policy(envoy, fresh):
