@@ -29,6 +29,62 @@ impl Events {
             *slot = slot.saturating_add(n);
         }
     }
+
+    fn count(&self, c: Counter) -> u32 {
+        self.counters.get(c as usize).copied().unwrap_or(0)
+    }
+
+    /// Takes this request's outcome back out because it is not final: in `global.mode: "both"`
+    /// a request the local bucket lets through still asks the service, and the outcome is
+    /// counted once, when the service's answer (or a lease) settles it ([`Events::settle`]).
+    /// Every other counter (retries, slots, near-limit) stays.
+    pub fn defer(&mut self) -> Pending {
+        let shadow_denied = self.count(Counter::ShadowDenied) > 0;
+        for c in [Counter::Allowed, Counter::ShadowDenied] {
+            if let Some(slot) = self.counters.get_mut(c as usize) {
+                *slot = 0;
+            }
+        }
+        Pending { shadow_denied, scope: self.scoped.take().map(|(s, _)| s) }
+    }
+
+    /// Counts a request's final outcome: the service's (or a lease's) verdict combined with
+    /// what the local bucket said before ([`Pending::default`] when no bucket was asked). A
+    /// local shadow denial stays a shadow denial unless the service enforces a denial.
+    pub fn settle(&mut self, pending: Pending, service: Final) -> Final {
+        let outcome = match service {
+            Final::Allowed if pending.shadow_denied => Final::ShadowDenied,
+            other => other,
+        };
+        let (global, scoped) = match outcome {
+            Final::Allowed => (Counter::Allowed, Scoped::Allowed),
+            Final::Denied => (Counter::Denied, Scoped::Denied),
+            Final::ShadowDenied => (Counter::ShadowDenied, Scoped::ShadowDenied),
+        };
+        self.bump(global, 1);
+        self.scoped = pending.scope.map(|s| (s, scoped));
+        outcome
+    }
+}
+
+/// The final outcome of a metered request: exactly one of `allowed`, `denied`,
+/// `shadow_denied` is counted per metered request, whatever the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Final {
+    Allowed,
+    /// The request gets the deny reply.
+    Denied,
+    /// Would have been denied; passes (shadow mode).
+    ShadowDenied,
+}
+
+/// A local verdict that is not final yet (mode `both`: the service decides next).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pending {
+    /// The local bucket would have denied it (shadow mode let it through).
+    pub shadow_denied: bool,
+    /// The per-name counters the final outcome also goes to.
+    pub scope: Option<Scope>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
