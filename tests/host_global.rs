@@ -57,10 +57,7 @@ impl Service {
                 code: response.overall_code,
                 current_limit: Some(RateLimit { requests_per_unit: self.limit as u32, unit: 2, ..Default::default() }),
                 limit_remaining: (self.limit - *used) as u32,
-                duration_until_reset: Some(PbDuration {
-                    seconds: (left / SEC) as i64,
-                    nanos: (left % SEC) as i32,
-                }),
+                duration_until_reset: Some(PbDuration { seconds: (left / SEC) as i64, nanos: (left % SEC) as i32 }),
                 ..Default::default()
             });
         }
@@ -81,7 +78,8 @@ fn global(extra: &str) -> String {
 #[test]
 fn both_mode_counts_each_request_once() {
     let world = World::new();
-    let vm = Vm::configured(&world, &format!(r#"{{"capacity":1000,"refill_rate":100,{}}}"#, global(r#","mode":"both""#)));
+    let vm =
+        Vm::configured(&world, &format!(r#"{{"capacity":1000,"refill_rate":100,{}}}"#, global(r#","mode":"both""#)));
     let mut service = Service::new(5, 60, true);
     let mut passed = 0;
     for _ in 0..10 {
