@@ -128,6 +128,17 @@ pub fn select<'c>(
     (&config.default_policy, owner, None)
 }
 
+/// The per-name counters a request of `tenant` (matching `rule`) goes to: what [`select`]
+/// says, without hashing (mode `global` consults no bucket but counts per name the same way).
+pub fn scope(config: &Config, tenant: &TenantId, rule: Option<(usize, &crate::config::Rule)>) -> Option<Scope> {
+    if let Some((index, rule)) = rule {
+        if rule.policy.is_some() {
+            return Some(Scope::Rule(index));
+        }
+    }
+    config.tenant_index(tenant.as_bytes()).map(Scope::Tenant)
+}
+
 /// Admits a request from this worker's lease, if `worker_lease` is on and the tenant has
 /// one; touches neither shared data nor the clock.
 pub fn from_lease<'c>(
@@ -396,6 +407,33 @@ mod tests {
             .map(|_| decide(&c, &ns, &mut s, None, &id("x"), None, 1, T0).events.counters[Counter::NearLimit as usize])
             .sum();
         assert_eq!(near, 2); // remaining 1 and 0 are below 20 % of 10
+    }
+
+    /// Mode both: the local admission is deferred, then settled once with the service's
+    /// verdict, to the same per-name counters.
+    #[test]
+    fn deferred_outcome_is_counted_once() {
+        let c = cfg(r#"{"capacity":1,"refill_rate":0.001,"mode":"shadow","tenants":{"vip":{}}}"#);
+        let ns = Namespace::new("t");
+        let mut s = FakeStore::default();
+        let mut first = decide(&c, &ns, &mut s, None, &id("vip"), None, 1, T0).events;
+        let pending = first.defer();
+        assert_eq!(pending, Pending { shadow_denied: false, scope: Some(Scope::Tenant(0)) });
+        assert_eq!(first.counters[Counter::Allowed as usize], 0);
+        assert_eq!(first.scoped, None);
+        assert_eq!(first.settle(pending, Final::Denied), Final::Denied);
+        assert_eq!(first.counters[Counter::Denied as usize], 1);
+        assert_eq!(first.scoped, Some((Scope::Tenant(0), Scoped::Denied)));
+        // The bucket is empty now: a shadow denial, which a service admission keeps.
+        let mut second = decide(&c, &ns, &mut s, None, &id("vip"), None, 1, T0).events;
+        let pending = second.defer();
+        assert!(pending.shadow_denied);
+        assert_eq!(second.counters[Counter::ShadowDenied as usize], 0);
+        assert_eq!(second.settle(pending, Final::Allowed), Final::ShadowDenied);
+        assert_eq!(second.counters[Counter::ShadowDenied as usize], 1);
+        assert_eq!(second.counters[Counter::Allowed as usize], 0);
+        assert_eq!(scope(&c, &id("vip"), None), Some(Scope::Tenant(0)));
+        assert_eq!(scope(&c, &id("other"), None), None);
     }
 
     mod worker_leases {

@@ -4,7 +4,7 @@
 //! one header read, one shared-data get, one set, one counter increment.
 
 use crate::config::{Config, Global, GlobalMode, HeaderStyle};
-use crate::decision::{decide, from_lease, Events, Pending, Scope};
+use crate::decision::{self, decide, from_lease, Events, Pending, Scope};
 use crate::global::{self, Plan};
 use crate::metrics::{self, COUNTERS, SCOPED};
 use crate::response::{self, Quota};
@@ -359,7 +359,10 @@ impl HttpContext for Filter {
 
         let tenant = tenant::resolve(&config.tenant_sources, &active.default_tenant, &mut facts);
         let mut pending = Pending::default();
-        if global.is_none_or(|g| g.mode == GlobalMode::Both) {
+        if global.is_some_and(|g| g.mode == GlobalMode::Global) {
+            // No local verdict, but the outcome still goes to the per-name counters.
+            pending.scope = decision::scope(config, &tenant, rule);
+        } else {
             let mut leases = active.leases.try_borrow_mut().ok();
             let leased = leases.as_deref_mut().and_then(|l| from_lease(config, l, &tenant, rule, cost));
             let from_worker_lease = leased.is_some();

@@ -55,9 +55,11 @@
 //! `proxy_get_status`, `proxy_set_effective_context`, `proxy_define_metric`,
 //! `proxy_increment_metric` (counters: offset must be > 0, as in Envoy), `proxy_record_metric`,
 //! `proxy_get_metric`, `proxy_grpc_call` (recorded with cluster, service, method, initial
-//! metadata, message and timeout; a test answers it, see "gRPC calls and ticks" below). WASI: `environ_get`, `environ_sizes_get`, `args_get`, `args_sizes_get`
-//! (all empty), `fd_write` (captured per VM), `proc_exit` (a trap), `clock_time_get` (virtual
-//! clock), `random_get` (seeded).
+//! metadata, message and timeout; a test answers it, see "gRPC calls and ticks" below),
+//! `proxy_on_grpc_receive` / `proxy_on_grpc_close` / `proxy_on_tick` (called by the host).
+//! WASI: `environ_get`, `environ_sizes_get`, `args_get`, `args_sizes_get` (all empty),
+//! `fd_write` (captured per VM), `proc_exit` (a trap), `clock_time_get` (virtual clock),
+//! `random_get` (seeded).
 //!
 //! Linked but not modelled (a call traps naming itself; extend `abi.rs` when the filter starts
 //! using one): `proxy_http_call`, `proxy_grpc_stream`, `proxy_grpc_send`,
