@@ -253,8 +253,12 @@ def timed(port: int, n: int, headers: dict) -> tuple[list, float]:
 def test_slow_service_times_out_by_failure_mode(failing, fresh, mode):
     envoy, slow, _ = failing
     before = envoy.counter("global_errors")
+    counted = envoy.counters()
     resps, slowest = timed(envoy.port(f"slow_{mode}"), 5, tenant(fresh("slow")))
     assert statuses(resps) == [200 if mode == "allow" else 429] * 5
+    # Each timed-out request is counted once, by failure_mode.
+    want = {"allowed": 0, "denied": 0, "shadow_denied": 0, "allowed" if mode == "allow" else "denied": 5}
+    assert outcomes([counted], [envoy.counters()]) == want
     if mode == "deny":
         assert all(r.headers.get("retry-after") == "1" for r in resps), resps[0].headers
     assert slowest < 1.0, slowest
