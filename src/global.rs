@@ -71,14 +71,17 @@ pub fn plan(
     let Some(lease) = global.lease_tokens else {
         return Plan::Ask { hits: cost32 };
     };
+    // The service sent no reset time lately, so no lease was stored (none could be bounded to
+    // its window): skip the shared-data read and ask for this request's cost only.
+    if now_ns < leases_off_until {
+        return Plan::Ask { hits: cost32 };
+    }
     match lease_take(store, ns, lease_owner(tenant), cost, now_ns, config.max_tenants) {
         LeaseTake::Taken { .. } => {
             events.bump(Counter::LeaseHits, 1);
             events.settle(pending, Final::Allowed);
             Plan::Admit
         }
-        // The service sent no reset time lately: a lease could not be bounded to its window.
-        LeaseTake::Empty | LeaseTake::StoreError if now_ns < leases_off_until => Plan::Ask { hits: cost32 },
         // Without a usable lease, ask for a new one (at least this request's cost).
         LeaseTake::Empty | LeaseTake::StoreError => Plan::Ask { hits: lease.max(cost32) },
     }

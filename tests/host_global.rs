@@ -211,6 +211,11 @@ fn service_without_statuses_gets_no_lease_and_no_over_admission() {
     assert_eq!(passed, 16);
     assert_eq!(world.counter("tenant_ratelimit.lease_hits"), 0);
     assert_eq!(outcome_sum(&world), 30);
+    // While leases are off, a request reads no shared data (no lease can exist).
+    let gets = world.shared_calls().0;
+    let now = world.now_ns();
+    vm.request_answering(&Request::get("/").tenant("t"), |c| service.answer(c, now)).unwrap();
+    assert_eq!(world.shared_calls().0, gets);
     // After the back-off (60 s) the worker probes with a lease request again.
     world.advance_ns(61 * SEC as i64);
     let now = world.now_ns();
