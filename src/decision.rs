@@ -29,6 +29,62 @@ impl Events {
             *slot = slot.saturating_add(n);
         }
     }
+
+    fn count(&self, c: Counter) -> u32 {
+        self.counters.get(c as usize).copied().unwrap_or(0)
+    }
+
+    /// Takes this request's outcome back out because it is not final: in `global.mode: "both"`
+    /// a request the local bucket lets through still asks the service, and the outcome is
+    /// counted once, when the service's answer (or a lease) settles it ([`Events::settle`]).
+    /// Every other counter (retries, slots, near-limit) stays.
+    pub fn defer(&mut self) -> Pending {
+        let shadow_denied = self.count(Counter::ShadowDenied) > 0;
+        for c in [Counter::Allowed, Counter::ShadowDenied] {
+            if let Some(slot) = self.counters.get_mut(c as usize) {
+                *slot = 0;
+            }
+        }
+        Pending { shadow_denied, scope: self.scoped.take().map(|(s, _)| s) }
+    }
+
+    /// Counts a request's final outcome: the service's (or a lease's) verdict combined with
+    /// what the local bucket said before ([`Pending::default`] when no bucket was asked). A
+    /// local shadow denial stays a shadow denial unless the service enforces a denial.
+    pub fn settle(&mut self, pending: Pending, service: Final) -> Final {
+        let outcome = match service {
+            Final::Allowed if pending.shadow_denied => Final::ShadowDenied,
+            other => other,
+        };
+        let (global, scoped) = match outcome {
+            Final::Allowed => (Counter::Allowed, Scoped::Allowed),
+            Final::Denied => (Counter::Denied, Scoped::Denied),
+            Final::ShadowDenied => (Counter::ShadowDenied, Scoped::ShadowDenied),
+        };
+        self.bump(global, 1);
+        self.scoped = pending.scope.map(|s| (s, scoped));
+        outcome
+    }
+}
+
+/// The final outcome of a metered request: exactly one of `allowed`, `denied`,
+/// `shadow_denied` is counted per metered request, whatever the path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Final {
+    Allowed,
+    /// The request gets the deny reply.
+    Denied,
+    /// Would have been denied; passes (shadow mode).
+    ShadowDenied,
+}
+
+/// A local verdict that is not final yet (mode `both`: the service decides next).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Pending {
+    /// The local bucket would have denied it (shadow mode let it through).
+    pub shadow_denied: bool,
+    /// The per-name counters the final outcome also goes to.
+    pub scope: Option<Scope>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -70,6 +126,17 @@ pub fn select<'c>(
         UnknownTenants::Shared => hash128(&[UNLISTED_OWNER]),
     };
     (&config.default_policy, owner, None)
+}
+
+/// The per-name counters a request of `tenant` (matching `rule`) goes to: what [`select`]
+/// says, without hashing (mode `global` consults no bucket but counts per name the same way).
+pub fn scope(config: &Config, tenant: &TenantId, rule: Option<(usize, &crate::config::Rule)>) -> Option<Scope> {
+    if let Some((index, rule)) = rule {
+        if rule.policy.is_some() {
+            return Some(Scope::Rule(index));
+        }
+    }
+    config.tenant_index(tenant.as_bytes()).map(Scope::Tenant)
 }
 
 /// Admits a request from this worker's lease, if `worker_lease` is on and the tenant has
@@ -340,6 +407,33 @@ mod tests {
             .map(|_| decide(&c, &ns, &mut s, None, &id("x"), None, 1, T0).events.counters[Counter::NearLimit as usize])
             .sum();
         assert_eq!(near, 2); // remaining 1 and 0 are below 20 % of 10
+    }
+
+    /// Mode both: the local admission is deferred, then settled once with the service's
+    /// verdict, to the same per-name counters.
+    #[test]
+    fn deferred_outcome_is_counted_once() {
+        let c = cfg(r#"{"capacity":1,"refill_rate":0.001,"mode":"shadow","tenants":{"vip":{}}}"#);
+        let ns = Namespace::new("t");
+        let mut s = FakeStore::default();
+        let mut first = decide(&c, &ns, &mut s, None, &id("vip"), None, 1, T0).events;
+        let pending = first.defer();
+        assert_eq!(pending, Pending { shadow_denied: false, scope: Some(Scope::Tenant(0)) });
+        assert_eq!(first.counters[Counter::Allowed as usize], 0);
+        assert_eq!(first.scoped, None);
+        assert_eq!(first.settle(pending, Final::Denied), Final::Denied);
+        assert_eq!(first.counters[Counter::Denied as usize], 1);
+        assert_eq!(first.scoped, Some((Scope::Tenant(0), Scoped::Denied)));
+        // The bucket is empty now: a shadow denial, which a service admission keeps.
+        let mut second = decide(&c, &ns, &mut s, None, &id("vip"), None, 1, T0).events;
+        let pending = second.defer();
+        assert!(pending.shadow_denied);
+        assert_eq!(second.counters[Counter::ShadowDenied as usize], 0);
+        assert_eq!(second.settle(pending, Final::Allowed), Final::ShadowDenied);
+        assert_eq!(second.counters[Counter::ShadowDenied as usize], 1);
+        assert_eq!(second.counters[Counter::Allowed as usize], 0);
+        assert_eq!(scope(&c, &id("vip"), None), Some(Scope::Tenant(0)));
+        assert_eq!(scope(&c, &id("other"), None), None);
     }
 
     mod worker_leases {

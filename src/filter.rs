@@ -4,7 +4,7 @@
 //! one header read, one shared-data get, one set, one counter increment.
 
 use crate::config::{Config, Global, GlobalMode, HeaderStyle};
-use crate::decision::{decide, from_lease, Events, Scope};
+use crate::decision::{self, decide, from_lease, Events, Pending, Scope};
 use crate::global::{self, Plan};
 use crate::metrics::{self, COUNTERS, SCOPED};
 use crate::response::{self, Denial, Denied, Quota};
@@ -16,7 +16,7 @@ use crate::worker_lease::WorkerLeases;
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -40,6 +40,9 @@ struct Active {
     /// Counters of lease-admitted requests, flushed with the next shared-data decision or
     /// tick, so the lease path makes no host call for stats.
     batched: RefCell<Events>,
+    /// Until when this worker asks the rate-limit service for no token lease (it answered
+    /// without a reset time; see global.rs). 0: leases on.
+    leases_off_until: Cell<u64>,
 }
 
 impl Active {
@@ -121,6 +124,7 @@ impl RootContext for Root {
             metrics,
             leases: RefCell::new(WorkerLeases::default()),
             batched: RefCell::new(Events::default()),
+            leases_off_until: Cell::new(0),
         }));
         true
     }
@@ -195,6 +199,8 @@ struct Waiting {
     tenant: TenantId,
     cost: u64,
     hits: u32,
+    /// The local bucket's verdict (mode `both`), settled with the service's answer.
+    pending: Pending,
 }
 
 impl Context for Filter {
@@ -217,10 +223,14 @@ impl Context for Filter {
             &waiting.tenant,
             waiting.cost,
             waiting.hits,
+            waiting.pending,
             answer,
             now_ns(),
             &mut events,
         );
+        if let Some(until) = verdict.leases_off_until {
+            active.leases_off_until.set(until);
+        }
         record(&active.metrics, &events);
         if verdict.deny {
             send_deny(
@@ -367,30 +377,32 @@ impl HttpContext for Filter {
         };
 
         let tenant = tenant::resolve(&config.tenant_sources, &active.default_tenant, &mut facts);
-        if global.is_none_or(|g| g.mode == GlobalMode::Both) {
+        let mut pending = Pending::default();
+        if global.is_some_and(|g| g.mode == GlobalMode::Global) {
+            // No local verdict, but the outcome still goes to the per-name counters.
+            pending.scope = decision::scope(config, &tenant, rule);
+        } else {
             let mut leases = active.leases.try_borrow_mut().ok();
-            let decision = match leases.as_deref_mut().and_then(|l| from_lease(config, l, &tenant, rule, cost)) {
-                Some(d) => {
-                    batch(&active, &d.events);
-                    d
-                }
+            let leased = leases.as_deref_mut().and_then(|l| from_lease(config, l, &tenant, rule, cost));
+            let from_worker_lease = leased.is_some();
+            let mut decision = match leased {
+                Some(d) => d,
                 None => {
-                    let d = decide(
-                        config,
-                        &active.ns,
-                        &mut HostStore,
-                        leases.as_deref_mut(),
-                        &tenant,
-                        rule,
-                        cost,
-                        now_ns(),
-                    );
-                    record(&active.metrics, &d.events);
-                    active.flush();
-                    d
+                    decide(config, &active.ns, &mut HostStore, leases.as_deref_mut(), &tenant, rule, cost, now_ns())
                 }
             };
             drop(leases);
+            // Mode both: a request the local bucket lets through is not final; the service
+            // (or a service lease) decides, and its outcome is counted then, once.
+            if global.is_some() && !decision.deny {
+                pending = decision.events.defer();
+            }
+            if from_worker_lease {
+                batch(&active, &decision.events);
+            } else {
+                record(&active.metrics, &decision.events);
+                active.flush();
+            }
             if decision.deny {
                 send_deny(
                     config,
@@ -414,7 +426,7 @@ impl HttpContext for Filter {
             }
         }
         let Some(global) = global else { return Action::Continue };
-        self.ask_service(&active, global, &mut facts, &method, tenant, cost, now_ns())
+        self.ask_service(&active, global, &mut facts, &method, tenant, cost, pending, now_ns())
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
@@ -443,11 +455,15 @@ impl Filter {
         method: &[u8],
         tenant: TenantId,
         cost: u64,
+        pending: Pending,
         now: u64,
     ) -> Action {
         let config = &active.config;
         let mut events = Events::default();
-        let hits = match global::plan(global, &mut HostStore, &active.ns, config, &tenant, cost, now, &mut events) {
+        let off = active.leases_off_until.get();
+        let plan =
+            global::plan(global, &mut HostStore, &active.ns, config, &tenant, cost, now, pending, off, &mut events);
+        let hits = match plan {
             Plan::Admit => {
                 record(&active.metrics, &events);
                 return Action::Continue;
@@ -471,7 +487,7 @@ impl Filter {
         match self.dispatch_grpc_call(&global.cluster, rls::SERVICE, rls::METHOD, Vec::new(), Some(&body), timeout) {
             Ok(token) => {
                 record(&active.metrics, &events);
-                self.waiting = Some(Waiting { token, tenant, cost, hits });
+                self.waiting = Some(Waiting { token, tenant, cost, hits, pending });
                 Action::Pause
             }
             Err(_) => {
@@ -483,6 +499,7 @@ impl Filter {
                     &tenant,
                     cost,
                     hits,
+                    pending,
                     None,
                     now,
                     &mut events,

@@ -6,9 +6,19 @@
 //! The service counts all N as used, so the proxy never admits more than it was granted;
 //! tokens left unspent when the service's window ends are dropped, which under-admits by at
 //! most N - 1 per proxy per window.
+//!
+//! A lease lives until the service's window resets (`duration_until_reset` of the first
+//! descriptor status), and never longer than [`MAX_LEASE_NS`]. A service that sends no status
+//! (Limitador sends none) gives no reset time, so no lease can be proven to stay inside one
+//! window: the spare tokens of that answer are dropped, and this worker stops asking for
+//! leases (asks for each request's own cost) for [`NO_RESET_BACKOFF_NS`] before trying again.
+//!
+//! Counting: a request's outcome (`allowed`, `denied` or `shadow_denied`) is counted here
+//! exactly once, when it is final, combined with what the local bucket said before in mode
+//! `both` ([`Pending`]).
 
 use crate::config::{Config, Global, Mode, StoreErrorPolicy};
-use crate::decision::Events;
+use crate::decision::{Events, Final, Pending};
 use crate::metrics::Counter;
 use crate::response::Quota;
 use crate::rls::Answer;
@@ -16,6 +26,16 @@ use crate::store::{hash128, lease_add, lease_take, LeaseTake, Namespace, SharedS
 use crate::tenant::TenantId;
 
 const LEASE_SEPARATOR: &[u8] = b"\0lease";
+
+const SEC: u64 = 1_000_000_000;
+
+/// The longest a lease lives, even when the service's window is longer (a daily or monthly
+/// limit): leased tokens unspent after this are dropped (under-admission, never over).
+pub const MAX_LEASE_NS: u64 = 60 * SEC;
+
+/// After an answer that granted a lease but carried no reset time, how long this worker asks
+/// for single requests' costs only. Each retry can strand at most N - 1 tokens.
+pub const NO_RESET_BACKOFF_NS: u64 = 60 * SEC;
 
 /// The owner id of a tenant's lease (never equal to a bucket's owner id).
 pub fn lease_owner(tenant: &TenantId) -> u128 {
@@ -31,6 +51,9 @@ pub enum Plan {
     Ask { hits: u32 },
 }
 
+/// Spends a lease or says what to ask the service for. `pending`: the local bucket's verdict
+/// in mode `both` (default otherwise); `leases_off_until`: this worker's back-off after an
+/// answer without a reset time (0: none). A lease admission is final and counted here.
 #[allow(clippy::too_many_arguments)]
 pub fn plan(
     global: &Global,
@@ -40,16 +63,23 @@ pub fn plan(
     tenant: &TenantId,
     cost: u64,
     now_ns: u64,
+    pending: Pending,
+    leases_off_until: u64,
     events: &mut Events,
 ) -> Plan {
     let cost32 = u32::try_from(cost).unwrap_or(u32::MAX);
     let Some(lease) = global.lease_tokens else {
         return Plan::Ask { hits: cost32 };
     };
+    // The service sent no reset time lately, so no lease was stored (none could be bounded to
+    // its window): skip the shared-data read and ask for this request's cost only.
+    if now_ns < leases_off_until {
+        return Plan::Ask { hits: cost32 };
+    }
     match lease_take(store, ns, lease_owner(tenant), cost, now_ns, config.max_tenants) {
         LeaseTake::Taken { .. } => {
             events.bump(Counter::LeaseHits, 1);
-            events.bump(Counter::Allowed, 1);
+            events.settle(pending, Final::Allowed);
             Plan::Admit
         }
         // Without a usable lease, ask for a new one (at least this request's cost).
@@ -66,6 +96,8 @@ pub struct Verdict {
     pub quota: Option<Quota>,
     /// The service's `response_headers_to_add`.
     pub headers: Vec<(String, String)>,
+    /// Set when the answer granted spare tokens without a reset time: ask for no lease until then.
+    pub leases_off_until: Option<u64>,
 }
 
 /// Applies the service's answer (`None`: error, timeout or an answer we cannot read).
@@ -78,15 +110,16 @@ pub fn conclude(
     tenant: &TenantId,
     cost: u64,
     hits: u32,
+    pending: Pending,
     answer: Option<Answer>,
     now_ns: u64,
     events: &mut Events,
 ) -> Verdict {
     let Some(answer) = answer else {
         events.bump(Counter::GlobalErrors, 1);
-        let deny = global.failure_mode == StoreErrorPolicy::Deny;
-        events.bump(if deny { Counter::Denied } else { Counter::Allowed }, 1);
-        return Verdict { deny, retry_after_seconds: 1, quota: None, headers: Vec::new() };
+        let service = if global.failure_mode == StoreErrorPolicy::Deny { Final::Denied } else { Final::Allowed };
+        let deny = events.settle(pending, service) == Final::Denied;
+        return Verdict { deny, retry_after_seconds: 1, quota: None, headers: Vec::new(), leases_off_until: None };
     };
     let quota = match (answer.limit, answer.remaining) {
         (Some(limit), Some(remaining)) => Some(Quota {
@@ -101,21 +134,28 @@ pub fn conclude(
     };
     if answer.over_limit {
         events.bump(Counter::GlobalOverLimit, 1);
-        let shadow = config.mode == Mode::Shadow;
-        events.bump(if shadow { Counter::ShadowDenied } else { Counter::Denied }, 1);
+        let service = if config.mode == Mode::Shadow { Final::ShadowDenied } else { Final::Denied };
+        let deny = events.settle(pending, service) == Final::Denied;
         let retry = answer.reset_seconds.unwrap_or(1).max(1);
-        return Verdict { deny: !shadow, retry_after_seconds: retry, quota, headers: answer.headers };
+        return Verdict { deny, retry_after_seconds: retry, quota, headers: answer.headers, leases_off_until: None };
     }
-    events.bump(Counter::Allowed, 1);
+    events.settle(pending, Final::Allowed);
     let spare = u64::from(hits).saturating_sub(cost);
+    let mut leases_off_until = None;
     if spare > 0 {
-        // The lease lives until the service's window resets; without a reset time it would
-        // have no safe lifetime, so the spare tokens are dropped.
-        if let Some(reset) = answer.reset_ns {
-            lease_add(store, ns, lease_owner(tenant), spare, now_ns.saturating_add(reset), now_ns, config.max_tenants);
+        match answer.reset_ns {
+            // The lease lives until the service's window resets, capped: its tokens are
+            // never spent in a later window (no over-admission).
+            Some(reset) => {
+                let expires = now_ns.saturating_add(reset.min(MAX_LEASE_NS));
+                lease_add(store, ns, lease_owner(tenant), spare, expires, now_ns, config.max_tenants);
+            }
+            // No reset time (e.g. Limitador, which sends no statuses): no lifetime can be
+            // proven safe, so the spare tokens are dropped and leases pause on this worker.
+            None => leases_off_until = Some(now_ns.saturating_add(NO_RESET_BACKOFF_NS)),
         }
     }
-    Verdict { deny: false, retry_after_seconds: 0, quota, headers: answer.headers }
+    Verdict { deny: false, retry_after_seconds: 0, quota, headers: answer.headers, leases_off_until }
 }
 
 #[cfg(test)]
@@ -152,7 +192,10 @@ mod tests {
         let mut s = FakeStore::default();
         let t = TenantId::new(b"acme").unwrap();
         let mut e = Events::default();
-        assert_eq!(plan(g, &mut s, &Namespace::new("r"), &c, &t, 3, T0, &mut e), Plan::Ask { hits: 3 });
+        assert_eq!(
+            plan(g, &mut s, &Namespace::new("r"), &c, &t, 3, T0, Pending::default(), 0, &mut e),
+            Plan::Ask { hits: 3 }
+        );
     }
 
     #[test]
@@ -163,17 +206,20 @@ mod tests {
         let mut s = FakeStore::default();
         let t = TenantId::new(b"acme").unwrap();
         let mut e = Events::default();
-        assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0, &mut e), Plan::Ask { hits: 4 });
-        let v = conclude(g, &c, &mut s, &ns, &t, 1, 4, Some(ok(30)), T0, &mut e);
+        assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0, Pending::default(), 0, &mut e), Plan::Ask { hits: 4 });
+        let v = conclude(g, &c, &mut s, &ns, &t, 1, 4, Pending::default(), Some(ok(30)), T0, &mut e);
         assert!(!v.deny);
         for _ in 0..3 {
-            assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0 + SEC, &mut e), Plan::Admit);
+            assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0 + SEC, Pending::default(), 0, &mut e), Plan::Admit);
         }
-        assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0 + SEC, &mut e), Plan::Ask { hits: 4 });
+        assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0 + SEC, Pending::default(), 0, &mut e), Plan::Ask { hits: 4 });
         assert_eq!(e.counters[Counter::LeaseHits as usize], 3);
         // Tokens granted for a window are not spent after it.
-        conclude(g, &c, &mut s, &ns, &t, 1, 4, Some(ok(30)), T0, &mut e);
-        assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0 + 31 * SEC, &mut e), Plan::Ask { hits: 4 });
+        conclude(g, &c, &mut s, &ns, &t, 1, 4, Pending::default(), Some(ok(30)), T0, &mut e);
+        assert_eq!(
+            plan(g, &mut s, &ns, &c, &t, 1, T0 + 31 * SEC, Pending::default(), 0, &mut e),
+            Plan::Ask { hits: 4 }
+        );
     }
 
     #[test]
@@ -185,15 +231,66 @@ mod tests {
         let t = TenantId::new(b"acme").unwrap();
         let mut e = Events::default();
         let over = Answer { over_limit: true, remaining: Some(0), ..ok(7) };
-        let v = conclude(g, &c, &mut s, &ns, &t, 1, 1, Some(over), T0, &mut e);
+        let v = conclude(g, &c, &mut s, &ns, &t, 1, 1, Pending::default(), Some(over), T0, &mut e);
         assert!(v.deny);
         assert_eq!(v.retry_after_seconds, 7);
         assert_eq!(v.quota.unwrap().remaining, 0);
-        let v = conclude(g, &c, &mut s, &ns, &t, 1, 1, None, T0, &mut e);
+        let v = conclude(g, &c, &mut s, &ns, &t, 1, 1, Pending::default(), None, T0, &mut e);
         assert!(v.deny);
         assert_eq!(e.counters[Counter::GlobalErrors as usize], 1);
         let c = config("");
-        let v = conclude(c.global.as_ref().unwrap(), &c, &mut s, &ns, &t, 1, 1, None, T0, &mut e);
+        let v = conclude(c.global.as_ref().unwrap(), &c, &mut s, &ns, &t, 1, 1, Pending::default(), None, T0, &mut e);
         assert!(!v.deny);
+    }
+
+    /// Each call ends in exactly one outcome counter, combined with the local verdict.
+    #[test]
+    fn outcomes_are_counted_once() {
+        let c = config("");
+        let g = c.global.as_ref().unwrap();
+        let ns = Namespace::new("r");
+        let mut s = FakeStore::default();
+        let t = TenantId::new(b"acme").unwrap();
+        let over = Answer { over_limit: true, ..ok(7) };
+        let outcomes =
+            |e: &Events| [Counter::Allowed, Counter::Denied, Counter::ShadowDenied].map(|k| e.counters[k as usize]);
+        let local_shadow = Pending { shadow_denied: true, scope: None };
+        for (pending, answer, want) in [
+            (Pending::default(), Some(ok(7)), [1, 0, 0]),
+            (Pending::default(), Some(over.clone()), [0, 1, 0]),
+            (Pending::default(), None, [1, 0, 0]),
+            (local_shadow, Some(ok(7)), [0, 0, 1]),
+            (local_shadow, Some(over.clone()), [0, 1, 0]),
+            (local_shadow, None, [0, 0, 1]),
+        ] {
+            let mut e = Events::default();
+            conclude(g, &c, &mut s, &ns, &t, 1, 1, pending, answer, T0, &mut e);
+            assert_eq!(outcomes(&e), want, "{pending:?}");
+        }
+    }
+
+    /// No reset time (no statuses, as Limitador answers): the spare tokens are dropped, and
+    /// the worker asks for single costs until the back-off ends; a lease never outlives
+    /// MAX_LEASE_NS even when the window is a day.
+    #[test]
+    fn answers_without_reset_grant_no_lease() {
+        let c = config(r#","lease_tokens":5"#);
+        let g = c.global.as_ref().unwrap();
+        let ns = Namespace::new("r");
+        let mut s = FakeStore::default();
+        let t = TenantId::new(b"acme").unwrap();
+        let mut e = Events::default();
+        let bare = Answer { limit: None, remaining: None, reset_seconds: None, reset_ns: None, ..ok(0) };
+        let v = conclude(g, &c, &mut s, &ns, &t, 1, 5, Pending::default(), Some(bare), T0, &mut e);
+        assert_eq!(v.leases_off_until, Some(T0 + NO_RESET_BACKOFF_NS));
+        let off = v.leases_off_until.unwrap();
+        assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0 + SEC, Pending::default(), off, &mut e), Plan::Ask { hits: 1 });
+        assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, off, Pending::default(), off, &mut e), Plan::Ask { hits: 5 });
+        // A day-long window: the lease is there a minute, not a day.
+        let v = conclude(g, &c, &mut s, &ns, &t, 1, 5, Pending::default(), Some(ok(86_400)), T0, &mut e);
+        assert_eq!(v.leases_off_until, None);
+        assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0 + SEC, Pending::default(), 0, &mut e), Plan::Admit);
+        let late = T0 + MAX_LEASE_NS;
+        assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, late, Pending::default(), 0, &mut e), Plan::Ask { hits: 5 });
     }
 }

@@ -4,7 +4,8 @@
 * `build_rls_server()`: `cargo build --release` of tests/rls-server (its own target dir);
   `RLS_SERVER=/path/to/rls-server` skips the build.
 * `RlsServer`: rls-server on a free loopback port with a limits list; `.stats()` reads the
-  per-call counters it writes (`requests`, `hits`, `ok`, `over_limit`, `errors`).
+  per-call counters it writes (`requests`, `hits`, `ok`, `over_limit`, `errors`);
+  `no_statuses=True` makes it answer without descriptor statuses, as Limitador does.
 * `grpc_cluster(name, port)`: the Envoy cluster (STATIC, HTTP/2) for the filter's `global.cluster`.
 
 Every process gets SIGKILL if the test process dies (parent-death signal), and `stop()` is
@@ -148,13 +149,14 @@ def tenant_limit(domain: str, max_value: int, seconds: int = 60, key: str = "ten
 
 class RlsServer:
     def __init__(self, binary: str, workdir: Path, redis_url: str, limits: list[dict], *,
-                 delay_ms: int = 0, name: str = "rls"):
+                 delay_ms: int = 0, name: str = "rls", no_statuses: bool = False):
         self.binary = binary
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.redis_url = redis_url
         self.limits = limits
         self.delay_ms = delay_ms
+        self.no_statuses = no_statuses
         self.name = name
         self.port = 0
         self.proc: subprocess.Popen | None = None
@@ -173,7 +175,7 @@ class RlsServer:
             self.proc = subprocess.Popen(
                 [self.binary, "--listen", f"{HOST}:{self.port}", "--redis", self.redis_url,
                  "--limits", str(self.limits_path), "--delay-ms", str(self.delay_ms),
-                 "--stats-file", str(self.stats_path)],
+                 "--stats-file", str(self.stats_path)] + (["--no-statuses"] if self.no_statuses else []),
                 cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent)
             log.close()
@@ -261,13 +263,14 @@ def redis(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def rls_factory(rls_bin, redis, tmp_path_factory):
-    """`make(limits, delay_ms=0)` -> a started RlsServer on the module's Redis, stopped at the
-    end of the module."""
+    """`make(limits, delay_ms=0, no_statuses=False)` -> a started RlsServer on the module's
+    Redis, stopped at the end of the module."""
     started: list[RlsServer] = []
     workdir = tmp_path_factory.mktemp("rls")
 
-    def make(limits: list[dict], *, delay_ms: int = 0, start: bool = True) -> RlsServer:
-        s = RlsServer(rls_bin, workdir, redis.url, limits, delay_ms=delay_ms, name=f"rls{len(started)}")
+    def make(limits: list[dict], *, delay_ms: int = 0, start: bool = True, no_statuses: bool = False) -> RlsServer:
+        s = RlsServer(rls_bin, workdir, redis.url, limits, delay_ms=delay_ms, name=f"rls{len(started)}",
+                      no_statuses=no_statuses)
         started.append(s)
         if start:
             s.start()

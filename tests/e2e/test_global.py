@@ -24,7 +24,9 @@ HDR_N = 3
 BIG_LOCAL = {"capacity": 100000, "refill_rate": "100000/s"}  # never the deciding limit
 SLOW = "1/hour"
 
-DOMAINS = {"exact": N, "lease": N, "both": N, "hdr": HDR_N}
+COUNT_N = 5    # the issue's "both" case: 5 tokens at the service, a large local bucket
+
+DOMAINS = {"exact": N, "lease": N, "both": N, "hdr": HDR_N, "bothcount": COUNT_N}
 
 
 def glob(domain: str, **kw) -> dict:
@@ -40,6 +42,7 @@ REPLICA_LISTENERS = {
     "lease": {**BIG_LOCAL, "global": glob("lease", lease_tokens=LEASE)},
     "both": {"capacity": LOCAL_CAP, "refill_rate": SLOW, "global": glob("both", mode="both")},
     "hdr": {**BIG_LOCAL, "global": glob("hdr")},
+    "bothcount": {**BIG_LOCAL, "global": glob("bothcount", mode="both")},
 }
 
 
@@ -82,6 +85,11 @@ def delta(before: list[dict], after: list[dict], name: str) -> int:
     return sum(a.get(name, 0) - b.get(name, 0) for a, b in zip(after, before))
 
 
+def outcomes(before: list[dict], after: list[dict]) -> dict[str, int]:
+    """How the metered requests between two counter snapshots were counted."""
+    return {k: delta(before, after, k) for k in ("allowed", "denied", "shadow_denied")}
+
+
 # --------------------------------------------------------------------------------------------
 # Two replicas, one limit
 
@@ -106,6 +114,7 @@ def test_global_limit_is_exact_across_two_replicas(replicas, service, fresh):
             continue
         moved = {k: delta(before, after, k) for k in after[0]}
         assert Counter(statuses(resps)) == {200: N, 429: N + 10}, (moved, service.log_tail())
+        assert outcomes(before, after) == {"allowed": N, "denied": N + 10, "shadow_denied": 0}, moved
         assert delta(before, after, "global_calls") == 2 * N + 10
         assert delta(before, after, "global_over_limit") == N + 10
         assert calls_after["requests"] - calls_before["requests"] == 2 * N + 10
@@ -140,6 +149,7 @@ def test_lease_cuts_calls_and_never_over_admits(replicas, service, fresh):
         calls = calls_after["requests"] - calls_before["requests"]
         assert calls_after["hits"] - calls_before["hits"] == LEASE * calls  # hits_addend = lease
         assert delta(before, after, "lease_hits") == admitted - granted
+        assert outcomes(before, after) == {"allowed": admitted, "denied": 2 * N + 10 - admitted, "shadow_denied": 0}
         return
     pytest.fail(f"every attempt had service errors or timeouts: {service.log_tail()}")
 
@@ -158,6 +168,27 @@ def test_both_mode_local_bucket_sheds_first(replicas, service, fresh):
         assert calls_after["requests"] - calls_before["requests"] == 2 * LOCAL_CAP
         assert calls_after["over_limit"] - calls_before["over_limit"] == 0
         assert delta(before, after, "global_calls") == 2 * LOCAL_CAP
+        assert outcomes(before, after) == {"allowed": 2 * LOCAL_CAP, "denied": 30 - 2 * LOCAL_CAP, "shadow_denied": 0}
+        return
+    pytest.fail(f"every attempt had service errors or timeouts: {service.log_tail()}")
+
+
+def test_both_mode_counts_each_request_once(replicas, service, fresh):
+    """Issue 15 item 4: mode both, 5 tokens at the service, a large local bucket, 10 requests:
+    5 admitted, 5 denied by the service, and Envoy's stats say allowed 5, denied 5 (the local
+    admission is not counted as well: before the fix allowed was 15)."""
+    for _attempt in range(3):
+        t = fresh("bothcount")
+        before, calls_before = counters(replicas), service.stats()
+        resps = alternate(replicas, "bothcount", 2 * COUNT_N, tenant(t))
+        after, calls_after = counters(replicas), service.stats()
+        if disturbed(before, after, calls_before, calls_after):
+            continue
+        moved = {k: delta(before, after, k) for k in after[0]}
+        assert Counter(statuses(resps)) == {200: COUNT_N, 429: COUNT_N}, (moved, service.log_tail())
+        assert outcomes(before, after) == {"allowed": COUNT_N, "denied": COUNT_N, "shadow_denied": 0}, moved
+        assert delta(before, after, "global_calls") == 2 * COUNT_N
+        assert delta(before, after, "global_over_limit") == COUNT_N
         return
     pytest.fail(f"every attempt had service errors or timeouts: {service.log_tail()}")
 
@@ -222,8 +253,12 @@ def timed(port: int, n: int, headers: dict) -> tuple[list, float]:
 def test_slow_service_times_out_by_failure_mode(failing, fresh, mode):
     envoy, slow, _ = failing
     before = envoy.counter("global_errors")
+    counted = envoy.counters()
     resps, slowest = timed(envoy.port(f"slow_{mode}"), 5, tenant(fresh("slow")))
     assert statuses(resps) == [200 if mode == "allow" else 429] * 5
+    # Each timed-out request is counted once, by failure_mode.
+    want = {"allowed": 0, "denied": 0, "shadow_denied": 0, "allowed" if mode == "allow" else "denied": 5}
+    assert outcomes([counted], [envoy.counters()]) == want
     if mode == "deny":
         assert all(r.headers.get("retry-after") == "1" for r in resps), resps[0].headers
     assert slowest < 1.0, slowest
@@ -265,3 +300,49 @@ def test_service_down_follows_failure_mode(failing, fresh):
             break
         time.sleep(0.2)
     assert resp.status == 200 and down.stats()["requests"] > before
+
+
+# --------------------------------------------------------------------------------------------
+# A service that sends no descriptor statuses (as Limitador): leases stay safe
+
+NS_N = 20
+NS_LEASE = 5
+CONNS = 2
+
+
+@pytest.fixture(scope="module")
+def bare(envoy_factory, wasm, rls_factory):
+    """One Envoy (2 workers) with lease_tokens 5 against a service answering without
+    statuses (rls-server --no-statuses), limit 20 per hour."""
+    svc = rls_factory([tenant_limit("ns", NS_N, 3600)], no_statuses=True)
+    listeners = {"bare": {**BIG_LOCAL, "global": glob("ns", lease_tokens=NS_LEASE)}}
+    envoy = envoy_with(envoy_factory, wasm, listeners, [grpc_cluster("ratelimit", svc.port)], "bare-")
+    return envoy, svc
+
+
+def test_service_without_statuses_leases_never_over_admit(bare, fresh):
+    """No status means no reset time, so no lease can be bounded to the service's window:
+    a worker's first lease-sized grant keeps only the request's own token (its spare 4 are
+    dropped) and the worker then asks for single hits (for 60 s), so nothing is admitted from
+    a lease (lease lifetime 0), and the total never exceeds the service's 20. Only the calls
+    already in flight when a worker learns that (at most one per connection here) asked for 5
+    (before the fix every call asked for 5 and dropped 4, admitting 4 of 20)."""
+    envoy, svc = bare
+    for _attempt in range(3):
+        t = fresh("bare")
+        before, calls_before = envoy.counters(), svc.stats()
+        resps = send(envoy.port("bare"), 2 * NS_N, headers=tenant(t), connections=CONNS)
+        after, calls_after = envoy.counters(), svc.stats()
+        if disturbed([before], [after], calls_before, calls_after):
+            continue
+        admitted = statuses(resps).count(200)
+        calls = [c for c in svc.calls() if f"tenant={t}]" in c]
+        lease_calls = [c for c in calls if f"hits_addend={NS_LEASE} " in c]
+        assert admitted <= NS_N, svc.log_tail()
+        assert len(lease_calls) <= CONNS, lease_calls
+        assert admitted >= NS_N - CONNS * (NS_LEASE - 1), (admitted, calls)
+        assert after.get("lease_hits", 0) - before.get("lease_hits", 0) == 0
+        assert outcomes([before], [after]) == {"allowed": admitted, "denied": 2 * NS_N - admitted,
+                                               "shadow_denied": 0}
+        return
+    pytest.fail(f"every attempt had service errors or timeouts: {svc.log_tail()}")

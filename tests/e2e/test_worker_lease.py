@@ -36,6 +36,22 @@ def test_never_over_admits_and_under_admits_at_most_workers_times_lease(envoy, f
     assert admitted == 100
 
 
+def test_counters_add_up_with_worker_leases(envoy, fresh):
+    """allowed + denied + shadow_denied = metered with leases out and denials: once the tick
+    flushed the batched lease counters, 130 requests are 100 allowed and 30 denied."""
+    port = envoy.port("lease")
+    names = ("allowed", "denied", "shadow_denied")
+    before = {k: envoy.counter(k) for k in names}
+    t = {"x-tenant-id": fresh("adds")}
+    got = Counter(statuses(send(port, 130, headers=t, connections=8)))
+    time.sleep(2.5)  # the tick gives leases back and flushes the batched counters
+    got += Counter(statuses(send(port, 30, headers=t, connections=2)))
+    time.sleep(2.5)
+    moved = {k: envoy.counter(k) - before[k] for k in names}
+    assert got[200] == 100
+    assert moved == {"allowed": 100, "denied": 60, "shadow_denied": 0}, (moved, got)
+
+
 def test_lease_path_counts_every_request(envoy, fresh):
     port = envoy.port("lease")
     before = envoy.counter("allowed")

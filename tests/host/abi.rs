@@ -17,6 +17,7 @@ pub(crate) type Names = BTreeSet<(String, String)>;
 pub(crate) fn linker(engine: &Engine) -> Result<(Linker<VmState>, Names)> {
     let mut d = Defs { linker: Linker::new(engine), names: BTreeSet::new() };
     proxy(&mut d)?;
+    grpc(&mut d)?;
     unmodelled(&mut d)?;
     wasi(&mut d)?;
     Ok((d.linker, d.names))
@@ -253,6 +254,7 @@ fn proxy(d: &mut Defs) -> Result<()> {
     })?;
     d.env("proxy_set_tick_period_milliseconds", |mut c: C, ms: i32| -> Result<i32> {
         c.data_mut().tick_period_ms = ms as u32;
+        c.data_mut().tick_since_ns = c.data().world.now_ns();
         Ok(status::OK as i32)
     })?;
 
@@ -265,6 +267,7 @@ fn proxy(d: &mut Defs) -> Result<()> {
             let buffer = match kind {
                 0 => state.stream.as_ref().map(|s| s.request_body.clone()),
                 1 => state.stream.as_ref().map(|s| s.response_body.clone()),
+                5 => state.grpc.receive.clone(),
                 6 => Some(state.vm_config.clone()),
                 7 => Some(state.plugin_config.clone()),
                 _ => None,
@@ -550,6 +553,62 @@ fn with_metric(c: &C, id: i32, f: impl FnOnce(&mut Metric) -> u32) -> Result<i32
     Ok(s.metrics.get_mut(name).map_or(status::NOT_FOUND, f) as i32)
 }
 
+// ---- gRPC calls ----
+
+/// `proxy_grpc_call`: records the call for the test to answer (see mod.rs, "gRPC calls and
+/// ticks"); the token is this VM's counter, as Envoy's per-VM call ids.
+fn grpc(d: &mut Defs) -> Result<()> {
+    d.env(
+        "proxy_grpc_call",
+        |mut c: C,
+         up: i32,
+         up_len: i32,
+         svc: i32,
+         svc_len: i32,
+         method: i32,
+         method_len: i32,
+         md: i32,
+         md_len: i32,
+         msg: i32,
+         msg_len: i32,
+         timeout_ms: i32,
+         token_ptr: i32|
+         -> Result<i32> {
+            let cluster = read_str(&c, up, up_len)?;
+            let service = read_str(&c, svc, svc_len)?;
+            let method = read_str(&c, method, method_len)?;
+            let Some(initial_metadata) = deserialize_map(&read(&c, md, md_len)?) else {
+                return Ok(status::SERIALIZATION_FAILURE as i32);
+            };
+            let message = read(&c, msg, msg_len)?;
+            let state = c.data_mut();
+            if let Some((n, st)) = state.grpc.dispatch_fail.filter(|(n, _)| *n > 0) {
+                state.grpc.dispatch_fail = Some((n - 1, st));
+                return Ok(st as i32);
+            }
+            // The stream being called back, else the root context (e.g. from a tick).
+            let context = state.stream.as_ref().map_or(super::ROOT_CONTEXT, |s| s.id);
+            state.grpc.next_token += 1;
+            let token = state.grpc.next_token;
+            let call = super::GrpcCall {
+                token,
+                context,
+                cluster,
+                service,
+                method,
+                initial_metadata,
+                message,
+                timeout_ms: timeout_ms as u32,
+            };
+            state.grpc.log.push(call.clone());
+            state.grpc.outstanding.push(call);
+            write_u32(&mut c, token_ptr, token)?;
+            Ok(status::OK as i32)
+        },
+    )?;
+    Ok(())
+}
+
 /// Calls the SDK links that this host does not model: linked so the module instantiates,
 /// and a trap naming the call if the filter ever makes it.
 fn unmodelled(d: &mut Defs) -> Result<()> {
@@ -559,12 +618,6 @@ fn unmodelled(d: &mut Defs) -> Result<()> {
     d.env(
         "proxy_http_call",
         |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| no("proxy_http_call"),
-    )?;
-    d.env(
-        "proxy_grpc_call",
-        |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| {
-            no("proxy_grpc_call")
-        },
     )?;
     d.env("proxy_grpc_stream", |_: C, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32, _: i32| {
         no("proxy_grpc_stream")

@@ -54,15 +54,34 @@
 //! `proxy_send_local_response`, `proxy_continue_stream`, `proxy_close_stream`, `proxy_done`,
 //! `proxy_get_status`, `proxy_set_effective_context`, `proxy_define_metric`,
 //! `proxy_increment_metric` (counters: offset must be > 0, as in Envoy), `proxy_record_metric`,
-//! `proxy_get_metric`. WASI: `environ_get`, `environ_sizes_get`, `args_get`, `args_sizes_get`
-//! (all empty), `fd_write` (captured per VM), `proc_exit` (a trap), `clock_time_get` (virtual
-//! clock), `random_get` (seeded).
+//! `proxy_get_metric`, `proxy_grpc_call` (recorded with cluster, service, method, initial
+//! metadata, message and timeout; a test answers it, see "gRPC calls and ticks" below),
+//! `proxy_on_grpc_receive` / `proxy_on_grpc_close` / `proxy_on_tick` (called by the host).
+//! WASI: `environ_get`, `environ_sizes_get`, `args_get`, `args_sizes_get` (all empty),
+//! `fd_write` (captured per VM), `proc_exit` (a trap), `clock_time_get` (virtual clock),
+//! `random_get` (seeded).
 //!
 //! Linked but not modelled (a call traps naming itself; extend `abi.rs` when the filter starts
-//! using one): `proxy_http_call`, `proxy_grpc_call`, `proxy_grpc_stream`, `proxy_grpc_send`,
+//! using one): `proxy_http_call`, `proxy_grpc_stream`, `proxy_grpc_send`,
 //! `proxy_grpc_cancel`, `proxy_grpc_close`, `proxy_register_shared_queue`,
 //! `proxy_resolve_shared_queue`, `proxy_enqueue_shared_queue`, `proxy_dequeue_shared_queue`,
 //! `proxy_call_foreign_function`.
+//!
+//! # gRPC calls and ticks
+//!
+//! [`Vm::begin`] runs a stream's request phase and keeps the stream open; [`Vm::grpc_calls`]
+//! lists the calls it dispatched; [`Vm::answer`] delivers one answer the way Envoy does for a
+//! unary `proxy_grpc_call` (Envoy's async client hands a unary call's result over once:
+//! success is `proxy_on_grpc_receive(context, token, size)` alone, with the message readable
+//! as buffer 5 (`GrpcReceiveBuffer`) during that call; a failure or a timeout is
+//! `proxy_on_grpc_close(context, token, grpc_status)` alone: no metadata callbacks);
+//! [`Vm::finish`] runs the response phase (if the stream went on or got a local reply), done,
+//! log and delete, cancelling calls still outstanding as Envoy's `~Context` does.
+//! [`Vm::request_answering`] does all of it with a closure answering each call.
+//! [`Vm::fail_grpc_dispatch`] makes the next calls fail to dispatch (`ParseFailure` is
+//! Envoy's status for an unknown cluster). [`Vm::tick`] calls `proxy_on_tick` when the
+//! period set by `proxy_set_tick_period_milliseconds` has passed on the virtual clock since
+//! it was set or since the last tick.
 #![allow(dead_code)]
 
 mod abi;
@@ -307,6 +326,12 @@ pub(crate) struct VmState {
     pub metric_ids: Vec<String>,
     pub tick_period_ms: u32,
     pub effective_context: u32,
+    /// gRPC calls and answers (see "gRPC calls and ticks").
+    pub grpc: GrpcState,
+    /// Streams paused between [`Vm::begin`] and [`Vm::finish`], by context id.
+    pub parked: BTreeMap<u32, Parked>,
+    /// Virtual time the tick period was set or the last tick ran.
+    pub tick_since_ns: u64,
     /// Interferences the scheduler applied during the current request.
     pub interference: u32,
     pub rng: Rng,
@@ -326,6 +351,7 @@ struct Exports {
     on_done: TypedFunc<i32, i32>,
     on_log: TypedFunc<i32, ()>,
     on_delete: TypedFunc<i32, ()>,
+    grpc: GrpcExports,
 }
 
 pub(crate) struct VmCore {
@@ -469,6 +495,9 @@ impl VmCore {
             metric_ids: Vec::new(),
             tick_period_ms: 0,
             effective_context: 0,
+            grpc: GrpcState::default(),
+            parked: BTreeMap::new(),
+            tick_since_ns: 0,
             interference: 0,
             rng: Rng::new(0x5eed ^ index as u64),
         };
@@ -490,6 +519,11 @@ impl VmCore {
             on_done: instance.get_typed_func(&mut store, "proxy_on_done").map_err(setup)?,
             on_log: instance.get_typed_func(&mut store, "proxy_on_log").map_err(setup)?,
             on_delete: instance.get_typed_func(&mut store, "proxy_on_delete").map_err(setup)?,
+            grpc: GrpcExports {
+                on_receive: instance.get_typed_func(&mut store, "proxy_on_grpc_receive").ok(),
+                on_close: instance.get_typed_func(&mut store, "proxy_on_grpc_close").ok(),
+                on_tick: instance.get_typed_func(&mut store, "proxy_on_tick").ok(),
+            },
         };
         // WASI reactor initialisation (runs the SDK's `main!`), then the root context.
         let init = instance
@@ -755,5 +789,289 @@ impl Cluster {
             }
         }
         Ok(world.take_completed())
+    }
+}
+
+// ---- gRPC calls and ticks ----
+
+/// The optional exports the gRPC and tick callbacks go to.
+struct GrpcExports {
+    on_receive: Option<TypedFunc<(i32, i32, i32), ()>>,
+    on_close: Option<TypedFunc<(i32, i32, i32), ()>>,
+    on_tick: Option<TypedFunc<i32, ()>>,
+}
+
+/// One `proxy_grpc_call` the module made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrpcCall {
+    pub token: u32,
+    /// The context that made it (the HTTP stream's id).
+    pub context: u32,
+    pub cluster: String,
+    pub service: String,
+    pub method: String,
+    pub initial_metadata: Vec<(Vec<u8>, Vec<u8>)>,
+    pub message: Vec<u8>,
+    pub timeout_ms: u32,
+}
+
+/// How a test answers a call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GrpcAnswer {
+    /// The service answered this message (gRPC status OK).
+    Message(Vec<u8>),
+    /// The call failed with this gRPC status (14 UNAVAILABLE, 13 INTERNAL, ...).
+    Status(u32),
+    /// `timeout_ms` passed: Envoy closes the call with DEADLINE_EXCEEDED.
+    Timeout,
+}
+
+pub const GRPC_DEADLINE_EXCEEDED: u32 = 4;
+
+#[derive(Debug, Default)]
+pub(crate) struct GrpcState {
+    pub next_token: u32,
+    /// Dispatched, not answered yet.
+    pub outstanding: Vec<GrpcCall>,
+    /// Every call dispatched, in order.
+    pub log: Vec<GrpcCall>,
+    /// The message of the answer being delivered (buffer type 5).
+    pub receive: Option<Vec<u8>>,
+    /// (calls left, status): make the next calls fail to dispatch.
+    pub dispatch_fail: Option<(u32, u32)>,
+}
+
+/// A stream between [`Vm::begin`] and [`Vm::finish`].
+#[derive(Debug)]
+pub(crate) struct Parked {
+    stream: Stream,
+    request: Request,
+    request_action: Action,
+}
+
+/// The request phase of a stream left open by [`Vm::begin`].
+#[derive(Debug, Clone)]
+pub struct Started {
+    pub id: u32,
+    pub request_action: Action,
+    pub local_reply: Option<LocalReply>,
+}
+
+impl Reply {
+    /// Went to the upstream: continued at once, or resumed later (after a gRPC answer),
+    /// with no local reply.
+    pub fn passed(&self) -> bool {
+        self.local_reply.is_none() && (self.request_action == Action::Continue || self.continue_calls > 0)
+    }
+}
+
+impl VmCore {
+    fn begin(&mut self, req: &Request) -> Result<Started, HostError> {
+        let id = self.next_context;
+        self.next_context += 1;
+        let mut stream = Stream { id, request_headers: req.headers.clone(), ..Stream::default() };
+        for (path, value) in &req.properties {
+            let path: Vec<&str> = path.iter().map(String::as_str).collect();
+            stream.properties.insert(property_key(&path), value.clone());
+        }
+        let n_headers = stream.request_headers.len() as i32;
+        {
+            let state = self.store.data_mut();
+            state.stream = Some(stream);
+            state.interference = 0;
+        }
+        let (create, on_req) = (self.exports.on_context_create.clone(), self.exports.on_request_headers.clone());
+        let ctx = id as i32;
+        self.guest(|s| create.call(s, (ctx, ROOT_CONTEXT as i32)))?;
+        let eos = i32::from(req.end_of_stream);
+        let request_action = action(self.guest(|s| on_req.call(s, (ctx, n_headers, eos)))?);
+        let state = self.store.data_mut();
+        let stream = state.stream.take().unwrap_or_default();
+        let local_reply = stream.local_reply.clone();
+        state.parked.insert(id, Parked { stream, request: req.clone(), request_action });
+        Ok(Started { id, request_action, local_reply })
+    }
+
+    /// Runs `f` with parked stream `id` as the current stream.
+    fn on_stream<R>(&mut self, id: u32, f: impl FnOnce(&mut VmCore) -> Result<R, HostError>) -> Result<R, HostError> {
+        let Some(parked) = self.store.data_mut().parked.remove(&id) else {
+            return Err(HostError::Setup(format!("no open stream {id}")));
+        };
+        let Parked { stream, request, request_action } = parked;
+        self.store.data_mut().stream = Some(stream);
+        let out = f(self);
+        let state = self.store.data_mut();
+        if let Some(stream) = state.stream.take() {
+            state.parked.insert(id, Parked { stream, request, request_action });
+        }
+        out
+    }
+
+    fn answer(&mut self, token: u32, answer: GrpcAnswer) -> Result<(), HostError> {
+        let outstanding = &mut self.store.data_mut().grpc.outstanding;
+        let Some(at) = outstanding.iter().position(|c| c.token == token) else {
+            return Err(HostError::Setup(format!("no outstanding gRPC call {token}")));
+        };
+        let call = outstanding.remove(at);
+        let (ctx, tok) = (call.context as i32, token as i32);
+        let receive = self.exports.grpc.on_receive.clone();
+        let close = self.exports.grpc.on_close.clone();
+        let deliver = move |core: &mut VmCore| -> Result<(), HostError> {
+            match answer {
+                GrpcAnswer::Message(bytes) => {
+                    let Some(f) = receive else { return Err(HostError::Refused("no proxy_on_grpc_receive".into())) };
+                    let size = bytes.len() as i32;
+                    core.store.data_mut().grpc.receive = Some(bytes);
+                    let r = core.guest(|s| f.call(s, (ctx, tok, size)));
+                    core.store.data_mut().grpc.receive = None;
+                    r
+                }
+                GrpcAnswer::Status(code) => {
+                    let Some(f) = close else { return Err(HostError::Refused("no proxy_on_grpc_close".into())) };
+                    core.guest(|s| f.call(s, (ctx, tok, code as i32)))
+                }
+                GrpcAnswer::Timeout => {
+                    let Some(f) = close else { return Err(HostError::Refused("no proxy_on_grpc_close".into())) };
+                    core.guest(|s| f.call(s, (ctx, tok, GRPC_DEADLINE_EXCEEDED as i32)))
+                }
+            }
+        };
+        if call.context == ROOT_CONTEXT {
+            deliver(self)
+        } else {
+            self.on_stream(call.context, deliver)
+        }
+    }
+
+    fn finish(&mut self, id: u32) -> Result<Reply, HostError> {
+        // Envoy cancels a context's outstanding calls when the stream goes away.
+        self.store.data_mut().grpc.outstanding.retain(|c| c.context != id);
+        let Some(parked) = self.store.data_mut().parked.remove(&id) else {
+            return Err(HostError::Setup(format!("no open stream {id}")));
+        };
+        let Parked { stream, request, request_action } = parked;
+        let went_on = request_action == Action::Continue || stream.continue_calls > 0;
+        let response = match (&stream.local_reply, went_on) {
+            (Some(l), _) => {
+                let mut h = vec![(b":status".to_vec(), l.status.to_string().into_bytes())];
+                h.extend(l.headers.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())));
+                Some(h)
+            }
+            (None, true) => Some(request.response_headers.clone()),
+            (None, false) => None,
+        };
+        self.store.data_mut().stream = Some(stream);
+        let e = &self.exports;
+        let (on_resp, done, log, delete) =
+            (e.on_response_headers.clone(), e.on_done.clone(), e.on_log.clone(), e.on_delete.clone());
+        let ctx = id as i32;
+        let mut response_action = None;
+        if let Some(headers) = response {
+            let n = headers.len() as i32;
+            if let Some(s) = self.store.data_mut().stream.as_mut() {
+                s.response_headers = Some(headers);
+            }
+            response_action = Some(action(self.guest(|s| on_resp.call(s, (ctx, n, 1)))?));
+        }
+        self.guest(|s| done.call(s, ctx))?;
+        self.guest(|s| log.call(s, ctx))?;
+        self.guest(|s| delete.call(s, ctx))?;
+        let stream = self.store.data_mut().stream.take().unwrap_or_default();
+        let reply = Reply {
+            request_action,
+            local_reply: stream.local_reply,
+            response_action,
+            response_headers: stream
+                .response_headers
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(n, v)| (String::from_utf8_lossy(&n).into_owned(), v))
+                .collect(),
+            added_response_headers: stream.added_response_headers,
+            continue_calls: stream.continue_calls,
+            close_calls: stream.close_calls,
+        };
+        let world = self.store.data().world.clone();
+        let mut shared = world.shared();
+        let now_ns = shared.now_ns;
+        shared.completed.push(Completed {
+            vm: self.index,
+            label: request.label.clone(),
+            allowed: reply.passed(),
+            status: reply.status(),
+            nested: false,
+            now_ns,
+        });
+        drop(shared);
+        Ok(reply)
+    }
+
+    fn tick(&mut self) -> Result<bool, HostError> {
+        let state = self.store.data();
+        let period = u64::from(state.tick_period_ms) * 1_000_000;
+        let now = state.world.now_ns();
+        if period == 0 || now.saturating_sub(state.tick_since_ns) < period {
+            return Ok(false);
+        }
+        let Some(f) = self.exports.grpc.on_tick.clone() else {
+            return Err(HostError::Refused("no proxy_on_tick".into()));
+        };
+        self.store.data_mut().tick_since_ns = now;
+        self.guest(|s| f.call(s, ROOT_CONTEXT as i32))?;
+        Ok(true)
+    }
+}
+
+impl Vm {
+    /// Runs a stream's request phase and leaves it open (for gRPC answers); [`Vm::finish`]
+    /// closes it.
+    pub fn begin(&self, req: &Request) -> Result<Started, HostError> {
+        self.core().begin(req)
+    }
+
+    /// Outstanding (dispatched, unanswered) gRPC calls, oldest first.
+    pub fn grpc_calls(&self) -> Vec<GrpcCall> {
+        self.core().store.data().grpc.outstanding.clone()
+    }
+
+    /// Every gRPC call dispatched so far, answered or not.
+    pub fn grpc_log(&self) -> Vec<GrpcCall> {
+        self.core().store.data().grpc.log.clone()
+    }
+
+    /// Delivers the answer to call `token` to the context that made it.
+    pub fn answer(&self, token: u32, answer: GrpcAnswer) -> Result<(), HostError> {
+        self.core().answer(token, answer)
+    }
+
+    /// The response phase (when the stream went on or got a local reply), done, log, delete.
+    pub fn finish(&self, id: u32) -> Result<Reply, HostError> {
+        self.core().finish(id)
+    }
+
+    /// One whole stream, answering each gRPC call it makes with `answer`.
+    pub fn request_answering(
+        &self,
+        req: &Request,
+        mut answer: impl FnMut(&GrpcCall) -> GrpcAnswer,
+    ) -> Result<Reply, HostError> {
+        let started = self.begin(req)?;
+        loop {
+            let call = self.grpc_calls().into_iter().find(|c| c.context == started.id);
+            let Some(call) = call else { break };
+            let a = answer(&call);
+            self.answer(call.token, a)?;
+        }
+        self.finish(started.id)
+    }
+
+    /// The next `calls` `proxy_grpc_call`s return `status` (e.g. `status::PARSE_FAILURE`).
+    pub fn fail_grpc_dispatch(&self, calls: u32, status: u32) {
+        self.core().store.data_mut().grpc.dispatch_fail = Some((calls, status));
+    }
+
+    /// `proxy_on_tick`, if the tick period has passed on the virtual clock: whether it ran.
+    pub fn tick(&self) -> Result<bool, HostError> {
+        self.core().tick()
     }
 }

@@ -14,6 +14,8 @@ pub mod status {
     pub const SERIALIZATION_FAILURE: u32 = 3;
     pub const CAS_MISMATCH: u32 = 8;
     pub const INTERNAL_FAILURE: u32 = 10;
+    /// `proxy_grpc_call` with a cluster Envoy does not know.
+    pub const PARSE_FAILURE: u32 = 4;
 }
 
 /// The virtual clock starts here (2023-11-14), in nanoseconds since the Unix epoch.

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! rls-server --listen 127.0.0.1:PORT --redis redis://127.0.0.1:PORT --limits FILE.json
-//!            [--delay-ms N] [--stats-file FILE]
+//!            [--delay-ms N] [--stats-file FILE] [--no-statuses]
 //! ```
 //!
 //! The limits file is a JSON list of limitador limits:
@@ -22,6 +22,9 @@
 //! "errors": E, "cancelled": C}` (cancelled: the client reset the stream before the answer).
 //! Each call is also logged to stdout as one `call ...` line. "listening on ADDR" is printed
 //! once the socket is bound.
+//!
+//! `--no-statuses` answers with `overall_code` only, no descriptor statuses (no limit,
+//! remaining or `duration_until_reset`), as Limitador's own RLS server does.
 
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::rate_limit::Unit;
 use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_response::{
@@ -98,6 +101,8 @@ struct Rls {
     delay: Duration,
     stats: Stats,
     stats_file: Option<PathBuf>,
+    /// Answer without descriptor statuses (as Limitador).
+    no_statuses: bool,
 }
 
 fn unit_for(seconds: u64) -> Option<Unit> {
@@ -135,6 +140,14 @@ impl Rls {
     }
 
     async fn decide(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
+        let mut response = self.decide_with_statuses(req).await?;
+        if self.no_statuses {
+            response.statuses.clear();
+        }
+        Ok(response)
+    }
+
+    async fn decide_with_statuses(&self, req: &RateLimitRequest) -> Result<RateLimitResponse, Status> {
         if req.domain.is_empty() {
             return Err(Status::invalid_argument("rate limit domain must not be empty"));
         }
@@ -262,9 +275,10 @@ struct Args {
     limits: PathBuf,
     delay_ms: u64,
     stats_file: Option<PathBuf>,
+    no_statuses: bool,
 }
 
-const USAGE: &str = "usage: rls-server --listen HOST:PORT --redis redis://HOST:PORT --limits FILE.json [--delay-ms N] [--stats-file FILE]";
+const USAGE: &str = "usage: rls-server --listen HOST:PORT --redis redis://HOST:PORT --limits FILE.json [--delay-ms N] [--stats-file FILE] [--no-statuses]";
 
 fn parse_args() -> Result<Args, String> {
     let mut listen = None;
@@ -272,10 +286,15 @@ fn parse_args() -> Result<Args, String> {
     let mut limits = None;
     let mut delay_ms = 0;
     let mut stats_file = None;
+    let mut no_statuses = false;
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "-h" || flag == "--help" {
             return Err(USAGE.to_string());
+        }
+        if flag == "--no-statuses" {
+            no_statuses = true;
+            continue;
         }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
         match flag.as_str() {
@@ -293,6 +312,7 @@ fn parse_args() -> Result<Args, String> {
         limits: limits.ok_or_else(|| format!("--limits is required\n{USAGE}"))?,
         delay_ms,
         stats_file,
+        no_statuses,
     })
 }
 
@@ -338,6 +358,7 @@ async fn run(args: Args) -> Result<(), String> {
         delay: Duration::from_millis(args.delay_ms),
         stats: Stats::default(),
         stats_file: args.stats_file,
+        no_statuses: args.no_statuses,
     };
     rls.write_stats();
 
