@@ -441,7 +441,7 @@ enum Pinned {
     Duplicate,
 }
 
-/// Run after a worker created or reclaimed slot `mine` for `owner` (writing `t_full`): makes
+/// Run after a worker created or reclaimed slot `mine` for `owner` (writing `written`): makes
 /// sure the owner cannot end up with a second bucket in an earlier candidate.
 ///
 /// The race (issue 15, item 7): worker A reads candidate c0 while another owner's bucket
