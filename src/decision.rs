@@ -4,7 +4,7 @@
 use crate::config::{Config, Mode, Overflow, Policy, StoreErrorPolicy, UnknownTenants};
 use crate::metrics::{Counter, Scoped, COUNTERS};
 use crate::response::{retry_after_seconds, Quota};
-use crate::store::{self, hash128, Namespace, Outcome, SharedStore, SlotUse};
+use crate::store::{self, hash128, Home, Namespace, Outcome, SharedStore, SlotUse};
 use crate::tenant::TenantId;
 use crate::worker_lease::{Entry, WorkerLeases};
 
@@ -104,28 +104,33 @@ const UNLISTED_OWNER: &[u8] = b"\0unlisted";
 const OVERFLOW_OWNER: &[u8] = b"\0overflow";
 const RULE_SEPARATOR: &[u8] = b"\0rule\0";
 
-/// The policy and bucket owner for a tenant (and the matched rule, if it has its own limit).
+/// The policy, bucket owner and bucket home for a tenant (and the matched rule, if it has its
+/// own limit). A listed tenant's buckets (its own and its per-rule ones) have reserved keys,
+/// so a flood of other tenant ids can never push it into the overflow bucket; everyone else
+/// shares the slot table.
 pub fn select<'c>(
     config: &'c Config,
     tenant: &TenantId,
     rule: Option<(usize, &'c crate::config::Rule)>,
-) -> (&'c Policy, u128, Option<Scope>) {
+) -> (&'c Policy, u128, Home, Option<Scope>) {
+    let listed = config.tenant_index(tenant.as_bytes());
+    let home = if listed.is_some() { Home::Reserved(config.max_tenants) } else { Home::Slots(config.max_tenants) };
     if let Some((index, rule)) = rule {
         if let Some(policy) = &rule.policy {
             let owner = hash128(&[tenant.as_bytes(), RULE_SEPARATOR, policy.name.as_bytes()]);
-            return (policy, owner, Some(Scope::Rule(index)));
+            return (policy, owner, home, Some(Scope::Rule(index)));
         }
     }
-    if let Some(index) = config.tenant_index(tenant.as_bytes()) {
+    if let Some(index) = listed {
         if let Some(policy) = config.tenants.get(index) {
-            return (policy, hash128(&[tenant.as_bytes()]), Some(Scope::Tenant(index)));
+            return (policy, hash128(&[tenant.as_bytes()]), home, Some(Scope::Tenant(index)));
         }
     }
     let owner = match config.unknown_tenants {
         UnknownTenants::Separate => hash128(&[tenant.as_bytes()]),
         UnknownTenants::Shared => hash128(&[UNLISTED_OWNER]),
     };
-    (&config.default_policy, owner, None)
+    (&config.default_policy, owner, Home::Slots(config.max_tenants), None)
 }
 
 /// The per-name counters a request of `tenant` (matching `rule`) goes to: what [`select`]
@@ -151,7 +156,7 @@ pub fn from_lease<'c>(
     if config.worker_lease == 0 {
         return None;
     }
-    let (policy, owner, scope) = select(config, tenant, rule);
+    let (policy, owner, _, scope) = select(config, tenant, rule);
     let quota = leases.spend(owner, &policy.limit, cost)?;
     let mut events = Events::default();
     events.bump(Counter::Allowed, 1);
@@ -183,17 +188,17 @@ pub fn decide<'c>(
     cost: u64,
     now_ns: u64,
 ) -> Decision<'c> {
-    let (policy, owner, scope) = select(config, tenant, rule);
+    let (policy, owner, home, scope) = select(config, tenant, rule);
     let mode = policy.mode.unwrap_or(config.mode);
     let mut events = Events::default();
     let grab = lease_size(config, policy, owner, leases.as_deref());
-    let mut debit = store::debit(store, ns, owner, &policy.limit, cost, grab, now_ns, config.max_tenants);
+    let mut debit = store::debit(store, ns, owner, home, &policy.limit, cost, grab, now_ns);
     if let (Some(leases), Outcome::Decided { verdict, .. }) = (leases, debit.outcome) {
         if debit.granted > 0 {
             let quota = Quota::new(&policy.limit, &verdict);
-            let replaced = leases.add(Entry { owner, limit: policy.limit, tokens: debit.granted, quota });
+            let replaced = leases.add(Entry { owner, home, limit: policy.limit, tokens: debit.granted, quota });
             if let Some(old) = replaced {
-                store::give_back(store, ns, old.owner, &old.limit, old.tokens, now_ns, config.max_tenants);
+                store::give_back(store, ns, old.owner, old.home, &old.limit, old.tokens, now_ns);
             }
         }
     }
@@ -436,6 +441,41 @@ mod tests {
         assert_eq!(scope(&c, &id("other"), None), None);
     }
 
+    #[test]
+    fn a_flood_of_junk_ids_never_reaches_listed_tenants() {
+        // Issue 15, item 2: junk ids fill every slot with live buckets; `vip` (never seen
+        // before) and its per-rule bucket still get exactly their capacity.
+        let c = cfg(r#"{"capacity":5,"refill_rate":0.001,"max_tenants":20,
+            "tenants":{"vip":{"capacity":10,"refill_rate":0.001}},
+            "rules":[{"name":"login","path_prefix":"/login","capacity":3,"refill_rate":0.001},{"path_prefix":"/"}]}"#);
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("t");
+        let mut overflow = 0;
+        for i in 0..2000 {
+            let d = decide(&c, &ns, &mut s, None, &id(&format!("junk-{i}")), None, 1, T0);
+            overflow += d.events.counters[Counter::OverflowUsed as usize];
+        }
+        assert!(overflow > 1900, "{overflow}");
+        assert_eq!(run(&c, &mut s, "vip", 15), (10, 5));
+        let Metering::Charge { cost, rule } = classify(&c.rules, b"GET", b"/login") else { panic!() };
+        let login = (0..6).filter(|_| !decide(&c, &ns, &mut s, None, &id("vip"), rule, cost, T0).deny).count();
+        assert_eq!(login, 3);
+        // A junk id's per-rule bucket still goes through the slot table (and overflows).
+        let d = decide(&c, &ns, &mut s, None, &id("junk-x"), rule, cost, T0);
+        assert_eq!(d.events.counters[Counter::OverflowUsed as usize], 1);
+        // Bounded by the config: 20 slots + overflow + 2 reserved keys (vip, vip's login).
+        assert_eq!(s.data.len(), 23);
+    }
+
+    #[test]
+    fn listed_tenants_keep_their_tokens_when_the_config_is_reordered() {
+        let a = cfg(r#"{"capacity":5,"refill_rate":0.001,"tenants":{"b":{},"vip":{"capacity":4}}}"#);
+        let b = cfg(r#"{"capacity":5,"refill_rate":0.001,"tenants":{"a":{},"aa":{},"vip":{"capacity":4}}}"#);
+        let mut s = FakeStore::default();
+        assert_eq!(run(&a, &mut s, "vip", 3).0, 3);
+        assert_eq!(run(&b, &mut s, "vip", 3), (1, 2));
+    }
+
     mod worker_leases {
         use super::*;
         use crate::store::give_back;
@@ -467,7 +507,7 @@ mod tests {
                 let limit = c.default_policy.limit;
                 for w in &mut workers {
                     for e in w.drain() {
-                        prop_assert!(give_back(&mut s, &ns, owner, &limit, e.tokens, T0, c.max_tenants));
+                        prop_assert!(give_back(&mut s, &ns, owner, e.home, &limit, e.tokens, T0));
                     }
                 }
                 let before = admitted;
@@ -478,6 +518,25 @@ mod tests {
                     prop_assert!(cap - before <= 4 * lease, "under-admitted {} with lease {}", cap - before, lease);
                 }
             }
+        }
+
+        #[test]
+        fn a_listed_tenants_lease_goes_back_to_its_reserved_bucket() {
+            let c = cfg(r#"{"capacity":5,"refill_rate":0.001,"worker_lease":2,"max_tenants":1,
+                "tenants":{"vip":{"capacity":20}}}"#);
+            let ns = Namespace::new("t");
+            let mut s = FakeStore::default();
+            // The only slot is taken.
+            assert!(!decide(&c, &ns, &mut s, None, &id("junk"), None, 1, T0).deny);
+            let mut w = WorkerLeases::default();
+            let d = decide(&c, &ns, &mut s, Some(&mut w), &id("vip"), None, 1, T0);
+            assert!(!d.deny);
+            let leased: Vec<Entry> = w.drain().collect();
+            assert_eq!(leased.len(), 1);
+            let e = leased[0];
+            assert!(matches!(e.home, Home::Reserved(_)));
+            assert!(give_back(&mut s, &ns, e.owner, e.home, &e.limit, e.tokens, T0));
+            assert_eq!(run(&c, &mut s, "vip", 30).0, 19);
         }
 
         #[test]

@@ -51,7 +51,7 @@ impl Active {
         if let Ok(mut leases) = self.leases.try_borrow_mut() {
             let now = now_ns();
             for e in leases.drain() {
-                give_back(&mut HostStore, &self.ns, e.owner, &e.limit, e.tokens, now, self.config.max_tenants);
+                give_back(&mut HostStore, &self.ns, e.owner, e.home, &e.limit, e.tokens, now);
             }
         }
         self.flush();

@@ -7,6 +7,10 @@
 //! candidate slots. A slot holding a *full* bucket may be taken over, because a full bucket
 //! is indistinguishable from a new one: reuse never grants tokens. The record stores a
 //! 128-bit hash of its owner, so two owners sharing a slot are never merged silently.
+//!
+//! Tenants listed in the config (and their per-rule buckets) do not use the slot table: each
+//! has a reserved key of its own (`trl/<namespace>/r<owner hash>`), so their storage is
+//! bounded by the config and no flood of other tenant ids can take it (see [`Home`]).
 
 use crate::bucket::{self, Limit, Verdict};
 
@@ -124,7 +128,9 @@ pub struct Namespace {
 }
 
 const NS_LEN: usize = 4 + 16 + 1;
-const KEY_CAP: usize = NS_LEN + 20;
+/// The longest key: a reserved key, `r` + 32 hex digits after the prefix.
+const KEY_CAP: usize = NS_LEN + 33;
+const HEX: &[u8; 16] = b"0123456789abcdef";
 
 impl Namespace {
     pub fn new(root_id: &str) -> Namespace {
@@ -136,7 +142,7 @@ impl Namespace {
         }
         for shift in (0..16).rev() {
             let nibble = (h >> (shift * 4)) & 0xf;
-            set(&mut prefix, &mut at, b"0123456789abcdef".get(nibble as usize).copied().unwrap_or(b'0'));
+            set(&mut prefix, &mut at, HEX.get(nibble as usize).copied().unwrap_or(b'0'));
         }
         set(&mut prefix, &mut at, b'/');
         Namespace { prefix }
@@ -161,6 +167,21 @@ impl Namespace {
         }
         for i in (0..count).rev() {
             key.push(digits.get(i..=i).unwrap_or(b"0"));
+        }
+        key
+    }
+
+    /// The reserved key of `owner` (a listed tenant or one of its per-rule buckets):
+    /// `r` + the owner hash in hex. The owner hash comes from the tenant's (and rule's) name,
+    /// not from its position in the config, so a config push that reorders tenants keeps
+    /// the tokens they spent.
+    pub fn reserved_key(&self, owner: u128) -> Key {
+        let mut key = Key { buf: [0; KEY_CAP], len: 0 };
+        key.push(&self.prefix);
+        key.push(b"r");
+        for shift in (0..32).rev() {
+            let nibble = (owner >> (shift * 4)) as usize & 0xf;
+            key.push(HEX.get(nibble..=nibble).unwrap_or(b"0"));
         }
         key
     }
@@ -250,10 +271,28 @@ pub struct Debit {
     pub granted: u64,
 }
 
+/// Where an owner's bucket lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Home {
+    /// The slot table of this many slots: tenants the config does not list.
+    Slots(u32),
+    /// A key of its own ([`Namespace::reserved_key`]): tenants listed in the config and their
+    /// per-rule buckets. No traffic can take this storage, and there are at most
+    /// `listed tenants x (1 + rules with their own limit)` such keys. The number is the slot
+    /// table's size: when the reserved key is first created, the owner's bucket is looked up
+    /// there once and carried over (a tenant that was unlisted, or an upgrade from a version
+    /// without reserved keys, keeps the tokens it spent).
+    Reserved(u32),
+}
+
+/// Candidates read before the chosen free slot, each holding another owner's live bucket:
+/// (slot, bytes, cas) as read.
+type Skipped = [Option<(u32, Vec<u8>, u32)>; CANDIDATES];
+
 /// Where an owner's record is, or may be created.
 enum Location {
     Own { slot: u32, bytes: Vec<u8>, cas: u32 },
-    Free { slot: u32, cas: Option<u32> },
+    Free { slot: u32, cas: Option<u32>, skipped: Skipped },
     Full,
 }
 
@@ -274,30 +313,70 @@ fn locate(
     now_ns: u64,
 ) -> Result<Location, GetError> {
     let (slots, n) = candidates(owner, max_tenants);
-    let mut free = None;
-    for &slot in slots.get(..n).unwrap_or(&[]) {
+    let mut free: Option<(u32, Option<u32>)> = None;
+    let mut skipped: Skipped = Default::default();
+    for (i, &slot) in slots.get(..n).unwrap_or(&[]).iter().enumerate() {
         match store.get(ns.slot_key(slot).as_str())? {
             None => {
-                free.get_or_insert(Location::Free { slot, cas: None });
+                free.get_or_insert((slot, None));
             }
             Some((bytes, cas)) => match occupant(&bytes, now_ns) {
                 Some((o, _)) if o == owner => return Ok(Location::Own { slot, bytes, cas }),
-                Some((_, false)) => {}
+                Some((_, false)) => {
+                    if free.is_none() {
+                        if let Some(s) = skipped.get_mut(i) {
+                            *s = Some((slot, bytes, cas));
+                        }
+                    }
+                }
                 // Reusable, or bytes that are no record of ours.
                 _ => {
-                    free.get_or_insert(Location::Free { slot, cas: Some(cas) });
+                    free.get_or_insert((slot, Some(cas)));
                 }
             },
         }
     }
-    Ok(free.unwrap_or(Location::Full))
+    Ok(match free {
+        Some((slot, cas)) => Location::Free { slot, cas, skipped },
+        None => Location::Full,
+    })
 }
 
-/// Debits `cost` tokens from `owner`'s bucket in the slot table. With `grab > 0` it also
-/// takes `grab` extra tokens for a worker-local lease, but only if the bucket is still at
-/// least half full afterwards (so leases never compete for a scarce bucket).
+/// Debits `cost` tokens from `owner`'s bucket, in the slot table or its reserved key. With
+/// `grab > 0` it also takes `grab` extra tokens for a worker-local lease, but only if the
+/// bucket is still at least half full afterwards (so leases never compete for a scarce bucket).
 #[allow(clippy::too_many_arguments)]
 pub fn debit(
+    store: &mut impl SharedStore,
+    ns: &Namespace,
+    owner: u128,
+    home: Home,
+    limit: &Limit,
+    cost: u64,
+    grab: u64,
+    now_ns: u64,
+) -> Debit {
+    match home {
+        Home::Slots(max_tenants) => debit_slots(store, ns, owner, limit, cost, grab, now_ns, max_tenants),
+        Home::Reserved(max_tenants) => debit_reserved(store, ns, owner, limit, cost, grab, now_ns, max_tenants),
+    }
+}
+
+/// The lease tokens to take along with a debit of `cost` from state `t_full`.
+fn lease_grant(limit: &Limit, t_full: u128, now_ns: u64, cost: u64, grab: u64) -> u64 {
+    if grab == 0 {
+        return 0;
+    }
+    let with_lease = bucket::debit(limit, t_full, now_ns, cost.saturating_add(grab));
+    if with_lease.allowed && with_lease.remaining.saturating_mul(2) >= limit.capacity {
+        grab
+    } else {
+        0
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn debit_slots(
     store: &mut impl SharedStore,
     ns: &Namespace,
     owner: u128,
@@ -308,33 +387,195 @@ pub fn debit(
     max_tenants: u32,
 ) -> Debit {
     let mut cas_retries = 0;
+    // A key created by an attempt that was then folded into another slot still exists.
+    let mut created = false;
     for _ in 0..MAX_CAS_ATTEMPTS {
         let location = match locate(store, ns, owner, max_tenants, now_ns) {
             Ok(l) => l,
             Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
         };
-        let (slot, state, cas, use_) = match location {
+        let (slot, state, cas, use_, skipped) = match location {
             Location::Own { slot, bytes, cas } => {
-                (slot, stored_state(&bytes, owner, limit, now_ns), cas, SlotUse::Existing)
+                (slot, stored_state(&bytes, owner, limit, now_ns), cas, SlotUse::Existing, None)
             }
-            Location::Free { slot, cas: None } => (slot, (0, false), CREATE_CAS, SlotUse::Created),
-            Location::Free { slot, cas: Some(cas) } => (slot, (0, false), cas, SlotUse::Reclaimed),
+            Location::Free { slot, cas: None, skipped } => {
+                (slot, (0, false), CREATE_CAS, SlotUse::Created, Some(skipped))
+            }
+            Location::Free { slot, cas: Some(cas), skipped } => {
+                (slot, (0, false), cas, SlotUse::Reclaimed, Some(skipped))
+            }
             Location::Full => return Debit { outcome: Outcome::NoSlot, cas_retries, granted: 0 },
         };
-        let granted = if grab > 0 {
-            let with_lease = bucket::debit(limit, state.0, now_ns, cost.saturating_add(grab));
-            if with_lease.allowed && with_lease.remaining.saturating_mul(2) >= limit.capacity {
-                grab
-            } else {
-                0
-            }
-        } else {
-            0
-        };
+        let granted = lease_grant(limit, state.0, now_ns, cost, grab);
         match write(store, ns.slot_key(slot).as_str(), owner, limit, state, cas, cost + granted, now_ns) {
             Step::Done(verdict, wrote) => {
+                created |= wrote && use_ == SlotUse::Created;
+                if let (true, Some(skipped)) = (wrote, skipped) {
+                    if pin(store, ns, owner, slot, verdict.t_full, skipped, now_ns) == Pinned::Duplicate {
+                        // Our bucket was a second one and is folded away: decide again
+                        // against the owner's first bucket.
+                        cas_retries += 1;
+                        continue;
+                    }
+                }
                 // A denial on a free slot wrote nothing, so it neither created nor reclaimed.
-                let slot = if wrote || use_ == SlotUse::Existing { use_ } else { SlotUse::Untouched };
+                let slot = if created {
+                    SlotUse::Created
+                } else if wrote || use_ == SlotUse::Existing {
+                    use_
+                } else {
+                    SlotUse::Untouched
+                };
+                return Debit { outcome: Outcome::Decided { verdict, slot }, cas_retries, granted };
+            }
+            Step::Retry => cas_retries += 1,
+            Step::Failed => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
+        }
+    }
+    Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pinned {
+    Alone,
+    Duplicate,
+}
+
+/// Run after a worker created or reclaimed slot `mine` for `owner` (writing `written`): makes
+/// sure the owner cannot end up with a second bucket in an earlier candidate.
+///
+/// The race (issue 15, item 7): worker A reads candidate c0 while another owner's bucket
+/// there is live and puts the owner in c1; worker B reads c0 an instant later, when that
+/// bucket is full again, and c1 before A's write, and reclaims c0 for the same owner. Two
+/// buckets, each admitting. A cannot stop B with its own write, since A never writes c0; so
+/// A *pins* every candidate it skipped: it rewrites the bytes it read there with the cas it
+/// read. If the pin succeeds, the slot did not change between A's read and the pin, and:
+/// - a worker that read it before the pin holds a stale cas, so its reclaim fails and it
+///   reads again;
+/// - a worker that reads it after the pin reads the later candidates after A's write (a
+///   lookup reads candidates in order), so it finds A's bucket.
+///
+/// If a pin fails, the slot changed; if it now holds the owner's bucket, that one (the
+/// earlier candidate, which every lookup finds first) is kept, and ours is folded into it.
+/// So the worker that wrote the later candidate always settles the race, and a request is
+/// only ever decided against one bucket. A pin costs one extra `set` per skipped candidate,
+/// only when a slot is created or reclaimed in a later candidate; a pinned bucket's owner
+/// at most retries one CAS.
+fn pin(
+    store: &mut impl SharedStore,
+    ns: &Namespace,
+    owner: u128,
+    mine: u32,
+    written: u128,
+    skipped: Skipped,
+    now_ns: u64,
+) -> Pinned {
+    for (slot, mut bytes, mut cas) in skipped.into_iter().flatten() {
+        let key = ns.slot_key(slot);
+        for _ in 0..MAX_CAS_ATTEMPTS {
+            match store.set(key.as_str(), &bytes, cas) {
+                Ok(()) => break,
+                // The host fails: keep the decision (the race needs a failing host too).
+                Err(SetError::Failed) => return Pinned::Alone,
+                Err(SetError::CasMismatch) => {}
+            }
+            match store.get(key.as_str()) {
+                Ok(Some((now_bytes, now_cas))) => {
+                    if matches!(Record::decode(&now_bytes), Some(r) if r.owner == owner) {
+                        fold(store, ns, owner, mine, written, slot, now_ns);
+                        return Pinned::Duplicate;
+                    }
+                    // Someone else's write (its owner's debit, a reclaim by a third owner):
+                    // pin what is there now.
+                    bytes = now_bytes;
+                    cas = now_cas;
+                }
+                _ => return Pinned::Alone,
+            }
+        }
+    }
+    Pinned::Alone
+}
+
+/// Folds `owner`'s bucket in slot `mine` (which we wrote with state `written`) into its bucket
+/// in the earlier slot `first`: what other workers debited from `mine` since our write moves
+/// to `first` before `mine` is freed, so no token is lost (moving first and freeing after
+/// can only count a debit twice, which under-admits). Our own debit is dropped with `mine`:
+/// the caller decides the request again against `first`.
+fn fold(store: &mut impl SharedStore, ns: &Namespace, owner: u128, mine: u32, written: u128, first: u32, now_ns: u64) {
+    let key = ns.slot_key(mine);
+    let mut moved: u128 = 0;
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let Ok(Some((bytes, cas))) = store.get(key.as_str()) else { return };
+        let Some(record) = Record::decode(&bytes).filter(|r| r.owner == owner) else { return };
+        let extra = record.t_full.saturating_sub(written).saturating_sub(moved);
+        if extra > 0 {
+            if !add_debt(store, ns.slot_key(first).as_str(), owner, extra, now_ns) {
+                return;
+            }
+            moved += extra;
+        }
+        // A full bucket: free for any owner to reclaim, and worth nothing to this one.
+        let freed = Record { t_full: 0, ..record };
+        match store.set(key.as_str(), &freed.encode(), cas) {
+            Ok(()) | Err(SetError::Failed) => return,
+            Err(SetError::CasMismatch) => {}
+        }
+    }
+}
+
+/// Adds `ticks` of debt to `owner`'s bucket under `key`; false if it is not there.
+fn add_debt(store: &mut impl SharedStore, key: &str, owner: u128, ticks: u128, now_ns: u64) -> bool {
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let Ok(Some((bytes, cas))) = store.get(key) else { return false };
+        let Some(record) = Record::decode(&bytes).filter(|r| r.owner == owner) else { return false };
+        let t_full = record.t_full.max(bucket::now_ticks(now_ns)).saturating_add(ticks);
+        match store.set(key, &Record { t_full, ..record }.encode(), cas) {
+            Ok(()) => return true,
+            Err(SetError::CasMismatch) => {}
+            Err(SetError::Failed) => return false,
+        }
+    }
+    false
+}
+
+/// Debits `owner`'s reserved key, creating it on first use.
+#[allow(clippy::too_many_arguments)]
+fn debit_reserved(
+    store: &mut impl SharedStore,
+    ns: &Namespace,
+    owner: u128,
+    limit: &Limit,
+    cost: u64,
+    grab: u64,
+    now_ns: u64,
+    max_tenants: u32,
+) -> Debit {
+    let key = ns.reserved_key(owner);
+    let mut cas_retries = 0;
+    for _ in 0..MAX_CAS_ATTEMPTS {
+        let (state, cas, creating) = match store.get(key.as_str()) {
+            Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
+            Ok(Some((bytes, cas))) => (stored_state(&bytes, owner, limit, now_ns), cas, false),
+            Ok(None) => {
+                // Start from the owner's bucket in the slot table, if it has one. The state is
+                // written even on a denial (`true`), so this lookup happens once per owner.
+                let carried = match locate(store, ns, owner, max_tenants, now_ns) {
+                    Ok(Location::Own { bytes, .. }) => stored_state(&bytes, owner, limit, now_ns).0,
+                    Ok(_) => 0,
+                    Err(GetError) => return Debit { outcome: Outcome::StoreError, cas_retries, granted: 0 },
+                };
+                ((carried, true), CREATE_CAS, true)
+            }
+        };
+        let granted = lease_grant(limit, state.0, now_ns, cost, grab);
+        match write(store, key.as_str(), owner, limit, state, cas, cost + granted, now_ns) {
+            Step::Done(verdict, wrote) => {
+                let slot = match (creating, wrote) {
+                    (true, true) => SlotUse::Created,
+                    (true, false) => SlotUse::Untouched,
+                    (false, _) => SlotUse::Existing,
+                };
                 return Debit { outcome: Outcome::Decided { verdict, slot }, cas_retries, granted };
             }
             Step::Retry => cas_retries += 1,
@@ -391,17 +632,28 @@ pub fn give_back(
     store: &mut impl SharedStore,
     ns: &Namespace,
     owner: u128,
+    home: Home,
     limit: &Limit,
     tokens: u64,
     now_ns: u64,
-    max_tenants: u32,
 ) -> bool {
     for _ in 0..MAX_CAS_ATTEMPTS {
-        let (slot, record, cas) = match locate(store, ns, owner, max_tenants, now_ns) {
-            Ok(Location::Own { slot, bytes, cas }) => match Record::decode(&bytes) {
-                Some(r) if r.limit == *limit => (slot, r, cas),
-                _ => return false,
+        let found = match home {
+            Home::Reserved(_) => {
+                let key = ns.reserved_key(owner);
+                match store.get(key.as_str()) {
+                    Ok(Some((bytes, cas))) => Some((key, bytes, cas)),
+                    _ => None,
+                }
+            }
+            Home::Slots(max_tenants) => match locate(store, ns, owner, max_tenants, now_ns) {
+                Ok(Location::Own { slot, bytes, cas }) => Some((ns.slot_key(slot), bytes, cas)),
+                _ => None,
             },
+        };
+        let Some((key, bytes, cas)) = found else { return false };
+        let record = match Record::decode(&bytes) {
+            Some(r) if r.owner == owner && r.limit == *limit => r,
             _ => return false,
         };
         let back = limit.interval.saturating_mul(u128::from(tokens));
@@ -409,7 +661,7 @@ pub fn give_back(
         if t_full >= record.t_full {
             return true; // already full: nothing to give back
         }
-        match store.set(ns.slot_key(slot).as_str(), &Record { t_full, ..record }.encode(), cas) {
+        match store.set(key.as_str(), &Record { t_full, ..record }.encode(), cas) {
             Ok(()) => return true,
             Err(SetError::CasMismatch) => {}
             Err(SetError::Failed) => return false,
@@ -417,7 +669,6 @@ pub fn give_back(
     }
     false
 }
-
 /// Layout version of a lease record.
 pub const LEASE_VERSION: u8 = 2;
 /// version + owner + tokens + expiry.
@@ -519,7 +770,9 @@ pub fn lease_add(
     for _ in 0..MAX_CAS_ATTEMPTS {
         let (slot, lease, cas) = match locate(store, ns, owner, max, now_ns) {
             Err(GetError) | Ok(Location::Full) => return false,
-            Ok(Location::Free { slot, cas }) => (slot, Lease { owner, tokens, expires_ns }, cas.unwrap_or(CREATE_CAS)),
+            Ok(Location::Free { slot, cas, .. }) => {
+                (slot, Lease { owner, tokens, expires_ns }, cas.unwrap_or(CREATE_CAS))
+            }
             Ok(Location::Own { slot, bytes, cas }) => {
                 let merged = match Lease::decode(&bytes) {
                     Some(old) if old.expires_ns > now_ns && old.tokens > 0 => Lease {
@@ -570,7 +823,7 @@ fn write(
     // limit); otherwise it changes nothing, so there is nothing to race on.
     let record = Record { owner, limit: *limit, t_full: verdict.t_full };
     match store.set(key, &record.encode(), cas) {
-        Ok(()) => Step::Done(verdict, verdict.allowed),
+        Ok(()) => Step::Done(verdict, true),
         Err(SetError::CasMismatch) => Step::Retry,
         Err(SetError::Failed) if !verdict.allowed => Step::Done(verdict, false),
         Err(SetError::Failed) => Step::Failed,
@@ -692,7 +945,7 @@ mod tests {
         let ns = Namespace::new("r");
         let l = lim(5, 1.0);
         let owner = hash128(&[b"acme"]);
-        let n = (0..20).filter(|_| allowed(&debit(&mut s, &ns, owner, &l, 1, 0, T0, 100))).count();
+        let n = (0..20).filter(|_| allowed(&debit(&mut s, &ns, owner, Home::Slots(100), &l, 1, 0, T0))).count();
         assert_eq!(n, 5);
         assert_eq!(s.data.len(), 1);
     }
@@ -702,9 +955,9 @@ mod tests {
         let mut s = FakeStore::default();
         let ns = Namespace::new("r");
         let owner = hash128(&[b"acme"]);
-        debit(&mut s, &ns, owner, &lim(5, 1.0), 1, 0, T0, 1000);
+        debit(&mut s, &ns, owner, Home::Slots(1000), &lim(5, 1.0), 1, 0, T0);
         s.gets = 0;
-        debit(&mut s, &ns, owner, &lim(5, 1.0), 1, 0, T0, 1000);
+        debit(&mut s, &ns, owner, Home::Slots(1000), &lim(5, 1.0), 1, 0, T0);
         assert_eq!(s.gets, 1);
     }
 
@@ -713,19 +966,19 @@ mod tests {
         let mut s = FakeStore::default();
         let ns = Namespace::new("r");
         s.conflicts = 3;
-        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 10);
+        let d = debit(&mut s, &ns, 1, Home::Slots(10), &lim(5, 1.0), 1, 0, T0);
         assert!(allowed(&d));
         assert_eq!(d.cas_retries, 3);
         s.conflicts = MAX_CAS_ATTEMPTS;
-        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 10);
+        let d = debit(&mut s, &ns, 1, Home::Slots(10), &lim(5, 1.0), 1, 0, T0);
         assert_eq!(d.outcome, Outcome::StoreError);
         assert_eq!(d.cas_retries, MAX_CAS_ATTEMPTS);
         s.conflicts = 0;
         s.fail_sets = true;
-        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 10).outcome, Outcome::StoreError);
+        assert_eq!(debit(&mut s, &ns, 1, Home::Slots(10), &lim(5, 1.0), 1, 0, T0).outcome, Outcome::StoreError);
         s.fail_sets = false;
         s.fail_gets = true;
-        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 10).outcome, Outcome::StoreError);
+        assert_eq!(debit(&mut s, &ns, 1, Home::Slots(10), &lim(5, 1.0), 1, 0, T0).outcome, Outcome::StoreError);
     }
 
     #[test]
@@ -735,7 +988,7 @@ mod tests {
         let l = lim(2, 1.0);
         let mut no_slot = 0;
         for i in 0..1000u32 {
-            let d = debit(&mut s, &ns, hash128(&[&i.to_le_bytes()]), &l, 1, 0, T0, 16);
+            let d = debit(&mut s, &ns, hash128(&[&i.to_le_bytes()]), Home::Slots(16), &l, 1, 0, T0);
             if d.outcome == Outcome::NoSlot {
                 no_slot += 1;
             }
@@ -743,7 +996,7 @@ mod tests {
         assert!(s.data.len() <= 16);
         assert!(no_slot > 900);
         // After the buckets refilled, new owners reclaim slots.
-        let d = debit(&mut s, &ns, hash128(&[b"late"]), &l, 1, 0, T0 + 10 * SEC, 16);
+        let d = debit(&mut s, &ns, hash128(&[b"late"]), Home::Slots(16), &l, 1, 0, T0 + 10 * SEC);
         assert!(matches!(d.outcome, Outcome::Decided { slot: SlotUse::Reclaimed, .. }), "{d:?}");
         assert!(s.data.len() <= 16);
     }
@@ -759,14 +1012,14 @@ mod tests {
         let blocker = Record { owner: 99, limit: l, t_full: bucket::now_ticks(T0 + 1000 * SEC) };
         s.data.insert(ns.slot_key(c[0]).as_str().to_string(), (blocker.encode().to_vec(), 5));
         for _ in 0..3 {
-            assert!(allowed(&debit(&mut s, &ns, owner, &l, 1, 0, T0, 1000)));
+            assert!(allowed(&debit(&mut s, &ns, owner, Home::Slots(1000), &l, 1, 0, T0)));
         }
         // The blocker refills; the owner must still find its own (empty) bucket, not a new one.
         let later = T0 + 2000 * SEC;
-        let d = debit(&mut s, &ns, owner, &l, 1, 0, later, 1000);
+        let d = debit(&mut s, &ns, owner, Home::Slots(1000), &l, 1, 0, later);
         assert!(allowed(&d)); // two tokens refilled at 0.001/s over 2000 s
-        assert!(allowed(&debit(&mut s, &ns, owner, &l, 1, 0, later, 1000)));
-        assert!(!allowed(&debit(&mut s, &ns, owner, &l, 1, 0, later, 1000)));
+        assert!(allowed(&debit(&mut s, &ns, owner, Home::Slots(1000), &l, 1, 0, later)));
+        assert!(!allowed(&debit(&mut s, &ns, owner, Home::Slots(1000), &l, 1, 0, later)));
     }
 
     #[test]
@@ -775,13 +1028,13 @@ mod tests {
         let ns = Namespace::new("r");
         let old = lim(10, 0.001);
         for _ in 0..7 {
-            assert!(allowed(&debit(&mut s, &ns, 3, &old, 1, 0, T0, 10)));
+            assert!(allowed(&debit(&mut s, &ns, 3, Home::Slots(10), &old, 1, 0, T0)));
         }
         let new = lim(5, 0.001); // one token per 1000 s
-        assert!(!allowed(&debit(&mut s, &ns, 3, &new, 1, 0, T0, 10)));
+        assert!(!allowed(&debit(&mut s, &ns, 3, Home::Slots(10), &new, 1, 0, T0)));
         // The debt was clamped to 5 tokens and stored: the first token is due after 1000 s,
         // not after the 3000 s the unclamped debt of 7 would take.
-        assert!(allowed(&debit(&mut s, &ns, 3, &new, 1, 0, T0 + 1000 * SEC, 10)));
+        assert!(allowed(&debit(&mut s, &ns, 3, Home::Slots(10), &new, 1, 0, T0 + 1000 * SEC)));
     }
 
     #[test]
@@ -819,13 +1072,139 @@ mod tests {
         let mut s = FakeStore::default();
         let ns = Namespace::new("r");
         // One slot: a live bucket blocks a lease; an expired lease is reclaimed by a bucket.
-        assert!(allowed(&debit(&mut s, &ns, 1, &lim(5, 0.001), 1, 0, T0, 1)));
+        assert!(allowed(&debit(&mut s, &ns, 1, Home::Slots(1), &lim(5, 0.001), 1, 0, T0)));
         assert!(!lease_add(&mut s, &ns, 2, 3, T0 + SEC, T0, 1));
         let mut s = FakeStore::default();
         assert!(lease_add(&mut s, &ns, 2, 3, T0 + SEC, T0, 1));
-        assert_eq!(debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0, 1).outcome, Outcome::NoSlot);
-        let d = debit(&mut s, &ns, 1, &lim(5, 1.0), 1, 0, T0 + 2 * SEC, 1);
+        assert_eq!(debit(&mut s, &ns, 1, Home::Slots(1), &lim(5, 1.0), 1, 0, T0).outcome, Outcome::NoSlot);
+        let d = debit(&mut s, &ns, 1, Home::Slots(1), &lim(5, 1.0), 1, 0, T0 + 2 * SEC);
         assert!(matches!(d.outcome, Outcome::Decided { slot: SlotUse::Reclaimed, .. }));
+    }
+
+    #[test]
+    fn reserved_keys_are_namespaced_and_stable() {
+        let ns = Namespace::new("my-root");
+        let k = ns.reserved_key(u128::MAX);
+        assert_eq!(k.as_str(), format!("{}r{}", ns.named_key("").as_str(), "f".repeat(32)));
+        assert!(ns.reserved_key(0x1234).as_str().ends_with("/r00000000000000000000000000001234"));
+    }
+
+    #[test]
+    fn reserved_bucket_is_exact_whatever_fills_the_slot_table() {
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("r");
+        let junk = lim(5, 0.001);
+        // Junk owners fill every slot with live buckets.
+        for i in 0..500u32 {
+            debit(&mut s, &ns, hash128(&[&i.to_le_bytes()]), Home::Slots(8), &junk, 1, 0, T0);
+        }
+        let vip = hash128(&[b"vip"]);
+        assert_eq!(debit(&mut s, &ns, vip, Home::Slots(8), &junk, 1, 0, T0).outcome, Outcome::NoSlot);
+        let l = lim(10, 0.001);
+        let first = debit(&mut s, &ns, vip, Home::Reserved(8), &l, 1, 0, T0);
+        assert!(matches!(first.outcome, Outcome::Decided { slot: SlotUse::Created, .. }), "{first:?}");
+        let n = (0..20).filter(|_| allowed(&debit(&mut s, &ns, vip, Home::Reserved(8), &l, 1, 0, T0))).count();
+        assert_eq!(n + 1, 10);
+        // 8 slots + 1 reserved key, whatever the traffic.
+        assert_eq!(s.data.len(), 9);
+        assert!(s.data.contains_key(ns.reserved_key(vip).as_str()));
+    }
+
+    #[test]
+    fn reserved_bucket_starts_from_the_slot_table_state() {
+        // A tenant that was unlisted (or served by a build without reserved keys) keeps the
+        // tokens it spent when it becomes listed.
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("r");
+        let l = lim(5, 0.001);
+        for _ in 0..4 {
+            assert!(allowed(&debit(&mut s, &ns, 7, Home::Slots(100), &l, 1, 0, T0)));
+        }
+        assert!(allowed(&debit(&mut s, &ns, 7, Home::Reserved(100), &l, 1, 0, T0)));
+        assert!(!allowed(&debit(&mut s, &ns, 7, Home::Reserved(100), &l, 1, 0, T0)));
+        // A denial on a new reserved key stores the carried state too, so the slot table is
+        // read once per owner.
+        let mut s = FakeStore::default();
+        for _ in 0..5 {
+            debit(&mut s, &ns, 8, Home::Slots(100), &l, 1, 0, T0);
+        }
+        let d = debit(&mut s, &ns, 8, Home::Reserved(100), &l, 1, 0, T0);
+        assert!(matches!(d.outcome, Outcome::Decided { verdict, slot: SlotUse::Created } if !verdict.allowed));
+        s.gets = 0;
+        assert!(!allowed(&debit(&mut s, &ns, 8, Home::Reserved(100), &l, 1, 0, T0)));
+        assert_eq!(s.gets, 1);
+    }
+
+    #[test]
+    fn give_back_reaches_reserved_buckets() {
+        let mut s = FakeStore::default();
+        let ns = Namespace::new("r");
+        let l = lim(10, 0.001);
+        let d = debit(&mut s, &ns, 9, Home::Reserved(4), &l, 1, 4, T0);
+        assert_eq!(d.granted, 4);
+        assert!(give_back(&mut s, &ns, 9, Home::Reserved(4), &l, 4, T0));
+        let n = (0..20).filter(|_| allowed(&debit(&mut s, &ns, 9, Home::Reserved(4), &l, 1, 0, T0))).count();
+        assert_eq!(n, 9);
+        // A slot-table give-back never touches the reserved key.
+        assert!(!give_back(&mut s, &ns, 9, Home::Slots(4), &l, 4, T0));
+    }
+
+    /// A store that runs `other` (another worker's whole request) just before the first set
+    /// of `trigger`, as a worker on another thread could.
+    struct Racing<F: FnMut(&mut FakeStore)> {
+        inner: FakeStore,
+        trigger: String,
+        other: Option<F>,
+    }
+
+    impl<F: FnMut(&mut FakeStore)> SharedStore for Racing<F> {
+        fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, GetError> {
+            self.inner.get(key)
+        }
+        fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
+            if key == self.trigger {
+                if let Some(mut other) = self.other.take() {
+                    other(&mut self.inner);
+                }
+            }
+            self.inner.set(key, value, cas)
+        }
+    }
+
+    #[test]
+    fn two_first_requests_across_a_refill_instant_share_one_bucket() {
+        // Issue 15, item 7: c0 holds another owner's bucket, full again at `t_star`. Worker A
+        // reads c0 just before (live) and creates the owner in c1; worker B reads c0 at
+        // `t_star` (reclaimable) and c1 before A's write, and reclaims c0.
+        let ns = Namespace::new("r");
+        let l = lim(2, 0.001);
+        let owner = hash128(&[b"acme"]);
+        let (c, n) = candidates(owner, 1000);
+        assert!(n >= 2);
+        let t_star = T0 + SEC;
+        let mut inner = FakeStore::default();
+        let blocker = Record { owner: 99, limit: l, t_full: bucket::now_ticks(t_star) };
+        inner.data.insert(ns.slot_key(c[0]).as_str().to_string(), (blocker.encode().to_vec(), 5));
+        inner.next_cas = 5;
+        let mut b_allowed = false;
+        let mut s = Racing {
+            inner,
+            trigger: ns.slot_key(c[1]).as_str().to_string(),
+            other: Some(|st: &mut FakeStore| {
+                b_allowed = allowed(&debit(st, &ns, owner, Home::Slots(1000), &l, 1, 0, t_star));
+            }),
+        };
+        let a = debit(&mut s, &ns, owner, Home::Slots(1000), &l, 1, 0, t_star - 1);
+        let mut s = s.inner;
+        assert!(b_allowed);
+        let mut admitted = u32::from(allowed(&a)) + 1;
+        for _ in 0..5 {
+            admitted += u32::from(allowed(&debit(&mut s, &ns, owner, Home::Slots(1000), &l, 1, 0, t_star)));
+        }
+        assert_eq!(admitted, 2, "one bucket of capacity 2");
+        // c1 was freed: any owner may take it.
+        let c1 = Record::decode(&s.data[ns.slot_key(c[1]).as_str()].0).unwrap();
+        assert!(bucket::is_full(c1.t_full, t_star));
     }
 
     proptest! {
@@ -838,7 +1217,7 @@ mod tests {
             let mut n = 0;
             for c in conflict_pattern {
                 s.conflicts = c;
-                if allowed(&debit(&mut s, &ns, 5, &l, 1, 0, T0, 64)) { n += 1; }
+                if allowed(&debit(&mut s, &ns, 5, Home::Slots(64), &l, 1, 0, T0)) { n += 1; }
             }
             prop_assert!(n <= cap);
         }

@@ -11,6 +11,7 @@
 
 use crate::bucket::Limit;
 use crate::response::Quota;
+use crate::store::Home;
 
 /// Tenants a worker keeps leases for; more go the normal way.
 pub const MAX_LEASES: usize = 64;
@@ -18,6 +19,8 @@ pub const MAX_LEASES: usize = 64;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Entry {
     pub owner: u128,
+    /// Where the owner's bucket is, to give unspent tokens back to.
+    pub home: Home,
     pub limit: Limit,
     pub tokens: u64,
     /// The bucket as seen when the lease was taken, lease tokens excluded.
@@ -75,6 +78,7 @@ mod tests {
     fn entry(owner: u128, tokens: u64) -> Entry {
         Entry {
             owner,
+            home: Home::Slots(10),
             limit: Limit::new(100, 1.0).unwrap(),
             tokens,
             quota: Quota { capacity: 100, remaining: 60, reset_seconds: 40, next_seconds: 1, window_seconds: 100 },

@@ -267,3 +267,108 @@ fn a_failing_set_or_get_applies_on_store_error() {
         }
     }
 }
+
+/// Issue 15, item 7. Tenant `acme`'s first candidate slot c0 holds another tenant's bucket
+/// that is full again at `t_star`. Worker A reads c0 one nanosecond before (live) and c1
+/// (empty), and creates `acme` in c1; between A's read and its write, worker B handles
+/// `acme` at `t_star`: c0 is reclaimable and c1 still empty, so B reclaims c0. Without a
+/// fix `acme` has two buckets and 3 of its requests pass a capacity of 2. The filter pins
+/// the candidates it skipped, sees B's bucket, and folds its own into it.
+#[test]
+fn two_workers_racing_a_refill_instant_never_give_a_tenant_two_buckets() {
+    use tenant_ratelimit::store::{candidates, hash128};
+    const MAX: u32 = 1000;
+    let config = r#"{"capacity":2,"refill_rate":0.001,"max_tenants":1000,"overflow":"deny"}"#;
+    let world = World::new();
+    let a = Vm::configured(&world, config);
+    let b = Vm::configured(&world, config);
+    let (c, n) = candidates(hash128(&[b"acme"]), MAX);
+    assert!(n >= 2);
+    // A tenant whose first candidate is acme's c0 (and that lands there in an empty table).
+    let blocker = (0..100_000)
+        .map(|i| format!("blocker-{i}"))
+        .find(|t| candidates(hash128(&[t.as_bytes()]), MAX).0[0] == c[0])
+        .unwrap();
+    assert!(a.request(&Request::get("/").tenant(&blocker)).unwrap().allowed());
+    // One token at 0.001/s: the blocker's bucket is full again 1000 s later.
+    let t_star = world.now_ns() + 1000 * SEC;
+    world.set_time_ns(t_star - 1);
+
+    let c1_suffix = format!("/{}", c[1]);
+    let mut fired = false;
+    world.set_hook(move |point, vm, key| {
+        if point == Point::BeforeSet && vm == 0 && key.ends_with(&c1_suffix) && !fired {
+            fired = true;
+            vec![Interference::AdvanceNs(1), Interference::RunQueued]
+        } else {
+            vec![]
+        }
+    });
+    world.enqueue(Request::get("/").tenant("acme").label("b"));
+    let first = a.request(&Request::get("/").tenant("acme")).unwrap();
+    let done = world.completed();
+    let inner = done.iter().find(|c| c.label == "b").expect("B's request ran inside A's window");
+    assert!(inner.nested && inner.vm == 1 && inner.now_ns == t_star);
+    let mut admitted = u32::from(first.allowed()) + u32::from(inner.allowed);
+    for i in 0..6 {
+        let vm = if i % 2 == 0 { &a } else { &b };
+        admitted += u32::from(vm.request(&Request::get("/").tenant("acme")).unwrap().allowed());
+    }
+    assert_eq!(admitted, 2, "acme has one bucket of 2 tokens");
+    assert_eq!(world.counter("tenant_ratelimit.store_errors"), 0);
+    assert_eq!(world.metric("tenant_ratelimit.live_slots"), world.key_count() as i64);
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, failure_persistence: None, ..ProptestConfig::default() })]
+
+    /// Item 7 at large: three workers, a small slot table whose slots are held by short-lived
+    /// "blocker" buckets (a rule with capacity 1 that is full again 250 ms after each use), and
+    /// new tenants (capacity 2, 1/hour) whose first requests run inside one another's
+    /// shared-data windows while the clock jumps forward between one worker's reads and
+    /// another's. No tenant ever gets more than its 2 tokens.
+    #[test]
+    fn first_requests_racing_refills_never_over_admit(seed in any::<u64>()) {
+        let config = r#"{"capacity":2,"refill_rate":"1/h","max_tenants":24,"overflow":"deny",
+            "rules":[{"name":"fast","path_prefix":"/fast","capacity":1,"refill_rate":4},{"path_prefix":"/"}]}"#;
+        let cluster = Cluster::new(3, config);
+        let world = &cluster.world;
+        let mut hook_rng = Rng::new(seed ^ 0x5eed);
+        world.set_hook(move |_point, _vm, _key| {
+            if hook_rng.permille(250) {
+                vec![Interference::AdvanceNs(hook_rng.below(300_000_000) as i64), Interference::RunQueued]
+            } else {
+                vec![]
+            }
+        });
+        let mut rng = Rng::new(seed);
+        let mut steps = Vec::new();
+        for round in 0..30 {
+            for _ in 0..4 {
+                steps.push(Step::Request(Request::get("/fast").tenant(&format!("b{}", rng.below(40))).label("blocker")));
+            }
+            // Two new tenants per round, three requests each, shuffled in with the blockers.
+            for t in 0..2 {
+                for _ in 0..3 {
+                    let at = rng.below(steps.len() as u64 + 1) as usize;
+                    let at = at.max(steps.len().saturating_sub(8));
+                    steps.insert(at, Step::Request(Request::get("/").tenant(&format!("t{round}-{t}"))));
+                }
+            }
+            steps.push(Step::AdvanceNs(rng.below(400_000_000)));
+        }
+        let mut sched = Scheduler::new(seed);
+        sched.run_other_permille = 0;
+        sched.foreign_write_permille = 0;
+        let done = cluster.run(&steps, sched).unwrap();
+        prop_assert!(world.now_ns() - host::T0_NS < 3000 * SEC, "no refill within the run");
+        let mut admitted: BTreeMap<String, u32> = BTreeMap::new();
+        for c in done.iter().filter(|c| c.label != "blocker") {
+            *admitted.entry(c.label.clone()).or_insert(0) += u32::from(c.allowed);
+        }
+        for (tenant, n) in &admitted {
+            prop_assert!(*n <= 2, "{} admitted {} of 2 (seed {})", tenant, n, seed);
+        }
+        prop_assert_eq!(world.counter("tenant_ratelimit.store_errors"), 0);
+    }
+}

@@ -202,6 +202,7 @@ fn interleave(c: &mut C, point: Point, key: &str) -> Result<()> {
                 s.set(key, &value, 0);
             }
             Interference::RunQueued => run_queued_elsewhere(&world, vm)?,
+            Interference::AdvanceNs(ns) => world.advance_ns(ns),
         }
     }
     Ok(())

@@ -64,6 +64,9 @@ pub enum Interference {
     ForeignWrite { bytes: Vec<u8> },
     /// Another VM (one that is not busy) runs the next queued request to completion.
     RunQueued,
+    /// The virtual clock moves by this many nanoseconds (negative: back), so what runs next
+    /// (another VM's request) sees a later instant than the interrupted VM read.
+    AdvanceNs(i64),
 }
 
 /// Where a VM can be interrupted: right after its `get` returned, or just before its `set`
