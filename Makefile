@@ -14,11 +14,12 @@ MAX_WASM_BYTES := 204800
 
 export CARGO_TERM_COLOR := never
 
-.PHONY: help run test wasm deps system-packages rust-target lint unit e2e bench bench-smoke check-config sha256 clean
+.PHONY: help run test service service-test run-global wasm deps system-packages rust-target lint unit e2e bench bench-smoke check-config sha256 clean
 
 help:
 	@echo "make run    build the filter and start the local Envoy demo on 127.0.0.1:10000"
 	@echo "make test   install what is needed and run every test suite"
+	@echo "make service  build the fleet rate-limit service (target/release/tenant-ratelimit-service)"
 	@echo "make bench  measure the filter against no filter, native local_ratelimit and a no-op Wasm filter"
 	@echo "make check-config FILE=path   validate a plugin config, WasmPlugin or EnvoyFilter"
 	@echo "make sha256 print the sha256 of the built .wasm (for WasmPlugin/EnvoyFilter)"
@@ -98,7 +99,21 @@ check-config:
 	@test -n "$(FILE)" || { echo "usage: make check-config FILE=path/to/config.json|wasmplugin.yaml"; exit 2; }
 	cargo run --quiet --release --bin tenant-ratelimit-check -- $(FILE)
 
-test: deps lint unit e2e bench-smoke
+# The fleet rate-limit service (service/, docs/service.md): its unit tests and lint, then
+# tests/service against a real redis-server, a real 6-node Redis Cluster and real Envoys.
+SERVICE := target/release/tenant-ratelimit-service
+
+service:
+	cargo build --release -p tenant-ratelimit-service
+	@echo "service: $(SERVICE)"
+
+service-test: deps wasm system-packages service
+	cargo test --profile ci -p tenant-ratelimit-service
+	cargo clippy --profile ci -p tenant-ratelimit-service --all-targets -- -D warnings
+	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) SERVICE=$(abspath $(SERVICE)) \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/service
+
+test: deps lint unit e2e service-test bench-smoke
 	@echo "make test: all suites passed"
 
 clean:

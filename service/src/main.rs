@@ -119,7 +119,7 @@ fn load(path: &PathBuf) -> Result<Settings, String> {
 
 struct Service {
     settings: RwLock<Arc<Settings>>,
-    edge: Edge,
+    edge: Arc<Edge>,
     metrics: Arc<Metrics>,
     redis_timeout: Duration,
 }
@@ -180,12 +180,14 @@ impl RateLimitService for Service {
         let results = match tokio::time::timeout(deadline, self.edge.decide(&p.debits)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
+                self.edge.failed();
                 m.redis_errors.fetch_add(1, Ordering::Relaxed);
                 m.calls_redis_error.fetch_add(1, Ordering::Relaxed);
                 log!(WARN, "{e}");
                 return Err(Status::unavailable(e.to_string()));
             }
             Err(_) => {
+                self.edge.failed();
                 m.redis_timeouts.fetch_add(1, Ordering::Relaxed);
                 m.calls_redis_error.fetch_add(1, Ordering::Relaxed);
                 log!(WARN, "{} ({} ms)", EdgeError::Timeout, deadline.as_millis());
@@ -227,7 +229,7 @@ async fn serve_metrics(addr: SocketAddr, svc: Arc<Service>) -> Result<(), String
             let (status, body) = match path {
                 "/metrics" => ("200 OK", svc.metrics.render(svc.edge.commands.load(Ordering::Relaxed))),
                 "/healthz" => ("200 OK", "ok\n".to_string()),
-                "/ready" => match tokio::time::timeout(svc.redis_timeout, ping(&svc.edge.conn)).await {
+                "/ready" => match tokio::time::timeout(svc.redis_timeout, ping(&svc.edge.conn())).await {
                     Ok(Ok(())) => ("200 OK", "ready\n".to_string()),
                     Ok(Err(e)) => ("503 Service Unavailable", format!("redis: {e}\n")),
                     Err(_) => ("503 Service Unavailable", "redis: no answer\n".to_string()),
@@ -272,7 +274,7 @@ async fn run(args: Args) -> Result<(), String> {
     let domains = settings.domains.len();
     let svc = Arc::new(Service {
         settings: RwLock::new(Arc::new(settings)),
-        edge: Edge::new(conn),
+        edge: Arc::new(Edge::new(conn, args.redis.is_none().then(|| args.cluster.clone()), args.redis_timeout)),
         metrics: Arc::new(Metrics::default()),
         redis_timeout: args.redis_timeout,
     });

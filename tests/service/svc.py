@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -140,6 +142,24 @@ def redis_cli() -> str | None:
     return shutil.which("redis-cli")
 
 
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_cluster_port() -> int:
+    """A free port P <= 55535 whose cluster bus port P + 10000 is free too."""
+    rng = random.Random()
+    while True:
+        p = rng.randrange(20000, 55535)
+        if _port_free(p) and _port_free(p + 10000):
+            return p
+
+
 class Redis:
     """One redis-server on loopback, no persistence; `start()` again reuses its port."""
 
@@ -161,8 +181,10 @@ class Redis:
         return p.stdout.decode(errors="replace").strip()
 
     def start(self) -> "Redis":
+        fixed = self.port
         for _attempt in range(3):
-            self.port = self.port or free_port()
+            cluster = "--cluster-enabled" in self.extra_args
+            self.port = fixed or (free_cluster_port() if cluster else free_port())
             log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(
                 [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
@@ -186,8 +208,6 @@ class Redis:
             self.proc.kill()
             self.proc.wait(5)
 
-    return shutil.which("redis-cli")
-
 
 class RedisCluster:
     """3 masters + 3 replicas on loopback. `cluster-node-timeout` 1000 ms so a replica takes
@@ -207,7 +227,10 @@ class RedisCluster:
         for i in range(6):
             node = Redis(self.dir / f"n{i}", self.server,
                          ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                          "--cluster-node-timeout", "1000"])
+                          "--cluster-node-timeout", "1000",
+                          # A replica may always take over (the test kills a master on purpose).
+                          "--cluster-replica-validity-factor", "0",
+                          "--repl-diskless-sync-delay", "0"])
             self.nodes.append(node.start())
         p = subprocess.run([self.cli, "--cluster", "create", *[f"{HOST}:{n.port}" for n in self.nodes],
                             "--cluster-replicas", "1", "--cluster-yes"],
@@ -215,6 +238,16 @@ class RedisCluster:
         if p.returncode != 0:
             raise RuntimeError(f"redis-cli --cluster create failed: {p.stdout[-2000:]!r} {p.stderr[-2000:]!r}")
         self.wait_ok()
+        # Replicas in sync (a replica without the data would come back empty on failover).
+        deadline = time.monotonic() + 30
+        for n in self.nodes:
+            while True:
+                info = n.cli("INFO", "replication")
+                if "role:master" in info or "master_link_status:up" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"replica {n.port} not in sync: {info}")
+                time.sleep(0.1)
         return self
 
     def info(self, node: Redis, *args: str) -> str:

@@ -153,19 +153,20 @@ def test_kill_one_replica_under_load_never_over_admits(envoys, services, svc_fac
 # Envoy's native rate-limit filter against the same service
 
 
-def native_envoy(envoy_factory, services):
-    origin_port = None
+def native_listeners(origin_port: int) -> tuple[dict, dict]:
+    """`native`: HCM -> envoy.filters.http.ratelimit (domain "native", x-ratelimit headers)
+    -> router -> cluster `origin`; `origin`: a direct 200 (the native filter needs a route
+    to a cluster)."""
     origin = {
         "name": "origin",
-        "address": {"socket_address": {"address": HOST, "port_value": 0}},
+        "address": {"socket_address": {"address": HOST, "port_value": origin_port}},
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "origin",
-            "route_config": {"virtual_hosts": [{"name": "o", "domains": ["*"], "routes": [
+            "route_config": {"virtual_hosts": [{"name": "origin_vh", "domains": ["*"], "routes": [
                 {"match": {"prefix": "/"}, "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}}}]}]},
             "http_filters": [ROUTER]}}]}],
     }
-    del origin_port
     rate_limits = [
         {"actions": [{"request_headers": {"header_name": "x-tenant-id", "descriptor_key": "tenant"}}]},
         {"actions": [{"request_headers": {"header_name": "x-tenant-id", "descriptor_key": "tenant"}},
@@ -177,7 +178,7 @@ def native_envoy(envoy_factory, services):
         "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
             "stat_prefix": "native",
-            "route_config": {"virtual_hosts": [{"name": "n", "domains": ["*"], "routes": [
+            "route_config": {"virtual_hosts": [{"name": "native_vh", "domains": ["*"], "routes": [
                 {"match": {"prefix": "/upload"}, "route": {"cluster": "origin", "rate_limits": rate_limits}},
                 {"match": {"prefix": "/"}, "route": {"cluster": "origin", "rate_limits": rate_limits[:1]}}]}]},
             "http_filters": [
@@ -198,8 +199,7 @@ def native_envoy(envoy_factory, services):
 def native(envoy_factory, services):
     from e2e.harness import free_port
     origin_port = free_port()
-    front, origin = native_envoy(envoy_factory, services)
-    origin["address"]["socket_address"]["port_value"] = origin_port
+    front, origin = native_listeners(origin_port)
     origin_cluster = {
         "name": "origin", "type": "STATIC", "connect_timeout": "1s",
         "load_assignment": {"cluster_name": "origin", "endpoints": [{"lb_endpoints": [
