@@ -99,7 +99,7 @@ fn parse_args() -> Result<Args, String> {
             _ => return Err(format!("unknown flag {flag}\n{USAGE}")),
         }
     }
-    if redis.is_some() == !cluster.is_empty() {
+    if redis.is_some() != cluster.is_empty() {
         return Err(format!("give exactly one of --redis and --redis-cluster\n{USAGE}"));
     }
     Ok(Args {

@@ -70,9 +70,12 @@ class Service:
         tmp.replace(self.config_path)
 
     def start(self) -> "Service":
+        """Starts on free ports, or on the previous ones when restarting (the Envoy cluster
+        keeps pointing at them)."""
         self.write_config()
+        fixed = (self.port, self.metrics_port) if self.port else None
         for _attempt in range(3):
-            self.port, self.metrics_port = free_port(), free_port()
+            self.port, self.metrics_port = fixed or (free_port(), free_port())
             start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
             log = open(self.log_path, "ab")
             self.proc = subprocess.Popen(

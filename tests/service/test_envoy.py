@@ -4,6 +4,8 @@ Envoy's native `envoy.filters.http.ratelimit` against the same service."""
 
 from __future__ import annotations
 
+import os
+import signal
 import threading
 import time
 from collections import Counter
@@ -41,6 +43,8 @@ LISTENERS = {
     "lease": {**BIG_LOCAL, "global": glob("lease", lease_tokens=5)},
     "kill": {**BIG_LOCAL, "global": glob("kill")},
     "gcra": {**BIG_LOCAL, "global": glob("gcra")},
+    "down_deny": {**BIG_LOCAL, "global": glob("exact", timeout_ms=300)},
+    "down_allow": {**BIG_LOCAL, "global": glob("exact", timeout_ms=300, failure_mode="allow")},
 }
 
 
@@ -229,3 +233,22 @@ def test_native_filter_per_rule_descriptor(native, fresh):
     assert statuses([request(port, "/upload", {"x-tenant-id": t}) for _ in range(2)]) == [200, 429]
     # The denied upload took nothing from the tenant's 3: two more plain requests pass.
     assert statuses([request(port, "/", {"x-tenant-id": t}) for _ in range(3)]) == [200, 200, 429]
+
+
+def test_redis_stopped_failure_mode_applies_within_timeout(envoys, services, redis, fresh):
+    """Redis stops answering (SIGSTOP): within the filter's 300 ms timeout its failure_mode
+    decides: deny -> 429, allow -> 200. (The filter's gRPC call carries no grpc-timeout
+    header, so the service gives up at --redis-timeout-ms; test_service checks that path.)"""
+    t = fresh()
+    os.kill(redis.proc.pid, signal.SIGSTOP)
+    try:
+        for listener, want in [("down_deny", 429), ("down_allow", 200)]:
+            started = time.monotonic()
+            r = request(envoys[0].port(listener), "/", {"x-tenant-id": t})
+            elapsed = time.monotonic() - started
+            assert r.status == want, listener
+            assert elapsed < 0.6, (listener, elapsed)
+    finally:
+        os.kill(redis.proc.pid, signal.SIGCONT)
+    # And back: Redis answers again, so do the service and the filter.
+    assert request(envoys[1].port("exact"), "/", {"x-tenant-id": t}).status == 200
