@@ -103,8 +103,12 @@ check-config:
 # tests/service against a real redis-server, a real 6-node Redis Cluster and real Envoys.
 SERVICE := target/release/tenant-ratelimit-service
 
+# Built with the `service` profile (opt-level 3; the release profile is tuned for the .wasm's
+# size) and copied to target/release/.
 service:
-	cargo build --release -p tenant-ratelimit-service
+	cargo build --profile service -p tenant-ratelimit-service
+	mkdir -p target/release
+	cp target/service/tenant-ratelimit-service $(SERVICE).tmp && mv $(SERVICE).tmp $(SERVICE)
 	@echo "service: $(SERVICE)"
 
 service-test: deps wasm system-packages service
@@ -112,6 +116,25 @@ service-test: deps wasm system-packages service
 	cargo clippy --profile ci -p tenant-ratelimit-service --all-targets -- -D warnings
 	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) SERVICE=$(abspath $(SERVICE)) \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/service
+
+# Redis on 127.0.0.1:6390, two service replicas (:8091, :8092; metrics :9191, :9192) and the
+# demo Envoy (:10000) in `global` mode; Ctrl-C stops all of them.
+run-global: deps wasm system-packages service
+	@echo
+	@echo "Envoy on http://127.0.0.1:10000 asks two tenant-ratelimit-service replicas (one Redis). Try:"
+	@echo "  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{http_code}\n' -H 'x-tenant-id: acme' http://127.0.0.1:10000/; done   # 200 200 200 429"
+	@echo "  curl -s http://127.0.0.1:9191/metrics | grep trl_service_calls"
+	@echo
+	@dir=$$(mktemp -d); pids=""; \
+	  trap 'kill $$pids 2>/dev/null; wait; rm -rf $$dir' EXIT INT TERM; \
+	  redis-server --port 6390 --bind 127.0.0.1 --save '' --appendonly no --dir $$dir >$$dir/redis.log 2>&1 & pids="$$pids $$!"; \
+	  for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -p 6390 ping >/dev/null 2>&1 && break; sleep 0.2; done; \
+	  for n in 1 2; do \
+	    $(SERVICE) --listen 127.0.0.1:809$$n --redis redis://127.0.0.1:6390 --config deploy/service/demo-limits.json \
+	      --metrics 127.0.0.1:919$$n --redis-timeout-ms 150 & pids="$$pids $$!"; \
+	  done; \
+	  $(ENVOY) -c deploy/service/envoy-global.yaml --concurrency 2 --log-level warn & pids="$$pids $$!"; \
+	  wait
 
 test: deps lint unit e2e service-test bench-smoke
 	@echo "make test: all suites passed"

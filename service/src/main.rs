@@ -4,6 +4,7 @@
 //! ```text
 //! tenant-ratelimit-service --listen ADDR (--redis URL | --redis-cluster URL,URL,...) --config FILE
 //!                          [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N]
+//! tenant-ratelimit-service --check-config FILE
 //! ```
 //!
 //! Prints `listening on ADDR` once serving. SIGTERM (or Ctrl-C) stops accepting, lets the
@@ -68,11 +69,18 @@ fn parse_args() -> Result<Args, String> {
     let mut metrics = None;
     let mut redis_timeout = Duration::from_millis(1000);
     let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        if flag == "-h" || flag == "--help" {
+    while let Some(arg) = it.next() {
+        if arg == "-h" || arg == "--help" {
             return Err(USAGE.to_string());
         }
-        let value = it.next().ok_or_else(|| format!("{flag} needs a value\n{USAGE}"))?;
+        // `--flag value` or `--flag=value` (the usual form in Kubernetes `args`).
+        let (flag, value) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f.to_string(), v.to_string()),
+            _ => {
+                let value = it.next().ok_or_else(|| format!("{arg} needs a value\n{USAGE}"))?;
+                (arg, value)
+            }
+        };
         match flag.as_str() {
             "--listen" => listen = Some(value.parse().map_err(|e| format!("--listen {value}: {e}"))?),
             "--redis" => redis = Some(value),
@@ -340,6 +348,22 @@ async fn run(args: Args) -> Result<(), String> {
 }
 
 fn main() {
+    // `--check-config FILE`: validate a config (CI, a ConfigMap before rollout) and exit.
+    let argv: Vec<String> = std::env::args().collect();
+    if let [_, flag, file] = argv.as_slice() {
+        if flag == "--check-config" {
+            match load(&PathBuf::from(file)) {
+                Ok(s) => {
+                    println!("{file}: ok ({} domains)", s.domains.len());
+                    std::process::exit(0);
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    std::process::exit(1);
+                }
+            }
+        }
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -1,7 +1,7 @@
 """Processes for the service tests: tenant-ratelimit-service, a Redis Cluster of 3 masters +
 3 replicas, all on loopback ports picked at start, stopped by pid at the end.
 
-* `build_service()`: `$SERVICE`, else `cargo build --release -p tenant-ratelimit-service`.
+* `build_service()`: `$SERVICE`, else `cargo build --profile service -p tenant-ratelimit-service`.
 * `Service`: the service with a config dict; `.hup(config)`, `.term()`, `.metrics()`.
 * `RedisCluster`: six `redis-server --cluster-enabled yes`, joined with
   `redis-cli --cluster create ... --cluster-replicas 1 --cluster-yes`.
@@ -25,7 +25,8 @@ from e2e.harness import HOST, _die_with_parent, free_port
 from e2e.rls import _stop, _tail
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICE_BIN = REPO / "target" / "release" / "tenant-ratelimit-service"
+# `make service` builds with the `service` profile and copies the binary to target/release/.
+SERVICE_BIN = REPO / "target" / "service" / "tenant-ratelimit-service"
 START_TIMEOUT = 20.0
 BUILD_TIMEOUT = 1800.0
 
@@ -39,7 +40,7 @@ def build_service() -> str:
         if SERVICE_BIN.exists():
             return str(SERVICE_BIN)
         raise RuntimeError("no cargo to build the service (set SERVICE)")
-    p = subprocess.run([cargo, "build", "--quiet", "--release", "-p", "tenant-ratelimit-service"],
+    p = subprocess.run([cargo, "build", "--quiet", "--profile", "service", "-p", "tenant-ratelimit-service"],
                        cwd=REPO, capture_output=True, timeout=BUILD_TIMEOUT)
     if p.returncode != 0:
         raise RuntimeError(f"building the service failed:\n{p.stderr.decode(errors='replace')[-4000:]}")
