@@ -127,7 +127,7 @@ fn load(path: &PathBuf) -> Result<Settings, String> {
 
 struct Service {
     settings: RwLock<Arc<Settings>>,
-    edge: Arc<Edge>,
+    edge: Edge,
     metrics: Arc<Metrics>,
     redis_timeout: Duration,
 }
@@ -188,14 +188,12 @@ impl RateLimitService for Service {
         let results = match tokio::time::timeout(deadline, self.edge.decide(&p.debits)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                self.edge.failed();
                 m.redis_errors.fetch_add(1, Ordering::Relaxed);
                 m.calls_redis_error.fetch_add(1, Ordering::Relaxed);
                 log!(WARN, "{e}");
                 return Err(Status::unavailable(e.to_string()));
             }
             Err(_) => {
-                self.edge.failed();
                 m.redis_timeouts.fetch_add(1, Ordering::Relaxed);
                 m.calls_redis_error.fetch_add(1, Ordering::Relaxed);
                 log!(WARN, "{} ({} ms)", EdgeError::Timeout, deadline.as_millis());
@@ -282,7 +280,7 @@ async fn run(args: Args) -> Result<(), String> {
     let domains = settings.domains.len();
     let svc = Arc::new(Service {
         settings: RwLock::new(Arc::new(settings)),
-        edge: Arc::new(Edge::new(conn, args.redis.is_none().then(|| args.cluster.clone()), args.redis_timeout)),
+        edge: Edge::new(conn),
         metrics: Arc::new(Metrics::default()),
         redis_timeout: args.redis_timeout,
     });

@@ -13,12 +13,8 @@ use crate::plan::{Debit, Result1};
 use redis::aio::ConnectionManager;
 use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, RedisError, Value};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
-
-/// At most one cluster connection rebuild per this interval.
-const REBUILD_EVERY: Duration = Duration::from_millis(500);
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 
 pub const SCRIPT: &str = include_str!("gcra.lua");
 
@@ -48,13 +44,7 @@ impl std::fmt::Display for EdgeError {
 }
 
 pub struct Edge {
-    conn: RwLock<Conn>,
-    /// Redis Cluster seed URLs, to rebuild the cluster connection after failures.
-    cluster_urls: Option<Vec<String>>,
-    timeout: Duration,
-    /// A rebuild is under way, or happened less than REBUILD_EVERY ago.
-    rebuilding: AtomicBool,
-    last_rebuild: Mutex<Option<Instant>>,
+    conn: Conn,
     sha: String,
     /// Redis commands sent (EVALSHA, and EVAL after NOSCRIPT), for the metrics.
     pub commands: std::sync::atomic::AtomicU64,
@@ -84,54 +74,15 @@ fn int(v: Option<&Value>) -> Result<i64, EdgeError> {
 }
 
 impl Edge {
-    pub fn new(conn: Conn, cluster_urls: Option<Vec<String>>, timeout: Duration) -> Edge {
-        Edge {
-            conn: RwLock::new(conn),
-            cluster_urls,
-            timeout,
-            rebuilding: AtomicBool::new(false),
-            last_rebuild: Mutex::new(None),
-            sha: redis::Script::new(SCRIPT).get_hash().to_string(),
-            commands: Default::default(),
-        }
+    pub fn new(conn: Conn) -> Edge {
+        Edge { conn, sha: redis::Script::new(SCRIPT).get_hash().to_string(), commands: Default::default() }
     }
 
-    /// The current connection (cheap to clone: a handle to a multiplexed connection).
+    /// The connection (cheap to clone: a handle to a multiplexed connection). Both kinds
+    /// recover by themselves: a single node's ConnectionManager reconnects, and the cluster
+    /// connection follows a failover to the promoted replica (tests/service/test_cluster.py).
     pub fn conn(&self) -> Conn {
-        match self.conn.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
-    }
-
-    /// Called after a failed or timed-out call. A single node reconnects by itself
-    /// (ConnectionManager); a cluster connection whose master died can keep routing to the
-    /// dead node (redis-rs 0.25 refreshes its slot map on MOVED, not on a dead master), so it
-    /// is rebuilt from the seed URLs in the background, at most every REBUILD_EVERY, until
-    /// the promoted replica serves the slots.
-    pub fn failed(self: &Arc<Self>) {
-        let Some(urls) = self.cluster_urls.clone() else { return };
-        if let Ok(last) = self.last_rebuild.lock() {
-            if last.is_some_and(|t| t.elapsed() < REBUILD_EVERY) {
-                return;
-            }
-        }
-        if self.rebuilding.swap(true, Ordering::AcqRel) {
-            return;
-        }
-        let edge = self.clone();
-        tokio::spawn(async move {
-            let fresh = tokio::time::timeout(edge.timeout * 2, connect_cluster(&urls, edge.timeout)).await;
-            if let Ok(Ok(conn)) = fresh {
-                if let Ok(mut c) = edge.conn.write() {
-                    *c = conn;
-                }
-            }
-            if let Ok(mut last) = edge.last_rebuild.lock() {
-                *last = Some(Instant::now());
-            }
-            edge.rebuilding.store(false, Ordering::Release);
-        });
+        self.conn.clone()
     }
 
     async fn run(&self, keys: &[&str], args: &[String]) -> Result<Value, RedisError> {
@@ -194,7 +145,7 @@ impl Edge {
         if debits.is_empty() {
             return Ok(Vec::new());
         }
-        if self.cluster_urls.is_none() {
+        if let Conn::Single(_) = self.conn {
             let all: Vec<&Debit> = debits.iter().collect();
             return Ok(self.script(&all, None).await?.1);
         }
