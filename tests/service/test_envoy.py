@@ -157,7 +157,7 @@ def test_kill_one_replica_under_load_never_over_admits(envoys, services, svc_fac
 # Envoy's native rate-limit filter against the same service
 
 
-def native_listeners(origin_port: int) -> tuple[dict, dict]:
+def native_listeners(origin_port: int, domain: str = "native") -> tuple[dict, dict]:
     """`native`: HCM -> envoy.filters.http.ratelimit (domain "native", x-ratelimit headers)
     -> router -> cluster `origin`; `origin`: a direct 200 (the native filter needs a route
     to a cluster)."""
@@ -188,7 +188,7 @@ def native_listeners(origin_port: int) -> tuple[dict, dict]:
             "http_filters": [
                 {"name": "envoy.filters.http.ratelimit", "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.ratelimit.v3.RateLimit",
-                    "domain": "native",
+                    "domain": domain,
                     "timeout": "2s",
                     "failure_mode_deny": True,
                     "enable_x_ratelimit_headers": "DRAFT_VERSION_03",
@@ -199,18 +199,22 @@ def native_listeners(origin_port: int) -> tuple[dict, dict]:
     return front, origin
 
 
-@pytest.fixture(scope="module")
-def native(envoy_factory, services):
+def make_native(envoy_factory, services, domain: str):
     from e2e.harness import free_port
     origin_port = free_port()
-    front, origin = native_listeners(origin_port)
+    front, origin = native_listeners(origin_port, domain)
     origin_cluster = {
         "name": "origin", "type": "STATIC", "connect_timeout": "1s",
         "load_assignment": {"cluster_name": "origin", "endpoints": [{"lb_endpoints": [
             {"endpoint": {"address": {"socket_address": {"address": HOST, "port_value": origin_port}}}}]}]},
     }
     config = bootstrap([front, origin], clusters=[rls_cluster([s.port for s in services]), origin_cluster])
-    return envoy_factory(config=config, name="native-")
+    return envoy_factory(config=config, name=f"native-{domain}-")
+
+
+@pytest.fixture(scope="module")
+def native(envoy_factory, services):
+    return make_native(envoy_factory, services, "native")
 
 
 def test_native_filter_headers_come_from_our_statuses(native, fresh):
@@ -252,3 +256,19 @@ def test_redis_stopped_failure_mode_applies_within_timeout(envoys, services, red
         os.kill(redis.proc.pid, signal.SIGCONT)
     # And back: Redis answers again, so do the service and the filter.
     assert request(envoys[1].port("exact"), "/", {"x-tenant-id": t}).status == 200
+
+
+def test_filter_and_native_proxies_share_one_exact_bucket(envoys, envoy_factory, services, fresh):
+    """Both proxies with our filter and one with Envoy's native filter, same domain, one
+    tenant, concurrent load: exactly `capacity` admitted across all three."""
+    native_exact = make_native(envoy_factory, services, "exact")
+    t = fresh()
+    targets = [(envoys[0], "exact"), (envoys[1], "exact"), (native_exact, "native")]
+
+    def one(i: int) -> int:
+        envoy, listener = targets[i % 3]
+        return request(envoy.port(listener), "/", {"x-tenant-id": t}).status
+
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(one, range(3 * N)))
+    assert Counter(codes) == {200: N, 429: 2 * N}
