@@ -134,18 +134,18 @@ struct Service {
 
 /// The caller's deadline from the `grpc-timeout` header (e.g. `20m` = 20 ms).
 fn grpc_timeout(value: &str) -> Option<Duration> {
-    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
-    if digits.is_empty() || digits.len() > 8 {
+    let (unit, digits) = value.as_bytes().split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
         return None;
     }
-    let n: u64 = digits.parse().ok()?;
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
     Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
+        b'H' => Duration::from_secs(n.saturating_mul(3600)),
+        b'M' => Duration::from_secs(n.saturating_mul(60)),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
         _ => return None,
     })
 }
@@ -394,5 +394,7 @@ mod tests {
         assert_eq!(grpc_timeout(""), None);
         assert_eq!(grpc_timeout("123456789m"), None);
         assert_eq!(grpc_timeout("5x"), None);
+        assert_eq!(grpc_timeout("+5m"), None);
+        assert_eq!(grpc_timeout("5é"), None);
     }
 }
