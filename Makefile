@@ -20,6 +20,7 @@ help:
 	@echo "make run    build the filter and start the local Envoy demo on 127.0.0.1:10000"
 	@echo "make test   install what is needed and run every test suite"
 	@echo "make service  build the fleet rate-limit service (target/release/tenant-ratelimit-service)"
+	@echo "make run-global  Redis + two service replicas + the demo Envoy in global mode on 127.0.0.1:10000"
 	@echo "make bench  measure the filter against no filter, native local_ratelimit and a no-op Wasm filter"
 	@echo "make check-config FILE=path   validate a plugin config, WasmPlugin or EnvoyFilter"
 	@echo "make sha256 print the sha256 of the built .wasm (for WasmPlugin/EnvoyFilter)"
