@@ -14,11 +14,13 @@ MAX_WASM_BYTES := 204800
 
 export CARGO_TERM_COLOR := never
 
-.PHONY: help run test wasm deps system-packages rust-target lint unit e2e bench bench-smoke check-config sha256 clean
+.PHONY: help run test service service-test run-global wasm deps system-packages rust-target lint unit e2e bench bench-smoke check-config sha256 clean
 
 help:
 	@echo "make run    build the filter and start the local Envoy demo on 127.0.0.1:10000"
 	@echo "make test   install what is needed and run every test suite"
+	@echo "make service  build the fleet rate-limit service (target/release/tenant-ratelimit-service)"
+	@echo "make run-global  Redis + two service replicas + the demo Envoy in global mode on 127.0.0.1:10000"
 	@echo "make bench  measure the filter against no filter, native local_ratelimit and a no-op Wasm filter"
 	@echo "make check-config FILE=path   validate a plugin config, WasmPlugin or EnvoyFilter"
 	@echo "make sha256 print the sha256 of the built .wasm (for WasmPlugin/EnvoyFilter)"
@@ -99,7 +101,44 @@ check-config:
 	@test -n "$(FILE)" || { echo "usage: make check-config FILE=path/to/config.json|wasmplugin.yaml"; exit 2; }
 	cargo run --quiet --release --bin tenant-ratelimit-check -- $(FILE)
 
-test: deps lint unit e2e bench-smoke
+# The fleet rate-limit service (service/, docs/service.md): its unit tests and lint, then
+# tests/service against a real redis-server, a real 6-node Redis Cluster and real Envoys.
+SERVICE := target/release/tenant-ratelimit-service
+
+# Built with the `service` profile (opt-level 3; the release profile is tuned for the .wasm's
+# size) and copied to target/release/.
+service:
+	cargo build --profile service -p tenant-ratelimit-service
+	mkdir -p target/release
+	cp target/service/tenant-ratelimit-service $(SERVICE).tmp && mv $(SERVICE).tmp $(SERVICE)
+	@echo "service: $(SERVICE)"
+
+service-test: deps wasm system-packages service
+	cargo test --profile ci -p tenant-ratelimit-service
+	cargo clippy --profile ci -p tenant-ratelimit-service --all-targets -- -D warnings
+	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) SERVICE=$(abspath $(SERVICE)) \
+	  $(PY) -m pytest -q -p no:cacheprovider tests/service
+
+# Redis on 127.0.0.1:6390, two service replicas (:8091, :8092; metrics :9191, :9192) and the
+# demo Envoy (:10000) in `global` mode; Ctrl-C stops all of them.
+run-global: deps wasm system-packages service
+	@echo
+	@echo "Envoy on http://127.0.0.1:10000 asks two tenant-ratelimit-service replicas (one Redis). Try:"
+	@echo "  for i in 1 2 3 4; do curl -s -o /dev/null -w '%{http_code}\n' -H 'x-tenant-id: acme' http://127.0.0.1:10000/; done   # 200 200 200 429"
+	@echo "  curl -s http://127.0.0.1:9191/metrics | grep trl_service_calls"
+	@echo
+	@dir=$$(mktemp -d); pids=""; \
+	  trap 'kill $$pids 2>/dev/null; wait; rm -rf $$dir' EXIT INT TERM; \
+	  redis-server --port 6390 --bind 127.0.0.1 --save '' --appendonly no --dir $$dir >$$dir/redis.log 2>&1 & pids="$$pids $$!"; \
+	  for i in 1 2 3 4 5 6 7 8 9 10; do redis-cli -p 6390 ping >/dev/null 2>&1 && break; sleep 0.2; done; \
+	  for n in 1 2; do \
+	    $(SERVICE) --listen 127.0.0.1:809$$n --redis redis://127.0.0.1:6390 --config deploy/service/demo-limits.json \
+	      --metrics 127.0.0.1:919$$n --redis-timeout-ms 150 & pids="$$pids $$!"; \
+	  done; \
+	  $(ENVOY) -c deploy/service/envoy-global.yaml --concurrency 2 --log-level warn & pids="$$pids $$!"; \
+	  wait
+
+test: deps lint unit e2e service-test bench-smoke
 	@echo "make test: all suites passed"
 
 clean:

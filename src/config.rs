@@ -312,6 +312,16 @@ impl Config {
         })
     }
 
+    /// Parses a config nested inside a larger document (the rate-limit service's
+    /// `domains.<name>`): the same checks as [`Config::from_value`], with every error's field
+    /// path prefixed, e.g. `domains.acme.tenants.x.capacity`.
+    pub fn from_value_at(prefix: &str, value: &Value) -> Result<Config, ConfigError> {
+        Config::from_value(value).map_err(|e| {
+            let field = if e.field.is_empty() { prefix.to_string() } else { join(prefix, &e.field) };
+            ConfigError { field, ..e }
+        })
+    }
+
     /// The index in `tenants` of a listed tenant.
     pub fn tenant_index(&self, tenant: &[u8]) -> Option<usize> {
         self.tenants.binary_search_by(|p| p.name.as_bytes().cmp(tenant)).ok()
@@ -867,6 +877,18 @@ mod tests {
 
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_json_bytes(s.as_bytes())
+    }
+
+    #[test]
+    fn nested_config_errors_carry_the_prefix() {
+        let v: Value =
+            serde_json::from_str(r#"{"capacity":5,"refill_rate":1,"tenants":{"x":{"capacity":0}}}"#).unwrap();
+        let e = Config::from_value_at("domains.acme", &v).unwrap_err();
+        assert_eq!(e.field, "domains.acme.tenants.x.capacity");
+        let v: Value = serde_json::from_str(r#"{"refill_rate":1}"#).unwrap();
+        assert_eq!(Config::from_value_at("domains.d", &v).unwrap_err().field, "domains.d.capacity");
+        let v: Value = serde_json::from_str(r#"{"capacity":5,"refill_rate":1}"#).unwrap();
+        assert_eq!(Config::from_value_at("domains.d", &v), Config::from_value(&v));
     }
 
     fn field_of(s: &str) -> String {

@@ -1,0 +1,114 @@
+-- tenant-ratelimit-service: GCRA over one or more buckets, all or nothing, on Redis's clock.
+-- The representation and the math are documented in service/src/units.rs (a Rust model of
+-- this script, unit-tested against the filter's src/bucket.rs).
+--
+-- KEYS[i]   a bucket: value "D T I" (debt in U = 2^-10 us, Redis time in us when written,
+--           interval in U it was written with); absent = full.
+-- ARGV[1]   "d" = debit: admit every key or none; "r" = refund an earlier debit.
+-- ARGV[2]   refund only: the Redis time (us) the debit ran at.
+-- ARGV[3i], ARGV[3i+1], ARGV[3i+2]   key i's interval (U), capacity, cost.
+-- Returns {now_us, then per key: allowed (1/0), tokens remaining, U until full, U until
+-- this cost fits (0 if allowed)}.
+-- Every number stays an integer below 2^53 (checked at config time), so doubles are exact;
+-- multiplying by 1024 only moves the exponent. Values are written with %.0f (exact).
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local refund = ARGV[1] == 'r'
+local debt = {}
+local written = {}
+local out = {now}
+local all = true
+local before = {}
+
+-- Whole tokens in `spare` U: floor(spare / interval), exact (fmod is exact on doubles).
+local function tokens(spare, interval)
+  if spare <= 0 then return 0 end
+  return (spare - math.fmod(spare, interval)) / interval
+end
+
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local base = 3 * i
+  local interval = tonumber(ARGV[base])
+  local cap = tonumber(ARGV[base + 1])
+  local cost = tonumber(ARGV[base + 2])
+  local tau = cap * interval
+  local d = debt[key]
+  if d == nil then
+    d = 0
+    local v = redis.call('GET', key)
+    if v then
+      local sd, st, si = string.match(v, '^(%d+) (%d+) (%d+)$')
+      if sd then
+        sd = tonumber(sd); st = tonumber(st); si = tonumber(si)
+        local elapsed = now - st
+        -- A clock that went backwards (failover to a skewed replica) refills nothing.
+        if elapsed < 0 then elapsed = 0 end
+        d = sd - elapsed * 1024
+        if d < 0 then d = 0 end
+        -- The limit changed since the write: the tokens already spent stay spent (rounded
+        -- up), at most the new capacity, as bucket::rescale in the filter.
+        if si ~= interval and d > 0 and si > 0 then
+          local spent = tokens(d, si)
+          if math.fmod(d, si) > 0 then spent = spent + 1 end
+          if spent > cap then spent = cap end
+          d = spent * interval
+        end
+      end
+    end
+    written[#written + 1] = {key, interval}
+  end
+  before[i] = d
+  if refund then
+    local debit_at = tonumber(ARGV[2])
+    local elapsed = now - debit_at
+    if elapsed < 0 then elapsed = 0 end
+    -- Only the part of the debit that cannot have refilled yet: never more than the bucket
+    -- would hold had the debit not happened.
+    local give = cost * interval - elapsed * 1024
+    if give > 0 then d = d - give end
+    if d < 0 then d = 0 end
+    debt[key] = d
+    out[#out + 1] = 1; out[#out + 1] = tokens(tau - d, interval); out[#out + 1] = d; out[#out + 1] = 0
+  else
+    local next = d + cost * interval
+    if cost <= cap and next <= tau then
+      debt[key] = next
+      out[#out + 1] = 1; out[#out + 1] = tokens(tau - next, interval); out[#out + 1] = next; out[#out + 1] = 0
+    else
+      debt[key] = d
+      all = false
+      local retry = next - tau
+      if cost > cap then retry = -1 end
+      out[#out + 1] = 0; out[#out + 1] = tokens(tau - d, interval); out[#out + 1] = d; out[#out + 1] = retry
+    end
+  end
+end
+
+if refund or all then
+  for _, kw in ipairs(written) do
+    local key, interval = kw[1], kw[2]
+    local d = debt[key]
+    if d <= 0 then
+      -- Full again: a missing key is a full bucket, so nothing needs keeping.
+      redis.call('DEL', key)
+    else
+      -- Expire when full again (rounded up: early expiry would grant tokens).
+      local ms = (d - math.fmod(d, 1024000)) / 1024000 + 1
+      redis.call('SET', key, string.format('%.0f %.0f %.0f', d, now, interval), 'PX', string.format('%.0f', ms))
+    end
+  end
+else
+  -- Someone was denied: nothing is debited, so report every admitted descriptor as it was.
+  for i = 1, #KEYS do
+    local o = 1 + 4 * (i - 1) + 1
+    if out[o] == 1 then
+      local base = 3 * i
+      local interval = tonumber(ARGV[base])
+      local tau = tonumber(ARGV[base + 1]) * interval
+      out[o + 1] = tokens(tau - before[i], interval)
+      out[o + 2] = before[i]
+    end
+  end
+end
+return out

@@ -1,0 +1,73 @@
+"""Fixtures for the tenant-ratelimit-service suites: the service binary, a Debian
+redis-server, a service factory, and (from tests/e2e) Envoy and the .wasm."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+
+import pytest
+
+from e2e.conftest import envoy_bin, envoy_factory, wasm  # noqa: F401 (fixtures)
+
+from .svc import Redis, RedisCluster, Service, build_service, redis_cli, redis_server
+
+_ids = itertools.count()
+
+
+@pytest.fixture(scope="session")
+def service_bin() -> str:
+    try:
+        return build_service()
+    except (RuntimeError, subprocess.TimeoutExpired) as e:
+        pytest.fail(str(e))
+
+
+@pytest.fixture(scope="module")
+def redis(tmp_path_factory):
+    binary = redis_server()
+    if binary is None:
+        pytest.skip("no redis-server (apt-get install -y redis-server)")
+    r = Redis(tmp_path_factory.mktemp("redis"), binary).start()
+    yield r
+    r.stop()
+
+
+@pytest.fixture(scope="module")
+def redis_cluster(tmp_path_factory):
+    server, cli = redis_server(), redis_cli()
+    if server is None or cli is None:
+        pytest.skip("no redis-server / redis-cli (apt-get install -y redis-server)")
+    c = RedisCluster(tmp_path_factory.mktemp("cluster"), server, cli)
+    try:
+        c.start()
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="module")
+def svc_factory(service_bin, tmp_path_factory):
+    """`make(redis_args, config, start=True, extra=None)` -> a Service, stopped at module end."""
+    started: list[Service] = []
+    workdir = tmp_path_factory.mktemp("svc")
+
+    def make(redis_args: list[str], config: dict, *, start: bool = True, extra: list[str] | None = None) -> Service:
+        s = Service(service_bin, workdir, redis_args, config, name=f"svc{len(started)}", extra=extra)
+        started.append(s)
+        if start:
+            s.start()
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture
+def fresh():
+    """fresh("acme") -> a tenant id never used before in this run (buckets start full)."""
+    def make(prefix: str = "t") -> str:
+        return f"{prefix}-{os.getpid()}-{next(_ids)}"
+    return make

@@ -1,0 +1,96 @@
+"""Issue 17 on a real Redis Cluster (3 masters + 3 replicas, started by the fixture): two
+service replicas with `--redis-cluster`, exactness, all-or-nothing within a slot and across
+slots, and a master failover without restarting the service."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from .rlsproto import OK, OVER_LIMIT, Client
+
+SLOW = "1/hour"
+CONFIG = {
+    "domains": {
+        "exact": {"capacity": 50, "refill_rate": SLOW},
+        "aon": {"capacity": 3, "refill_rate": SLOW,
+                "rules": [{"name": "upload", "path_prefix": "/upload", "capacity": 2, "refill_rate": SLOW}]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def services(svc_factory, redis_cluster):
+    args = ["--redis-cluster", ",".join(redis_cluster.urls)]
+    return [svc_factory(args, CONFIG) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def clients(services):
+    cs = [Client(s.port) for s in services]
+    yield cs
+    for c in cs:
+        c.close()
+
+
+def test_exact_across_two_replicas_on_a_cluster(clients, fresh):
+    tenants = [fresh() for _ in range(4)]  # spread over the masters' slots
+
+    def one(i: int) -> tuple[str, int]:
+        t = tenants[i % len(tenants)]
+        return t, clients[i % 2].ask("exact", [[("tenant", t)]]).code
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(one, range(4 * 120)))
+    for t in tenants:
+        codes = [c for tt, c in got if tt == t]
+        assert codes.count(OK) == 50, t
+
+
+def test_all_or_nothing_in_one_slot(clients, fresh):
+    """A tenant's buckets share a hash tag, so one script decides them together."""
+    t = fresh()
+    both = [[("tenant", t)], [("tenant", t), ("rule", "upload")]]
+    assert [clients[0].ask("aon", both).code for _ in range(3)] == [OK, OK, OVER_LIMIT]
+    assert [clients[1].ask("aon", [[("tenant", t)]]).code for _ in range(2)] == [OK, OVER_LIMIT]
+
+
+def test_all_or_nothing_across_slots_refunds(clients, services, fresh):
+    """Two tenants (two slots) in one request: when the second is over its limit, the first
+    is refunded, so it keeps all its tokens."""
+    a, b = fresh("a"), fresh("b")
+    assert clients[0].ask("aon", [[("tenant", b)]], hits=3).code == OK
+    for _ in range(3):
+        r = clients[0].ask("aon", [[("tenant", a)], [("tenant", b)]])
+        assert (r.code, r.statuses[1].code) == (OVER_LIMIT, OVER_LIMIT)
+    assert clients[1].ask("aon", [[("tenant", a)]], hits=3).code == OK
+
+
+def test_master_failover_recovers_without_restart(clients, services, redis_cluster, fresh):
+    t = fresh()
+    masters = [n for n in redis_cluster.nodes
+               if n.proc.poll() is None and "role:master" in n.cli("INFO", "replication")]
+    before = {n.port: set(n.cli("KEYS", "trl:*").split()) for n in masters}
+    assert clients[0].ask("exact", [[("tenant", t)]], hits=40).code == OK
+    # The master that got the new key.
+    holder = next((n for n in masters if set(n.cli("KEYS", "trl:*").split()) - before[n.port]), None)
+    assert holder is not None
+    time.sleep(0.5)  # replication is asynchronous: let the replica have the write
+    holder.kill()
+    started = time.monotonic()
+    codes = []
+    while time.monotonic() - started < 20:
+        try:
+            codes.append(clients[1].ask("exact", [[("tenant", t)]], timeout=1).code)
+            if len(codes) >= 12:
+                break
+        except grpc.RpcError:
+            time.sleep(0.1)
+    # The promoted replica had the bucket: exactly the 10 tokens left, then denials.
+    assert codes.count(OK) == 10, codes
+    assert codes[-1] == OVER_LIMIT
+    assert all(s.running() for s in services)
+    redis_cluster.wait_ok()

@@ -1,0 +1,248 @@
+"""Issue 17: tenant-ratelimit-service against a real redis-server, driven with a real gRPC
+client (grpcio). Two service replicas share the Redis; every test uses fresh tenant ids."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import pytest
+
+from .rlsproto import OK, OVER_LIMIT, Client, descriptor
+
+SLOW = "1/hour"
+CONFIG = {
+    "domains": {
+        # GCRA: 3 at once, then one per second.
+        "gcra": {"capacity": 3, "refill_rate": 1},
+        "exact": {"capacity": 50, "refill_rate": SLOW, "tenants": {"big": {"capacity": 80, "refill_rate": SLOW}}},
+        "aon": {"capacity": 3, "refill_rate": SLOW,
+                "rules": [{"name": "upload", "path_prefix": "/upload", "capacity": 2, "refill_rate": SLOW}]},
+    },
+}
+
+
+@pytest.fixture(scope="module")
+def services(svc_factory, redis):
+    return [svc_factory(["--redis", redis.url], CONFIG) for _ in range(2)]
+
+
+@pytest.fixture(scope="module")
+def clients(services):
+    cs = [Client(s.port) for s in services]
+    yield cs
+    for c in cs:
+        c.close()
+
+
+def test_gcra_not_a_window(clients, fresh):
+    """Capacity 3 at 1/s: the burst, then exactly one more per second (a fixed window would
+    give 3 more at the next window)."""
+    t = fresh()
+    c = clients[0]
+    assert [c.ask("gcra", [[("tenant", t)]]).code for _ in range(3)] == [OK] * 3
+    denied = c.ask("gcra", [[("tenant", t)]])
+    assert denied.code == OVER_LIMIT
+    assert denied.statuses[0].remaining == 0
+    wait = denied.statuses[0].reset_s
+    assert 0 < wait <= 1.0
+    for _second in range(2):
+        # Sleep until the next token, as the denial said: one admission, then denied again
+        # (and that denial says how long until the following token).
+        time.sleep(wait + 0.02)
+        first = clients[0].ask("gcra", [[("tenant", t)]])
+        second = clients[1].ask("gcra", [[("tenant", t)]])
+        assert [first.code, second.code] == [OK, OVER_LIMIT]
+        wait = second.statuses[0].reset_s
+        assert 0 < wait <= 1.0
+
+
+def test_exact_across_two_replicas_under_concurrent_load(clients, fresh):
+    """200 concurrent calls for one tenant, split over two service replicas: exactly 50
+    admitted (the capacity), and a listed tenant gets its own capacity."""
+    for tenant, capacity in [(fresh(), 50), ("big", 80)]:
+        def one(i: int) -> int:
+            return clients[i % 2].ask("exact", [[("tenant", tenant)]]).code
+
+        with ThreadPoolExecutor(16) as pool:
+            codes = list(pool.map(one, range(200)))
+        assert codes.count(OK) == capacity, tenant
+        assert codes.count(OVER_LIMIT) == 200 - capacity
+
+
+def test_all_descriptors_or_none(clients, fresh):
+    """A request's descriptors are decided together: the tenant bucket (3) is not debited
+    when the rule bucket (2) denies."""
+    t = fresh()
+    both = [[("tenant", t)], [("tenant", t), ("rule", "upload")]]
+    a = clients[0].ask("aon", both)
+    assert (a.code, [s.code for s in a.statuses]) == (OK, [OK, OK])
+    assert [s.remaining for s in a.statuses] == [2, 1]
+    assert [s.limit for s in a.statuses] == [3, 2]
+    assert clients[1].ask("aon", both).code == OK
+    a = clients[0].ask("aon", both)
+    assert (a.code, [s.code for s in a.statuses]) == (OVER_LIMIT, [OK, OVER_LIMIT])
+    # The tenant bucket still has its last token: the denied request took nothing.
+    assert a.statuses[0].remaining == 1
+    assert clients[1].ask("aon", [[("tenant", t)]]).code == OK
+    assert clients[0].ask("aon", [[("tenant", t)]]).code == OVER_LIMIT
+
+
+def test_hits_addend_is_the_cost(clients, fresh):
+    t = fresh()
+    assert clients[0].ask("exact", [[("tenant", t)]], hits=48).statuses[0].remaining == 2
+    assert clients[1].ask("exact", [[("tenant", t)]], hits=3).code == OVER_LIMIT
+    # A descriptor's own hits_addend overrides the request's.
+    assert clients[1].ask("exact", [descriptor([("tenant", t)], hits=2)], hits=3).code == OK
+
+
+def test_unmatched_descriptors_and_hostile_requests(services, clients, redis, fresh):
+    c = clients[0]
+    keys_before = int(redis.cli("DBSIZE"))
+    # Unknown domain, no tenant entry, unknown rule: OK with no limit (the default config).
+    assert c.ask("nope", [[("tenant", "a")]]).code == OK
+    assert c.ask("exact", [[("other", "a")]]).statuses[0].limit is None
+    assert c.ask("aon", [[("tenant", fresh()), ("rule", "nope")]]).code == OK
+    # 64 KiB values and 1,000 entries: the tenant falls back to the default tenant (a
+    # bounded key), never a crash and never a key per hostile value.
+    big = "x" * 65536
+    a = c.ask("exact", [[("tenant", big)] + [(f"k{i}", big[:64]) for i in range(1000)]])
+    assert a.code == OK
+    assert c.ask("exact", [[("tenant", "has space")]]).code == OK
+    assert int(redis.cli("DBSIZE")) <= keys_before + 2
+    # Too many descriptors: a clear error, not unbounded work.
+    with pytest.raises(grpc.RpcError) as e:
+        c.ask("exact", [[("tenant", "a")]] * 65)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "max_descriptors" in e.value.details()
+    assert all(s.running() for s in services)
+
+
+def test_unmatched_error_config(svc_factory, redis):
+    s = svc_factory(["--redis", redis.url], {**CONFIG, "unmatched": "error"})
+    with Client(s.port) as c:
+        for domain, desc in [("nope", [("tenant", "a")]), ("exact", [("other", "a")]),
+                             ("aon", [("tenant", "a"), ("rule", "nope")])]:
+            with pytest.raises(grpc.RpcError) as e:
+                c.ask(domain, [desc])
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert s.metric('trl_service_calls_total{result="refused"}') == 3
+
+
+def test_one_evalsha_per_call_and_noscript_reload(services, clients, redis, fresh):
+    s = services[0]
+    calls0 = sum(s.metric(f'trl_service_calls_total{{result="{r}"}}') for r in ("ok", "over_limit"))
+    cmds0 = s.metric("trl_service_redis_commands_total")
+    for _ in range(20):
+        clients[0].ask("exact", [[("tenant", fresh())], [("tenant", fresh())]])
+    calls = sum(s.metric(f'trl_service_calls_total{{result="{r}"}}') for r in ("ok", "over_limit")) - calls0
+    assert calls == 20
+    assert s.metric("trl_service_redis_commands_total") - cmds0 == 20
+    # The script cache is emptied (a Redis restart or failover looks like this): the next
+    # call reloads it (EVAL) and still answers.
+    assert redis.cli("SCRIPT", "FLUSH") == "OK"
+    assert clients[0].ask("exact", [[("tenant", fresh())]]).code == OK
+    assert s.metric("trl_service_redis_commands_total") - cmds0 == 22
+    assert clients[0].ask("exact", [[("tenant", fresh())]]).code == OK
+    assert s.metric("trl_service_redis_commands_total") - cmds0 == 23
+
+
+def test_keys_expire_when_full_and_bytes_per_bucket(clients, redis, fresh):
+    t = fresh()
+    before = set(redis.cli("KEYS", "trl:*").split())
+    clients[0].ask("gcra", [[("tenant", t)]], hits=2)
+    new = set(redis.cli("KEYS", "trl:*").split()) - before
+    assert len(new) == 1
+    key = new.pop()
+    pttl = int(redis.cli("PTTL", key))
+    assert 1900 <= pttl <= 2001  # 2 tokens at 1/s: full again in 2 s
+    assert int(redis.cli("MEMORY", "USAGE", key)) <= 160
+
+
+def test_metrics_and_health(services):
+    s = services[0]
+    text = s.metrics()
+    assert 'trl_service_decisions_total{domain="exact",code="ok"}' in text
+    assert "trl_service_redis_seconds_bucket{le=\"+Inf\"}" in text
+    assert s.http("/healthz") == 200
+    assert s.http("/ready") == 200
+
+
+def test_sighup_reload_keeps_bucket_state(svc_factory, redis, fresh):
+    config = {"domains": {"d": {"capacity": 5, "refill_rate": SLOW}}}
+    s = svc_factory(["--redis", redis.url], config)
+    t = fresh()
+    with Client(s.port) as c:
+        assert c.ask("d", [[("tenant", t)]], hits=4).statuses[0].remaining == 1
+        # A bigger limit: the 4 spent tokens stay spent.
+        s.hup({"domains": {"d": {"capacity": 10, "refill_rate": SLOW}}})
+        assert c.ask("d", [[("tenant", t)]]).statuses[0].remaining == 5
+        # A broken file is refused and the running config kept.
+        s.hup({"domains": {"d": {"capacity": 0, "refill_rate": SLOW}}})
+        assert "field `domains.d.capacity`" in s.log_text()
+        assert c.ask("d", [[("tenant", t)]]).statuses[0].remaining == 4
+    assert s.metric('trl_service_config_reloads_total{result="error"}') == 1
+
+
+def test_config_errors_name_the_field(service_bin, tmp_path, redis):
+    path = tmp_path / "bad.json"
+    path.write_text('{"domains": {"acme": {"capacity": 5, "refill_rate": 1, "tenants": {"x": {"capacity": -1}}}}}')
+    p = subprocess.run([service_bin, "--listen", "127.0.0.1:0", "--redis", redis.url, "--config", str(path)],
+                       capture_output=True, timeout=10)
+    assert p.returncode == 1
+    assert b"field `domains.acme.tenants.x.capacity`" in p.stderr
+
+
+def test_redis_slow_or_down_is_a_prompt_grpc_error(svc_factory, tmp_path_factory, fresh):
+    """Redis stopped (SIGSTOP: accepts, never answers) or gone: the call fails with a gRPC
+    error before the caller's deadline, is counted, and the service recovers on its own."""
+    from .svc import Redis, redis_server
+
+    r = Redis(tmp_path_factory.mktemp("redis-down"), redis_server()).start()
+    try:
+        s = svc_factory(["--redis", r.url], CONFIG)
+        t = fresh()
+        with Client(s.port) as c:
+            assert c.ask("exact", [[("tenant", t)]]).code == OK
+            os.kill(r.proc.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as e:
+                    c.ask("exact", [[("tenant", t)]], timeout=0.3)
+                elapsed = time.monotonic() - started
+                # The service's own error, not the client giving up.
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+                assert elapsed < 0.3
+            finally:
+                os.kill(r.proc.pid, signal.SIGCONT)
+            r.kill()
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as e:
+                c.ask("exact", [[("tenant", t)]], timeout=0.5)
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert time.monotonic() - started < 0.5
+            assert s.metric('trl_service_calls_total{result="redis_error"}') == 2
+            assert s.running()
+            # Redis back on the same port (empty): the service reconnects without a restart.
+            r.start()
+            deadline = time.monotonic() + 15
+            while True:
+                try:
+                    assert c.ask("exact", [[("tenant", t)]], timeout=1).code == OK
+                    break
+                except grpc.RpcError:
+                    assert time.monotonic() < deadline, s.log_text()[-2000:]
+                    time.sleep(0.2)
+    finally:
+        r.stop()
+
+
+def test_sigterm_drains_and_exits_zero(svc_factory, redis):
+    s = svc_factory(["--redis", redis.url], CONFIG)
+    with Client(s.port) as c:
+        assert c.ask("exact", [[("tenant", "drain")]]).code in (OK, OVER_LIMIT)
+    assert s.stop() == 0
