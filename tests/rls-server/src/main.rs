@@ -101,6 +101,9 @@ struct Rls {
     delay: Duration,
     stats: Stats,
     stats_file: Option<PathBuf>,
+    /// Held while the stats file is written: two calls ending at once must not rename their
+    /// snapshots in the opposite order (the file would go back to older counts).
+    stats_write: std::sync::Mutex<()>,
     /// Answer without descriptor statuses (as Limitador).
     no_statuses: bool,
 }
@@ -123,6 +126,7 @@ fn pb_duration(d: Duration) -> PbDuration {
 impl Rls {
     fn write_stats(&self) {
         let Some(path) = &self.stats_file else { return };
+        let _serial = self.stats_write.lock().unwrap_or_else(|e| e.into_inner());
         let s = &self.stats;
         let text = format!(
             "{{\"requests\": {}, \"hits\": {}, \"ok\": {}, \"over_limit\": {}, \"errors\": {}, \"cancelled\": {}}}\n",
@@ -358,6 +362,7 @@ async fn run(args: Args) -> Result<(), String> {
         delay: Duration::from_millis(args.delay_ms),
         stats: Stats::default(),
         stats_file: args.stats_file,
+        stats_write: std::sync::Mutex::new(()),
         no_statuses: args.no_statuses,
     };
     rls.write_stats();
