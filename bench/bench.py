@@ -54,8 +54,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import (BENCH_DIR, HUGE, LABELS, PERF_LISTENERS, REPO, build_noop, cmd_out, cpu_model, ensure_wrk,
-                    fmt_range, http_get, kill_children, listener, loadavg, log, native_filter, ours_filter,
+from common import (BENCH_DIR, HUGE, LABELS, PERF_LISTENERS, REPO, answer_200, build_noop, cmd_out, cpu_model,
+                    ensure_wrk, fmt_range, kill_children, listener, loadavg, log, native_filter, ours_filter, pin_cpus,
                     replace_section, start_envoy, vm_filter)
 from load import Wrk
 from phases import ab as ab_mode
@@ -78,8 +78,7 @@ def run_only_global(args, envoy_bin: str, wasm: Path, rounds: int, seconds: int,
         return 0
     load_start = loadavg()
     wrk_bin = ensure_wrk()
-    cores = sorted(os.sched_getaffinity(0))
-    envoy_cpus, wrk_cpus = (str(cores[0]), str(cores[1])) if len(cores) >= 2 else (None, None)
+    envoy_cpus, wrk_cpus = pin_cpus()
     workdir = Path(tempfile.mkdtemp(prefix="trl-global-"))
     try:
         wrk = Wrk(wrk_bin, workdir, wrk_cpus)
@@ -163,12 +162,10 @@ def main() -> int:
 
     wrk_bin = ensure_wrk()
     noop = build_noop()
-    cores = sorted(os.sched_getaffinity(0))
-    if len(cores) >= 2:
-        envoy_cpus, wrk_cpus = str(cores[0]), str(cores[1])
+    envoy_cpus, wrk_cpus = pin_cpus()
+    if envoy_cpus is not None:
         pinning = f"Envoy on CPU {envoy_cpus}, wrk on CPU {wrk_cpus} (taskset)"
     else:
-        envoy_cpus = wrk_cpus = None
         pinning = "none (only one CPU available)"
 
     workdir = Path(tempfile.mkdtemp(prefix="trl-bench-"))
@@ -185,10 +182,7 @@ def main() -> int:
         envoy = start_envoy(envoy_bin, workdir, "envoy_perf", listeners, 1, envoy_cpus)
         try:
             # Sanity: every listener answers 200; headers appear only where configured.
-            for name in PERF_LISTENERS:
-                status, hdrs = http_get(envoy.url(name), "sanity")
-                if status != 200:
-                    raise RuntimeError(f"listener {name}: status {status}")
+            for name, hdrs in answer_200(envoy, PERF_LISTENERS).items():
                 has = "x-ratelimit-limit" in hdrs
                 if has != (name == "ours_hdrs"):
                     raise RuntimeError(f"listener {name}: x-ratelimit-limit present={has}")

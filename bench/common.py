@@ -102,6 +102,13 @@ def log(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def pin_cpus() -> tuple[str | None, str | None]:
+    """(Envoy's CPU, wrk's CPU) for taskset: the first two this process may use; (None, None)
+    with only one."""
+    cores = sorted(os.sched_getaffinity(0))
+    return (str(cores[0]), str(cores[1])) if len(cores) >= 2 else (None, None)
+
+
 def loadavg() -> str:
     """The 1, 5 and 15 minute load averages, as /proc/loadavg prints them."""
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
@@ -185,8 +192,25 @@ def http_get(url: str, tenant: str) -> tuple[int, dict]:
         return e.code, {k.lower(): v for k, v in e.headers.items()}
 
 
+def answer_200(envoy: Envoy, names: list[str]) -> dict[str, dict]:
+    """Sanity before measuring: one request to each listener must get 200. Its headers by name."""
+    out = {}
+    for name in names:
+        status, hdrs = http_get(envoy.url(name), "sanity")
+        if status != 200:
+            raise RuntimeError(f"listener {name}: status {status}")
+        out[name] = hdrs
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # statistics
+
+
+def errors_note(rows: list[dict]) -> list[str]:
+    """A line for a table's foot when any run saw non-2xx answers or socket errors."""
+    bad = [r for r in rows if r["non2xx"] or r["socket_errors"]]
+    return [f"\nNote: {len(bad)} runs saw non-2xx responses or socket errors (should be none)."] if bad else []
 
 
 def med(xs):

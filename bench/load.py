@@ -133,3 +133,19 @@ def measure(envoy: Envoy, wrk: Wrk, name: str, conns: int, seconds: int, script=
         "socket_errors": errors,
     }
 
+
+
+def rotated(names: list[str], rnd: int) -> list[str]:
+    """`names` rotated by the round number: each round starts elsewhere, to spread drift."""
+    k = rnd % len(names)
+    return names[k:] + names[:k]
+
+
+def measure_round(envoy: Envoy, wrk: Wrk, names: list[str], rnd: int, conns: int, seconds: int) -> list[dict]:
+    """One `measure` per listener, in this order, each row tagged with the round."""
+    rows = []
+    for name in names:
+        r = measure(envoy, wrk, name, conns, seconds)
+        r["round"] = rnd
+        rows.append(r)
+    return rows

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common import (CLK_TCK, HUGE, LABELS, PERF_LISTENERS, SPREAD_LISTENERS, TARGET_HDRS_MAX, TARGET_OFF_AIM,
-                    TARGET_OFF_MAX, TARGET_P99_ADDED_US, div, fmt_range, med, paired_ratios, summarize)
+                    TARGET_OFF_MAX, TARGET_P99_ADDED_US, div, errors_note, fmt_range, med, paired_ratios, summarize)
 from phases.global_ import GLOBAL_LABELS, GLOBAL_LISTENERS
 
 
@@ -44,9 +44,7 @@ def perf_tables(rows: list[dict], conns_list) -> tuple[str, dict]:
             rm = div(headline[(conns, num)]["cpu"][0], headline[(conns, den)]["cpu"][0])
             headline[(conns, f"{num}/{den}")] = (rm, min(pr), max(pr))
             lines.append(f"| {num} / {den} | {rm:.3f} | {min(pr):.3f}-{max(pr):.3f} |")
-    bad = [r for r in rows if r["non2xx"] or r["socket_errors"]]
-    if bad:
-        lines.append(f"\nNote: {len(bad)} runs saw non-2xx responses or socket errors (should be none).")
+    lines += errors_note(rows)
     return "\n".join(lines), headline
 
 
@@ -119,12 +117,7 @@ def plots(rows: list[dict], conns_list, outdir: Path) -> list[Path]:
     ax.set_xticks(range(len(PERF_LISTENERS)), [LABELS[n] for n in PERF_LISTENERS], rotation=12)
     ax.set_ylabel("Envoy CPU us / request (median, min-max)")
     ax.set_title("Envoy CPU per request by listener (1 worker)")
-    ax.legend()
-    fig.tight_layout()
-    p = outdir / "cpu_per_request.png"
-    fig.savefig(p, dpi=110)
-    plt.close(fig)
-    files.append(p)
+    files.append(save(plt, fig, ax, outdir / "cpu_per_request.png"))
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name in PERF_LISTENERS:
@@ -135,13 +128,17 @@ def plots(rows: list[dict], conns_list, outdir: Path) -> list[Path]:
     ax.set_xlabel("connections")
     ax.set_ylabel("requests/s (median)")
     ax.set_title("Throughput by connections (1 Envoy worker, 1 core)")
+    files.append(save(plt, fig, ax, outdir / "rps_by_connections.png"))
+    return files
+
+
+def save(plt, fig, ax, path: Path) -> Path:
+    """Legend, layout, write `path`, close the figure."""
     ax.legend()
     fig.tight_layout()
-    p = outdir / "rps_by_connections.png"
-    fig.savefig(p, dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
-    files.append(p)
-    return files
+    return path
 
 
 def verdict(ok: bool) -> str:
@@ -332,8 +329,6 @@ def global_section(g: dict, load_start: str = "", load_end: str = "") -> str:
             f"| {med([r['calls_per_req'] for r in s]):.3f} | {sum(r['global_errors'] for r in s):,} "
             f"| {med([r['other_cpu'] for r in s]):.2f} |"
         )
-    bad = [r for r in rows if r["non2xx"] or r["socket_errors"]]
-    if bad:
-        lines.append(f"\nNote: {len(bad)} runs saw non-2xx responses or socket errors (should be none).")
+    lines += errors_note(rows)
     return head + "\n".join(lines) + "\n"
 

@@ -4,15 +4,14 @@ vm_id) in one Envoy, interleaved rounds; prints a table (and writes ab.md, ab.js
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import tempfile
 from pathlib import Path
 
-from common import (HUGE, build_noop, ensure_wrk, fmt_range, http_get, kill_children, listener, loadavg, log, med,
-                    paired_ratios, start_envoy, summarize, vm_filter)
-from load import Wrk, measure
+from common import (HUGE, answer_200, build_noop, ensure_wrk, errors_note, fmt_range, kill_children, listener, loadavg,
+                    log, med, paired_ratios, pin_cpus, start_envoy, summarize, vm_filter)
+from load import Wrk, measure_round, rotated
 
 AB_DEFAULT_CONFIG = {"capacity": HUGE, "refill_rate": HUGE, "rate_limit_headers": "off", "max_tenants": 20_000}
 
@@ -50,8 +49,7 @@ def run_ab(args, envoy_bin: str) -> int:
     load_start = loadavg()
     wrk_bin = ensure_wrk()
     noop = build_noop()
-    cores = sorted(os.sched_getaffinity(0))
-    envoy_cpus, wrk_cpus = (str(cores[0]), str(cores[1])) if len(cores) >= 2 else (None, None)
+    envoy_cpus, wrk_cpus = pin_cpus()
     workdir = Path(tempfile.mkdtemp(prefix="trl-ab-"))
     wrk = Wrk(wrk_bin, workdir, wrk_cpus)
     order_all = ["floor"] + names
@@ -64,21 +62,13 @@ def run_ab(args, envoy_bin: str) -> int:
         listeners += [listener(n, [vm_filter(f"ab_{n}", w, c)]) for n, w, c in variants]
         envoy = start_envoy(envoy_bin, workdir, "envoy_ab", listeners, 1, envoy_cpus)
         try:
-            for name in order_all:
-                status, hdrs = http_get(envoy.url(name), "sanity")
-                if status != 200:
-                    raise RuntimeError(f"listener {name}: status {status}")
+            for name, hdrs in answer_200(envoy, order_all).items():
                 log(f"listener {name}: 200, x-ratelimit-limit {'present' if 'x-ratelimit-limit' in hdrs else 'absent'}")
             if warm:
                 for name in order_all:
                     wrk.run(envoy.url(name), conns, warm, "static")
-            n = len(order_all)
             for rnd in range(rounds):
-                order = order_all[rnd % n :] + order_all[: rnd % n]  # rotate to spread drift
-                for name in order:
-                    r = measure(envoy, wrk, name, conns, seconds)
-                    r["round"] = rnd
-                    rows.append(r)
+                rows += measure_round(envoy, wrk, rotated(order_all, rnd), rnd, conns, seconds)
                 line = ", ".join(f"{x['listener']} {x['cpu_us_per_req']:.2f}" for x in rows if x["round"] == rnd)
                 log(f"round {rnd + 1}/{rounds}: us/req {line}")
             try:  # the filters' own counters (summed over every listener that defines them)
@@ -116,9 +106,7 @@ def run_ab(args, envoy_bin: str) -> int:
             f"| {name} | {sizes[name]:,} | {fmt_range(*cpu)} | {ratio(name, 'floor')} | {ratio(name, names[0])} "
             f"| {med([r['rps'] for r in s]):.0f} |"
         )
-    bad = [r for r in rows if r["non2xx"] or r["socket_errors"]]
-    if bad:
-        out.append(f"\nNote: {len(bad)} runs saw non-2xx responses or socket errors (should be none).")
+    out += errors_note(rows)
     out.append("")
     out += [f"config {n}: {confs[n]}" for n in names]
     text = "\n".join(out)

@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 from common import CLK_TCK, HUGE, REPO, cmd_out, http_get, listener, loadavg, log, start_envoy, stat, vm_filter
-from load import Wrk, measure
+from load import Wrk, measure, rotated
 from tests.support.envoy import STAT_PREFIX as STAT, cpu_ticks, grpc_cluster
 from tests.support.services import Redis, RlsServer
 
@@ -98,10 +98,8 @@ def phase_global(envoy_bin: str, wasm: Path, wrk: Wrk, workdir: Path, rounds: in
                 log(f"global warm-up: {warm_s} s per listener")
                 for name in GLOBAL_LISTENERS:
                     wrk.run(envoy.url(name), GLOBAL_CONNS, warm_s, "static")
-            n = len(GLOBAL_LISTENERS)
             for rnd in range(rounds):
-                order = GLOBAL_LISTENERS[rnd % n :] + GLOBAL_LISTENERS[: rnd % n]
-                for name in order:
+                for name in rotated(GLOBAL_LISTENERS, rnd):
                     c0, s0 = snap(), sum(cpu_ticks(p) for p in service_pids)
                     r = measure(envoy, wrk, name, GLOBAL_CONNS, seconds)
                     s1, c1 = sum(cpu_ticks(p) for p in service_pids), snap()

@@ -4,7 +4,7 @@ tenant, on the perf Envoy (one worker pinned) built by bench.py."""
 from __future__ import annotations
 
 from common import PERF_LISTENERS, Envoy, log
-from load import Wrk, measure
+from load import Wrk, measure_round, rotated
 
 
 def phase_perf(envoy: Envoy, wrk: Wrk, conns_list, rounds: int, seconds: int, warm_s: int) -> list[dict]:
@@ -13,14 +13,10 @@ def phase_perf(envoy: Envoy, wrk: Wrk, conns_list, rounds: int, seconds: int, wa
         for name in PERF_LISTENERS:
             wrk.run(envoy.url(name), 16, warm_s, "static")
     rows = []
-    n = len(PERF_LISTENERS)
     for rnd in range(rounds):
-        order = PERF_LISTENERS[rnd % n :] + PERF_LISTENERS[: rnd % n]  # rotate to spread drift
+        order = rotated(PERF_LISTENERS, rnd)
         for conns in conns_list:
-            for name in order:
-                r = measure(envoy, wrk, name, conns, seconds)
-                r["round"] = rnd
-                rows.append(r)
+            rows += measure_round(envoy, wrk, order, rnd, conns, seconds)
             line = ", ".join(
                 f"{x['listener']} {x['cpu_us_per_req']:.2f}"
                 for x in rows
