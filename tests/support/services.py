@@ -31,6 +31,13 @@ START_TIMEOUT = 20.0
 BUILD_TIMEOUT = 1800.0
 
 
+def spawn_logged(cmd: list[str], cwd: Path, log_path: Path) -> subprocess.Popen:
+    """A service process in `cwd`, its output appended to `log_path`, SIGKILLed with us."""
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=die_with_parent)
+
+
 # --------------------------------------------------------------------------------------------
 # Redis
 
@@ -69,13 +76,10 @@ class Redis:
     def start(self) -> "Redis":
         for _attempt in range(3):  # a free port can be taken between probe and bind
             self.port = free_port()
-            log = open(self.log_path, "ab")
-            self.proc = subprocess.Popen(
+            self.proc = spawn_logged(
                 [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
                  "--dir", str(self.dir), "--protected-mode", "yes", "--daemonize", "no"],
-                cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent)
-            log.close()
+                self.dir, self.log_path)
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and self.proc.poll() is None:
                 try:
@@ -148,15 +152,12 @@ class RlsServer:
         for _attempt in range(3):
             self.port = port or self.port or free_port()
             start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
-            log = open(self.log_path, "ab")
-            self.proc = subprocess.Popen(
+            self.proc = spawn_logged(
                 [self.binary, "--listen", f"{HOST}:{self.port}", "--redis", self.redis_url,
                  "--limits", str(self.limits_path), "--delay-ms", str(self.delay_ms)]
                 + (["--stats-file", str(self.stats_path)] if self.stats_path is not None else [])
                 + (["--no-statuses"] if self.no_statuses else []),
-                cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent)
-            log.close()
+                self.dir, self.log_path)
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and self.proc.poll() is None:
                 with open(self.log_path, "rb") as f:
