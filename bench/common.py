@@ -1,6 +1,7 @@
 """What every bench phase shares: paths and constants, the child-process registry (every Envoy
 and wrk the bench starts is killed on exit, even on error), tools and versions, the bench's
-Envoy (tests/support/envoy.py, one worker pinned, log level warn), and the statistics helpers.
+Envoy (tests/support/envoy.py at log level warn, optionally pinned, no watchdog), and the
+statistics helpers.
 
 The Envoy launcher and bootstrap builders come from tests/support (see its __init__): this
 module puts the repository root on sys.path for it, so `python bench/bench.py` needs nothing
