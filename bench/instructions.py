@@ -45,13 +45,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench as B  # noqa: E402  (the shared Envoy launcher and bootstrap builders)
+from common import (BENCH_DIR, HUGE, REPO, build_noop, cmd_out, kill_children, listener, log, native_filter,
+                    replace_section, start_envoy, vm_filter)
+from tests.support.envoy import ensure_tool
 
-PROBE_MANIFEST = B.BENCH_DIR / "probe" / "Cargo.toml"
-PROBE_WASM = B.BENCH_DIR / "probe" / "target" / "wasm32-wasip1" / "release" / "bench_probe.wasm"
-RAW_MANIFEST = B.BENCH_DIR / "rawnoop" / "Cargo.toml"
-RAW_WASM = B.BENCH_DIR / "rawnoop" / "target" / "wasm32-wasip1" / "release" / "bench_rawnoop.wasm"
+PROBE_MANIFEST = BENCH_DIR / "probe" / "Cargo.toml"
+PROBE_WASM = BENCH_DIR / "probe" / "target" / "wasm32-wasip1" / "release" / "bench_probe.wasm"
+RAW_MANIFEST = BENCH_DIR / "rawnoop" / "Cargo.toml"
+RAW_WASM = BENCH_DIR / "rawnoop" / "target" / "wasm32-wasip1" / "release" / "bench_rawnoop.wasm"
 SECTION = "## Instructions per request"
 PROBES = ["nothing", "header", "header_absent", "clock", "shared_get", "shared_get_absent", "shared_get_cas",
           "counter", "response_header"]
@@ -61,21 +62,15 @@ TARGETS = {"ours": 1.25, "ours_hdrs": 1.35, "ours_lease": 1.10}
 
 
 def build(manifest: Path, wasm: Path) -> Path:
-    B.log(f"building {manifest.parent.relative_to(B.REPO)}")
+    log(f"building {manifest.parent.relative_to(REPO)}")
     subprocess.run(["cargo", "build", "--quiet", "--release", "--target", "wasm32-wasip1", "--manifest-path",
                     str(manifest)], check=True)
     return wasm
 
 
 def ensure_valgrind() -> None:
-    if shutil.which("valgrind") and shutil.which("callgrind_control"):
-        return
-    B.log("valgrind not found: apt-get install -y valgrind")
-    env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
-    apt = ["apt-get", "install", "-y", "-q", "valgrind"]
-    if subprocess.run(apt, env=env, stdout=subprocess.DEVNULL).returncode != 0:
-        subprocess.run(["apt-get", "update", "-q"], env=env, stdout=subprocess.DEVNULL, check=True)
-        subprocess.run(apt, env=env, stdout=subprocess.DEVNULL, check=True)
+    if not (ensure_tool("valgrind") and shutil.which("callgrind_control")):
+        sys.exit("instructions: valgrind (with callgrind_control) is required (apt-get install valgrind)")
 
 
 class Listener:
@@ -86,26 +81,26 @@ class Listener:
 
 
 def ours_config(**extra) -> str:
-    conf = {"capacity": B.HUGE, "refill_rate": B.HUGE, "rate_limit_headers": "off", "max_tenants": 1000}
+    conf = {"capacity": HUGE, "refill_rate": HUGE, "rate_limit_headers": "off", "max_tenants": 1000}
     conf.update(extra)
     return json.dumps(conf)
 
 
 def rows(wasm: Path, noop: Path, raw: Path | None, probe: Path | None, smoke: bool) -> list[Listener]:
     out = [
-        Listener("floor", [B.wasm_filter("bench_noop", noop, "{}")], True),
-        Listener("ours", [B.wasm_filter("trl_off", wasm, ours_config())], True),
+        Listener("floor", [vm_filter("bench_noop", noop, "{}")], True),
+        Listener("ours", [vm_filter("trl_off", wasm, ours_config())], True),
     ]
     if smoke:
         return out
     out += [
-        Listener("ours_hdrs", [B.wasm_filter("trl_hdrs", wasm, ours_config(rate_limit_headers="x-ratelimit"))], True),
-        Listener("ours_lease", [B.wasm_filter("trl_lease", wasm, ours_config(worker_lease=64))], True),
+        Listener("ours_hdrs", [vm_filter("trl_hdrs", wasm, ours_config(rate_limit_headers="x-ratelimit"))], True),
+        Listener("ours_lease", [vm_filter("trl_lease", wasm, ours_config(worker_lease=64))], True),
     ]
     if raw is not None:
-        out.append(Listener("raw_floor", [B.wasm_filter("bench_raw", raw, "{}")], True))
+        out.append(Listener("raw_floor", [vm_filter("bench_raw", raw, "{}")], True))
     if probe is not None:
-        out += [Listener(f"probe:{p}", [B.wasm_filter(f"probe_{p}", probe, p)], True) for p in PROBES]
+        out += [Listener(f"probe:{p}", [vm_filter(f"probe_{p}", probe, p)], True) for p in PROBES]
     return out
 
 
@@ -113,7 +108,7 @@ def batches(measured: list[Listener], smoke: bool) -> list[list[Listener]]:
     """Each batch: the references (none, native, floor) plus up to three more Wasm listeners."""
     refs = [Listener("none", [], False)]
     if not smoke:
-        refs.append(Listener("native", [B.native_filter("native", B.HUGE, B.HUGE, 1000)], False))
+        refs.append(Listener("native", [native_filter("native", HUGE, HUGE, 1000)], False))
     floor = next(l for l in measured if l.name == "floor")
     others = [l for l in measured if l.name != "floor"]
     per = MAX_WASM_PER_ENVOY - 1
@@ -153,18 +148,18 @@ def last_totals(workdir: Path, pid: int) -> int:
 def measure_batch(envoy_bin: str, workdir: Path, index: int, batch: list[Listener], n: int, warm: int) -> dict:
     wrap = ["valgrind", "--tool=callgrind", "--smc-check=all-non-file", "--dump-instr=no",
             f"--callgrind-out-file={workdir}/cg.%p"]
-    listeners = [B.listener(l.name.replace(":", "_"), l.filters) for l in batch]
-    envoy = B.Envoy(envoy_bin, workdir, f"cg{index}", listeners, 1, None, wrap=wrap, ready_timeout=300)
+    listeners = [listener(l.name.replace(":", "_"), l.filters) for l in batch]
+    envoy = start_envoy(envoy_bin, workdir, f"cg{index}", listeners, 1, None, wrap=wrap, ready_timeout=300)
     result = {}
     try:
         for l in batch:
-            port = envoy.ports[l.name.replace(":", "_")]
+            port = envoy.port(l.name.replace(":", "_"))
             send(port, warm)
             callgrind("z", envoy.pid)
             send(port, n)
             callgrind("d", envoy.pid)
             result[l.name] = last_totals(workdir, envoy.pid) / n
-            B.log(f"  {l.name:<24} {result[l.name]:>10,.0f} instructions/request")
+            log(f"  {l.name:<24} {result[l.name]:>10,.0f} instructions/request")
     finally:
         envoy.stop()
     return result
@@ -212,14 +207,14 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="300 requests, floor and ours only; bench/out/smoke")
     ap.add_argument("--requests", type=int, help="requests per listener (default 2000, smoke 300)")
     args = ap.parse_args()
-    envoy_bin, wasm = os.environ.get("ENVOY_BIN"), B.os.environ.get("WASM")
+    envoy_bin, wasm = os.environ.get("ENVOY_BIN"), os.environ.get("WASM")
     if not envoy_bin or not wasm:
         sys.exit("instructions: set ENVOY_BIN and WASM (make bench does)")
     wasm = Path(wasm).resolve()
     n = args.requests or (300 if args.smoke else 2000)
     warm = 200 if args.smoke else 500
     ensure_valgrind()
-    noop = B.build_noop()
+    noop = build_noop()
     raw = None if args.smoke else build(RAW_MANIFEST, RAW_WASM)
     probe = None if args.smoke else build(PROBE_MANIFEST, PROBE_WASM)
     workdir = Path(tempfile.mkdtemp(prefix="trl-instr-"))
@@ -228,12 +223,12 @@ def main() -> int:
         plan = batches(rows(wasm, noop, raw, probe, args.smoke), args.smoke)
         results = []
         for i, batch in enumerate(plan, 1):
-            B.log(f"batch {i}/{len(plan)} under callgrind: {', '.join(l.name for l in batch)}")
+            log(f"batch {i}/{len(plan)} under callgrind: {', '.join(l.name for l in batch)}")
             results.append(measure_batch(envoy_bin, workdir, i, batch, n, warm))
     finally:
-        B._kill_children()
+        kill_children()
         shutil.rmtree(workdir, ignore_errors=True)
-    version = B.cmd_out([envoy_bin, "--version"]).split("version:")[-1].strip()
+    version = cmd_out([envoy_bin, "--version"]).split("version:")[-1].strip()
     version = version.split("/")[1] if version.count("/") >= 2 else version
     body = (f"{SECTION}\n\nEnvoy {version}, one "
             f"worker, under callgrind; {n:,} keep-alive requests per listener after {warm} to warm; "
@@ -249,14 +244,14 @@ def main() -> int:
     print()
     print(body)
     if args.smoke:
-        out = B.BENCH_DIR / "out" / "smoke"
+        out = BENCH_DIR / "out" / "smoke"
         out.mkdir(parents=True, exist_ok=True)
         (out / "instructions.md").write_text(body)
     else:
-        report = B.BENCH_DIR / "RESULTS.md"
+        report = BENCH_DIR / "RESULTS.md"
         text = report.read_text() if report.exists() else "# Benchmark results\n"
-        report.write_text(B.replace_section(text, body, SECTION))
-        (B.BENCH_DIR / "instructions.json").write_text(json.dumps(results, indent=1) + "\n")
+        report.write_text(replace_section(text, body, SECTION))
+        (BENCH_DIR / "instructions.json").write_text(json.dumps(results, indent=1) + "\n")
     return 0
 
 

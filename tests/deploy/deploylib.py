@@ -1,23 +1,25 @@
 """Helpers for the deployment-artifact tests: schema checks for Istio resources and the
-compose file, and a bounded real-Envoy runner on loopback ports."""
+compose file, and a real Envoy on loopback ports (tests/support/envoy.py) running an
+EnvoyFilter's HTTP filter."""
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import re
-import signal
 import subprocess
+import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import yaml
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # tests/deploy is not a package: pytest puts only this folder on sys.path
+    sys.path.insert(0, str(REPO))
+
+from tests.support.envoy import Envoy, bootstrap, direct_route, listener  # noqa: E402
 SCHEMAS = Path(__file__).resolve().parent / "schemas"
 ISTIO = REPO / "istio"
 WASM_REL = "target/wasm32-wasip1/release/tenant_ratelimit.wasm"
@@ -212,63 +214,12 @@ def wasm_filter_patches(envoyfilter: dict) -> list[dict]:
 
 
 def bootstrap_for_filter(http_filter: dict, extra_clusters: list[dict] | None = None) -> dict:
-    """An Envoy bootstrap: admin and one listener on loopback port 0, an HTTP connection
-    manager whose filter chain is `http_filter` then the router, and a direct_response route,
-    as the EnvoyFilter's INSERT_BEFORE router patch builds it in a sidecar."""
-    return {
-        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "inbound",
-                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {
-                                    "name": "envoy.filters.network.http_connection_manager",
-                                    "typed_config": {
-                                        "@type": "type.googleapis.com/envoy.extensions.filters.network."
-                                        "http_connection_manager.v3.HttpConnectionManager",
-                                        "stat_prefix": "inbound",
-                                        "route_config": {
-                                            "name": "local",
-                                            "virtual_hosts": [
-                                                {
-                                                    "name": "app",
-                                                    "domains": ["*"],
-                                                    "routes": [
-                                                        {
-                                                            "match": {"prefix": "/"},
-                                                            "direct_response": {
-                                                                "status": 200,
-                                                                "body": {"inline_string": "ok\n"},
-                                                            },
-                                                        }
-                                                    ],
-                                                }
-                                            ],
-                                        },
-                                        "http_filters": [
-                                            copy.deepcopy(http_filter),
-                                            {
-                                                "name": "envoy.filters.http.router",
-                                                "typed_config": {
-                                                    "@type": "type.googleapis.com/envoy.extensions."
-                                                    "filters.http.router.v3.Router"
-                                                },
-                                            },
-                                        ],
-                                    },
-                                }
-                            ]
-                        }
-                    ],
-                }
-            ],
-            "clusters": extra_clusters or [],
-        },
-    }
+    """An Envoy bootstrap: admin and one listener ("inbound") on loopback port 0, an HTTP
+    connection manager whose filter chain is `http_filter` then the router, and a
+    direct_response route, as the EnvoyFilter's INSERT_BEFORE router patch builds it in a
+    sidecar."""
+    inbound = listener("inbound", [copy.deepcopy(http_filter)], route_config=direct_route("app"))
+    return bootstrap([inbound], clusters=extra_clusters or [])
 
 
 def envoy_validate(envoy_bin: str, config: Path, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -281,74 +232,10 @@ def envoy_validate(envoy_bin: str, config: Path, cwd: Path | None = None) -> sub
     )
 
 
-class Envoy:
-    """A real Envoy on loopback: started with the bootstrap, stopped on exit."""
-
-    def __init__(self, envoy_bin: str, bootstrap: dict, workdir: Path, concurrency: int = 2):
-        self.workdir = workdir
-        self.config = workdir / "envoy.yaml"
-        self.config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
-        self.admin_path = workdir / "admin.address"
-        self.log = workdir / "envoy.log"
-        self.cmd = [
-            envoy_bin, "-c", str(self.config), "--use-dynamic-base-id", "--concurrency", str(concurrency),
-            "--admin-address-path", str(self.admin_path), "--log-level", "info", "--log-path", str(self.log),
-        ]
-        self.proc = None
-        self.admin = None
-        self.port = None
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.monotonic() + 60
-        try:
-            while time.monotonic() < deadline:
-                if self.proc.poll() is not None:
-                    raise RuntimeError(f"envoy exited with {self.proc.returncode}:\n{self.logs()}")
-                if self.admin is None and self.admin_path.exists() and self.admin_path.read_text().strip():
-                    self.admin = "http://" + self.admin_path.read_text().strip()
-                if self.admin is not None:
-                    port = self._listener_port()
-                    if port:
-                        self.port = port
-                        return self
-                time.sleep(0.1)
-            raise RuntimeError(f"envoy did not start listening within 60 s:\n{self.logs()}")
-        except BaseException:
-            self.stop()
-            raise
-
-    def _listener_port(self) -> int | None:
-        try:
-            with urllib.request.urlopen(self.admin + "/listeners?format=json", timeout=2) as r:
-                data = json.load(r)
-            with urllib.request.urlopen(self.admin + "/ready", timeout=2) as r:
-                if r.status != 200:
-                    return None
-        except OSError:
-            return None
-        for s in data.get("listener_statuses", []):
-            port = s.get("local_address", {}).get("socket_address", {}).get("port_value")
-            if port:
-                return int(port)
-        return None
-
-    def logs(self, tail: int | None = 4000) -> str:
-        text = self.log.read_text(errors="replace") if self.log.exists() else ""
-        return text[-tail:] if tail else text
-
-    def stop(self):
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(timeout=10)
-
-    def __exit__(self, *exc):
-        self.stop()
+def deploy_envoy(envoy_bin: str, config: dict, workdir: Path, concurrency: int = 2) -> Envoy:
+    """A real Envoy on loopback running `config` (e.g. `bootstrap_for_filter(...)`); use it as a
+    context manager. 60 s to get ready: the remote form downloads the module first."""
+    return Envoy(envoy_bin, workdir, config, concurrency=concurrency, ready_timeout=60)
 
 
 def temp_dir() -> Path:

@@ -10,7 +10,7 @@ import time
 import pytest
 import yaml
 
-from deploylib import ISTIO, REPO, Envoy, bootstrap_for_filter, envoy_validate, load_docs, sha256_hex
+from deploylib import ISTIO, REPO, bootstrap_for_filter, deploy_envoy, envoy_validate, load_docs, sha256_hex
 
 
 def test_local_envoy_yaml_validates(envoy_bin, wasm):
@@ -91,10 +91,10 @@ def test_envoyfilter_patch_validates_in_envoy(envoy_bin, wasm, workdir):
 
 def test_envoyfilter_patch_limits_traffic_as_configured(envoy_bin, wasm, workdir):
     f = local_filter(wasm)
-    with Envoy(envoy_bin, bootstrap_for_filter(f), workdir) as envoy:
-        assert_limits_as_configured(envoy.port, plugin_config(f))
+    with deploy_envoy(envoy_bin, bootstrap_for_filter(f), workdir) as envoy:
+        assert_limits_as_configured(envoy.port("inbound"), plugin_config(f))
     # The filter's own "configured" line (the log file is flushed when Envoy stops).
-    assert "tenant-ratelimit: configured" in envoy.logs(tail=None)
+    assert "tenant-ratelimit: configured" in envoy.log_text()
 
 
 class _WasmServer(http.server.ThreadingHTTPServer):
@@ -138,8 +138,8 @@ def test_remote_envoyfilter_downloads_verifies_and_limits(envoy_bin, wasm, workd
                     "address": "127.0.0.1", "port_value": server.server_address[1]}}}}]}],
             },
         }
-        with Envoy(envoy_bin, bootstrap_for_filter(f, [cluster]), workdir) as envoy:
-            assert_limits_as_configured(envoy.port, plugin_config(f))
+        with deploy_envoy(envoy_bin, bootstrap_for_filter(f, [cluster]), workdir) as envoy:
+            assert_limits_as_configured(envoy.port("inbound"), plugin_config(f))
         uri = remote["http_uri"]["uri"]
         assert paths and paths[0] == ("/" + uri.split("/", 3)[3], uri.split("/")[2])
     finally:

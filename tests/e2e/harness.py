@@ -1,6 +1,8 @@
 """Harness for the end-to-end tests: a real Envoy with tenant-ratelimit on loopback ports.
 
-Everything here is standard library (+ pyyaml for the bootstrap file):
+The Envoy process, the bootstrap builders, `free_port` and the wrk helpers live in
+tests/support/envoy.py (shared with tests/deploy and bench/) and are re-exported here, so tests
+keep importing them from `harness`:
 
 * `bootstrap(...)`, `http_listener(...)`, `wasm_filter(...)` build an Envoy bootstrap dict;
   every listener and the admin bind 127.0.0.1 port 0 unless told otherwise, and the real
@@ -12,79 +14,40 @@ Everything here is standard library (+ pyyaml for the bootstrap file):
 * `request`, `send`, `burst` send HTTP/1.1 requests on keep-alive connections, optionally in
   parallel, and return `Resp(status, headers, body)`.
 * `Pki` and `Jwt` make certificates and signed tokens with the `openssl` CLI.
+* `Wrk` runs wrk with tests/e2e/wrk_tenants.lua in the background (churn and soak tests).
 """
 
 from __future__ import annotations
 
 import base64
-import ctypes
 import http.client
 import json
 import os
+import re
 import signal
 import socket
 import ssl
 import subprocess
-import re
+import sys
 import threading
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
-import yaml
+try:  # `python -m pytest` from the repository root has it on sys.path; plain `pytest` may not
+    import tests.support.envoy  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-HOST = "127.0.0.1"
-STAT_PREFIX = "wasmcustom.tenant_ratelimit."
-READY_TIMEOUT = 30.0
-STOP_TIMEOUT = 5.0
-HTTP_TIMEOUT = 10.0
+from tests.support.envoy import (  # noqa: E402,F401  (re-exported for the tests)
+    HOST, HTTP_TIMEOUT, READY_TIMEOUT, ROUTER, STAT_PREFIX, STOP_TIMEOUT, Envoy, EnvoyError, bootstrap,
+    cluster_route, die_with_parent, ensure_tool, file_access_log, free_port, listener, vm_rss_kib, wasm_filter,
+    wrk_command, wrk_result, write_lds,
+)
 
-
-# --------------------------------------------------------------------------------------------
-# Bootstrap
-
-
-def free_port() -> int:
-    """A currently free loopback port (for configs that need a fixed port, e.g. LDS files)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def wasm_filter(plugin_config: Any, wasm: str, root_id: str = "tenant_ratelimit",
-                vm_id: str = "tenant_ratelimit") -> dict:
-    """The envoy.filters.http.wasm entry; `plugin_config` is a dict (sent as JSON) or a raw str."""
-    value = plugin_config if isinstance(plugin_config, str) else json.dumps(plugin_config)
-    return {
-        "name": "envoy.filters.http.wasm",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-            "config": {
-                "name": "tenant_ratelimit",
-                "root_id": root_id,
-                "vm_config": {
-                    "vm_id": vm_id,
-                    "runtime": "envoy.wasm.runtime.v8",
-                    "code": {"local": {"filename": wasm}},
-                },
-                "configuration": {
-                    "@type": "type.googleapis.com/google.protobuf.StringValue",
-                    "value": value,
-                },
-            },
-        },
-    }
-
-
-ROUTER = {
-    "name": "envoy.filters.http.router",
-    "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
-}
+_die_with_parent = die_with_parent  # the old private name
 
 
 def http_listener(name: str, plugin_config: Any, wasm: str, *, port: int = 0,
@@ -94,303 +57,9 @@ def http_listener(name: str, plugin_config: Any, wasm: str, *, port: int = 0,
 
     Each listener gets its own plugin root id (so its own shared-data namespace) unless told.
     """
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": name,
-        "route_config": {
-            "name": "local",
-            "virtual_hosts": [{
-                "name": "backend",
-                "domains": ["*"],
-                "routes": [{
-                    "match": {"prefix": "/"},
-                    "direct_response": {"status": 200, "body": {"inline_string": "ok\n"}},
-                }],
-            }],
-        },
-        "http_filters": [*pre_filters, wasm_filter(plugin_config, wasm, root_id or f"trl_{name}"), ROUTER],
-    }
-    hcm.update(hcm_extra or {})
-    chain: dict = {"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}
-    if transport_socket:
-        chain["transport_socket"] = transport_socket
-    return {
-        "name": name,
-        "stat_prefix": name,  # listener.<name>.worker_<n>.downstream_cx_total etc.
-        "address": {"socket_address": {"address": HOST, "port_value": port}},
-        "filter_chains": [chain],
-    }
-
-
-def file_access_log(path: Path | str, fmt: str) -> dict:
-    """An HCM `access_log` entry writing `fmt` (Envoy command operators) lines to `path`.
-    Envoy buffers file writes; start it with `--file-flush-interval-msec` to see lines soon."""
-    return {
-        "name": "envoy.access_loggers.file",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-            "path": str(path),
-            "log_format": {"text_format_source": {"inline_string": fmt}},
-        },
-    }
-
-
-def cluster_route(cluster: str, timeout: str = "5s") -> dict:
-    """A route_config sending every request to `cluster` (instead of the direct 200 "ok")."""
-    return {
-        "name": "local",
-        "virtual_hosts": [{
-            "name": "backend",
-            "domains": ["*"],
-            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": cluster, "timeout": timeout}}],
-        }],
-    }
-
-
-def bootstrap(listeners: Iterable[dict] = (), lds_path: str | None = None,
-              clusters: Iterable[dict] = ()) -> dict:
-    """`clusters`: extra static clusters (e.g. `rls.grpc_cluster(...)`); none by default."""
-    b: dict = {
-        "admin": {"address": {"socket_address": {"address": HOST, "port_value": 0}}},
-        "static_resources": {"listeners": list(listeners)},
-    }
-    clusters = list(clusters)
-    if clusters:
-        b["static_resources"]["clusters"] = clusters
-    if lds_path:
-        b["node"] = {"id": "e2e", "cluster": "e2e"}
-        b["dynamic_resources"] = {"lds_config": {"path_config_source": {"path": lds_path}}}
-    return b
-
-
-def write_lds(path: Path, listeners: list[dict], version: str) -> None:
-    """Atomically replace an LDS file (Envoy watches for a move onto the path)."""
-    resources = []
-    for l in listeners:
-        r = dict(l)
-        r["@type"] = "type.googleapis.com/envoy.config.listener.v3.Listener"
-        resources.append(r)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump({"version_info": version, "resources": resources}, sort_keys=False))
-    os.replace(tmp, path)
-
-
-# --------------------------------------------------------------------------------------------
-# The Envoy process
-
-
-class EnvoyError(RuntimeError):
-    pass
-
-
-_PR_SET_PDEATHSIG = 1
-try:  # loaded here, not in the forked child (no dlopen between fork and exec)
-    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
-except OSError:
-    _LIBC = None
-
-
-def _die_with_parent() -> None:
-    """Runs in the child between fork and exec: Envoy gets SIGKILL if the test process dies."""
-    if _LIBC is not None:
-        _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-
-
-class Envoy:
-    """One Envoy process. Use as a context manager or call start()/stop()."""
-
-    def __init__(self, envoy_bin: str, workdir: Path, config: dict, *, concurrency: int = 2,
-                 name: str = "envoy", log_level: str = "info", max_lifetime: float = 300.0,
-                 extra_args: Iterable[str] = ()):
-        self.envoy_bin = envoy_bin
-        self.workdir = Path(workdir)
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self.config = config
-        self.concurrency = concurrency
-        self.name = name
-        self.log_level = log_level
-        self.max_lifetime = max_lifetime
-        self.extra_args = list(extra_args)  # more command-line flags, e.g. --file-flush-interval-msec
-        self.config_path = self.workdir / f"{name}.yaml"
-        self.log_path = self.workdir / f"{name}.log"
-        self.admin_path = self.workdir / f"{name}.admin"
-        self.proc: subprocess.Popen | None = None
-        self.admin_port: int | None = None
-        self._ports: dict[str, int] = {}
-        self._watchdog: threading.Timer | None = None
-
-    # -- lifecycle
-
-    def spawn(self) -> None:
-        """Start the process without waiting for it to be ready."""
-        self.config_path.write_text(yaml.safe_dump(self.config, sort_keys=False))
-        for p in (self.admin_path,):
-            p.unlink(missing_ok=True)
-        cmd = [
-            self.envoy_bin, "-c", str(self.config_path),
-            "--concurrency", str(self.concurrency),
-            "--use-dynamic-base-id", "--base-id-path", str(self.workdir / f"{self.name}.base-id"),
-            "--admin-address-path", str(self.admin_path),
-            "--log-level", self.log_level,
-            "--drain-time-s", "1", "--parent-shutdown-time-s", "2",
-            *self.extra_args,
-        ]
-        self._log_file = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                     stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-        self._watchdog = threading.Timer(self.max_lifetime, self._kill)
-        self._watchdog.daemon = True
-        self._watchdog.start()
-
-    def start(self, timeout: float = READY_TIMEOUT) -> "Envoy":
-        self.spawn()
-        try:
-            self.wait_ready(timeout)
-        except Exception:
-            self.stop()
-            raise
-        return self
-
-    def wait_admin(self, timeout: float = READY_TIMEOUT) -> int:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise EnvoyError(f"envoy exited with {self.proc.returncode}\n{self.log_tail()}")
-            try:
-                text = self.admin_path.read_text().strip()
-            except FileNotFoundError:
-                text = ""
-            if text:
-                self.admin_port = int(text.rsplit(":", 1)[1])
-                return self.admin_port
-            time.sleep(0.05)
-        raise EnvoyError(f"no admin address after {timeout}s\n{self.log_tail()}")
-
-    def wait_ready(self, timeout: float = READY_TIMEOUT) -> None:
-        deadline = time.monotonic() + timeout
-        self.wait_admin(timeout)
-        while time.monotonic() < deadline:
-            if self.proc is not None and self.proc.poll() is not None:
-                raise EnvoyError(f"envoy exited with {self.proc.returncode}\n{self.log_tail()}")
-            try:
-                status, _ = self.admin("/ready")
-                if status == 200:
-                    self.refresh_ports()
-                    return
-            except OSError:
-                pass
-            time.sleep(0.05)
-        raise EnvoyError(f"envoy not ready after {timeout}s\n{self.log_tail()}")
-
-    def _kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-
-    def stop(self) -> int | None:
-        """SIGTERM, bounded wait, SIGKILL. Returns the exit code."""
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-        self._log_file.close()
-        return self.proc.returncode
-
-    def wait_exit(self, timeout: float) -> int | None:
-        """The exit code if the process exits within `timeout`, else None (still running)."""
-        assert self.proc is not None
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def __enter__(self) -> "Envoy":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
-
-    # -- admin
-
-    def admin(self, path: str, method: str = "GET") -> tuple[int, str]:
-        assert self.admin_port is not None, "admin not up"
-        req = urllib.request.Request(f"http://{HOST}:{self.admin_port}{path}", method=method)
-        try:
-            with urllib.request.urlopen(req, timeout=HTTP_TIMEOUT) as r:
-                return r.status, r.read().decode()
-        except urllib.error.HTTPError as e:
-            return e.code, e.read().decode()
-
-    def refresh_ports(self) -> dict[str, int]:
-        _, text = self.admin("/listeners?format=json")
-        ports = {}
-        for l in json.loads(text).get("listener_statuses", []):
-            ports[l["name"]] = int(l["local_address"]["socket_address"]["port_value"])
-        self._ports = ports
-        return ports
-
-    def port(self, listener: str) -> int:
-        if listener not in self._ports:
-            self.refresh_ports()
-        return self._ports[listener]
-
-    def stats(self, filter_regex: str | None = None) -> dict[str, int]:
-        """Counters and gauges from `/stats?format=json` (histograms skipped)."""
-        path = "/stats?format=json"
-        if filter_regex:
-            path += "&filter=" + urllib.parse.quote(filter_regex)
-        _, text = self.admin(path)
-        out = {}
-        for s in json.loads(text).get("stats", []):
-            if "value" in s:
-                out[s["name"]] = int(s["value"])
-        return out
-
-    def stats_text(self) -> dict[str, int]:
-        """The plain-text `/stats` view (`name: value` lines), histograms skipped."""
-        _, text = self.admin("/stats")
-        out = {}
-        for line in text.splitlines():
-            name, _, value = line.rpartition(": ")
-            if name and value.lstrip("-").isdigit():
-                out[name] = int(value)
-        return out
-
-    def stat(self, name: str) -> int | None:
-        return self.stats("^" + re.escape(name) + "$").get(name)
-
-    def counter(self, short: str) -> int:
-        """`wasmcustom.tenant_ratelimit.<short>`, 0 when not (yet) defined."""
-        return self.stat(STAT_PREFIX + short) or 0
-
-    def counters(self) -> dict[str, int]:
-        """Every tenant_ratelimit stat, keyed by the short name."""
-        return {k[len(STAT_PREFIX):]: v for k, v in self.stats("tenant_ratelimit").items()
-                if k.startswith(STAT_PREFIX)}
-
-    def prometheus(self) -> str:
-        _, text = self.admin("/stats/prometheus")
-        return text
-
-    # -- log
-
-    def log_text(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return ""
-
-    def log_tail(self, n: int = 40) -> str:
-        return "\n".join(self.log_text().splitlines()[-n:])
-
-    def wasm_log_lines(self) -> list[str]:
-        return [l for l in self.log_text().splitlines() if "wasm" in l.lower()]
+    filters = [*pre_filters, wasm_filter(plugin_config, wasm, root_id or f"trl_{name}")]
+    return listener(name, filters, port=port, stat_prefix=name,  # listener.<name>.worker_<n>.*
+                    hcm_extra=hcm_extra, transport_socket=transport_socket)
 
 
 def counter_delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
@@ -602,21 +271,7 @@ WRK_SCRIPT = Path(__file__).with_name("wrk_tenants.lua")
 def ensure_wrk() -> str | None:
     """The wrk binary, installed with apt-get when missing and possible (root, Debian).
     Returns None when it cannot be had."""
-    import shutil
-    path = shutil.which("wrk")
-    if path:
-        return path
-    if os.geteuid() != 0 or not shutil.which("apt-get"):
-        return None
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmds in ([["apt-get", "install", "-y", "-q", "wrk"]],
-                 [["apt-get", "update", "-q"], ["apt-get", "install", "-y", "-q", "wrk"]]):
-        try:
-            if all(subprocess.run(c, env=env, capture_output=True, timeout=300).returncode == 0 for c in cmds):
-                break
-        except (OSError, subprocess.TimeoutExpired):
-            pass
-    return shutil.which("wrk")
+    return ensure_tool("wrk")
 
 
 @dataclass
@@ -636,8 +291,8 @@ class Wrk:
 
     def __init__(self, wrk_bin: str, port: int, *, duration: float, threads: int = 2,
                  connections: int = 16, limit: int = 0, env: dict | None = None, timeout: str = "5s"):
-        self.cmd = [wrk_bin, "-t", str(threads), "-c", str(connections), "-d", f"{max(1, int(duration))}s",
-                    "--timeout", timeout, "-s", str(WRK_SCRIPT), f"http://{HOST}:{port}/"]
+        self.cmd = wrk_command(wrk_bin, f"http://{HOST}:{port}/", WRK_SCRIPT, threads=threads,
+                               connections=connections, seconds=duration, timeout=timeout)
         self.env = dict(os.environ, TRL_WRK_LIMIT=str(limit), **(env or {}))
         self.duration = duration
         self.proc: subprocess.Popen | None = None
@@ -645,7 +300,7 @@ class Wrk:
     def start(self) -> "Wrk":
         self.started = time.monotonic()
         self.proc = subprocess.Popen(self.cmd, env=self.env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True, preexec_fn=_die_with_parent)
+                                     stderr=subprocess.STDOUT, text=True, preexec_fn=die_with_parent)
         return self
 
     def running(self) -> bool:
@@ -664,11 +319,10 @@ class Wrk:
             out, _ = self.proc.communicate()
             raise RuntimeError(f"wrk did not finish: {out[-2000:]}")
         seconds = time.monotonic() - self.started
-        for line in out.splitlines():
-            if line.startswith("WRK_RESULT "):
-                r = json.loads(line.split(" ", 1)[1])
-                errors = {k: r[k] for k in ("connect", "read", "write", "timeout")}
-                return WrkResult(r["requests"], seconds, errors, out)
+        r = wrk_result(out, "WRK_RESULT")
+        if r is not None:
+            errors = {k: r[k] for k in ("connect", "read", "write", "timeout")}
+            return WrkResult(r["requests"], seconds, errors, out)
         raise RuntimeError(f"wrk exited {self.proc.returncode} without a result:\n{out[-2000:]}")
 
     def __enter__(self) -> "Wrk":
@@ -678,15 +332,6 @@ class Wrk:
         if self.running():
             self.proc.kill()
             self.proc.wait()
-
-
-def vm_rss_kib(pid: int) -> int:
-    """VmRSS of a process, in KiB."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def raw_http(port: int, data: bytes, timeout: float = HTTP_TIMEOUT) -> tuple[int | None, bytes]:

@@ -23,9 +23,7 @@ import os
 import threading
 import time
 
-import pytest
-
-from .harness import Client, Wrk, ensure_wrk, vm_rss_kib
+from .harness import Client, Wrk, vm_rss_kib
 
 REQUESTS = int(os.environ.get("TRL_CHURN_REQUESTS", "1000000"))
 MAX_TENANTS = 1000
@@ -43,17 +41,6 @@ CONFIG = {
     "max_tenants": MAX_TENANTS,
     "tenants": {"vip": {"capacity": VIP_CAPACITY, "refill_rate": "1/hour"}},
 }
-
-
-@pytest.fixture(scope="module")
-def wrk_bin():
-    path = ensure_wrk()
-    if path is None:
-        if os.environ.get("TRL_SKIP_WRK"):
-            pytest.skip("no wrk (TRL_SKIP_WRK set)")
-        pytest.fail("wrk is needed for the churn/soak tests and could not be installed "
-                    "(apt-get install wrk; or set TRL_SKIP_WRK=1 to skip)")
-    return path
 
 
 def test_million_tenants_stay_bounded(envoy_factory, wrk_bin):

@@ -15,9 +15,7 @@ from __future__ import annotations
 import os
 import time
 
-import pytest
-
-from .harness import Client, Wrk, ensure_wrk
+from .harness import Client, Wrk
 
 MAX_TENANTS = 2000
 # Per flood: 10x the slots, sent as fast as wrk goes (about 2 s here); -d is the hard bound.
@@ -35,17 +33,6 @@ CONFIG = {
         {"path_prefix": "/"},
     ],
 }
-
-
-@pytest.fixture(scope="module")
-def wrk_bin():
-    path = ensure_wrk()
-    if path is None:
-        if os.environ.get("TRL_SKIP_WRK"):
-            pytest.skip("no wrk (TRL_SKIP_WRK set)")
-        pytest.fail("wrk is needed for the flood test and could not be installed "
-                    "(apt-get install wrk; or set TRL_SKIP_WRK=1 to skip)")
-    return path
 
 
 def flood(envoy, wrk_bin: str, port: int, prefix: str) -> None:

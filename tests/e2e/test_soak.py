@@ -19,7 +19,6 @@ import time
 import pytest
 
 from .harness import Wrk, bootstrap, free_port, http_listener, request, vm_rss_kib, write_lds
-from .test_churn import wrk_bin  # noqa: F401  (fixture)
 
 SOAK_SECONDS = float(os.environ.get("TRL_SOAK_SECONDS", "20"))
 RELOAD_SECONDS = float(os.environ.get("TRL_SOAK_RELOAD_SECONDS", "5"))
