@@ -21,8 +21,8 @@ import time
 import urllib.request
 from pathlib import Path
 
-from e2e.harness import HOST, _die_with_parent, free_port
-from e2e.rls import _stop, _tail
+from e2e.harness import HOST  # noqa: F401  (also puts the repository root on sys.path)
+from tests.support.envoy import die_with_parent, file_tail, free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 # `make service` builds with the `service` profile and copies the binary to target/release/.
@@ -83,7 +83,7 @@ class Service:
                 [self.binary, "--listen", f"{HOST}:{self.port}", *self.redis_args, "--config", str(self.config_path),
                  "--metrics", f"{HOST}:{self.metrics_port}", "--log-level", "info", *self.extra],
                 cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
             log.close()
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -92,11 +92,11 @@ class Service:
                     if b"listening on " in f.read():
                         return self
                 time.sleep(0.05)
-            _stop(self.proc)
-        raise RuntimeError(f"{self.name} did not start\n{_tail(self.log_path)}")
+            stop_process(self.proc)
+        raise RuntimeError(f"{self.name} did not start\n{file_tail(self.log_path)}")
 
     def stop(self) -> int | None:
-        return _stop(self.proc)
+        return stop_process(self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -114,7 +114,7 @@ class Service:
         self.proc.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 5
         while self.log_text().count("config reload") == before:
-            assert time.monotonic() < deadline, f"no reload logged\n{_tail(self.log_path)}"
+            assert time.monotonic() < deadline, f"no reload logged\n{file_tail(self.log_path)}"
             time.sleep(0.02)
 
     def log_text(self) -> str:
@@ -194,18 +194,18 @@ class Redis:
                 [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
                  "--dir", str(self.dir), "--daemonize", "no", *self.extra_args],
                 cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=_die_with_parent)
+                preexec_fn=die_with_parent)
             log.close()
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and self.proc.poll() is None:
                 if self.cli("PING") == "PONG":
                     return self
                 time.sleep(0.05)
-            _stop(self.proc)
-        raise RuntimeError(f"redis-server did not start\n{_tail(self.log_path)}")
+            stop_process(self.proc)
+        raise RuntimeError(f"redis-server did not start\n{file_tail(self.log_path)}")
 
     def stop(self) -> None:
-        _stop(self.proc)
+        stop_process(self.proc)
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import yaml
 
-from e2e.harness import free_port
+from e2e.harness import free_port  # noqa: F401
 
-from .svc import _stop
+from tests.support.envoy import stop_process
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy" / "service"
@@ -87,7 +87,7 @@ def test_deployment_args_start_the_binary(service_bin, redis, tmp_path):
             with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=5) as r:
                 assert r.status == 200
     finally:
-        assert _stop(proc) == 0
+        assert stop_process(proc) == 0
 
 
 def test_envoyfilter_matches_the_istio_crd_schema():
