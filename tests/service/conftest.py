@@ -10,8 +10,10 @@ import subprocess
 import pytest
 
 from e2e.conftest import envoy_bin, envoy_factory, wasm  # noqa: F401 (fixtures)
+from e2e.rls import redis  # noqa: F401 (fixture: one redis-server per module)
 
-from .svc import Redis, RedisCluster, Service, build_service, redis_cli, redis_server
+from .rlsproto import Client
+from .svc import RedisCluster, Service, build_service, redis_cli, redis_server
 
 _ids = itertools.count()
 
@@ -22,16 +24,6 @@ def service_bin() -> str:
         return build_service()
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         pytest.fail(str(e))
-
-
-@pytest.fixture(scope="module")
-def redis(tmp_path_factory):
-    binary = redis_server()
-    if binary is None:
-        pytest.skip("no redis-server (apt-get install -y redis-server)")
-    r = Redis(tmp_path_factory.mktemp("redis"), binary).start()
-    yield r
-    r.stop()
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +55,15 @@ def svc_factory(service_bin, tmp_path_factory):
     yield make
     for s in started:
         s.stop()
+
+
+@pytest.fixture(scope="module")
+def clients(services):
+    """A gRPC client per service replica of the module's `services` fixture."""
+    cs = [Client(s.port) for s in services]
+    yield cs
+    for c in cs:
+        c.close()
 
 
 @pytest.fixture

@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.request
@@ -23,6 +21,7 @@ from pathlib import Path
 
 from e2e.harness import HOST  # noqa: F401  (also puts the repository root on sys.path)
 from tests.support.envoy import die_with_parent, file_tail, free_port, stop_process
+from tests.support.services import Redis, redis_bin, redis_cli_bin  # noqa: F401  (Redis: re-exported)
 
 REPO = Path(__file__).resolve().parents[2]
 # `make service` builds with the `service` profile and copies the binary to target/release/.
@@ -139,78 +138,11 @@ class Service:
 
 
 def redis_server() -> str | None:
-    return shutil.which("redis-server")
+    return redis_bin()
 
 
 def redis_cli() -> str | None:
-    return shutil.which("redis-cli")
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind((HOST, port))
-            return True
-        except OSError:
-            return False
-
-
-def free_cluster_port() -> int:
-    """A free port P <= 55535 whose cluster bus port P + 10000 is free too."""
-    rng = random.Random()
-    while True:
-        p = rng.randrange(20000, 55535)
-        if _port_free(p) and _port_free(p + 10000):
-            return p
-
-
-class Redis:
-    """One redis-server on loopback, no persistence; `start()` again reuses its port."""
-
-    def __init__(self, workdir: Path, binary: str, extra_args: list[str] | None = None):
-        self.dir = Path(workdir)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.binary = binary
-        self.extra_args = extra_args or []
-        self.port = 0
-        self.proc: subprocess.Popen | None = None
-        self.log_path = self.dir / "redis.log"
-
-    @property
-    def url(self) -> str:
-        return f"redis://{HOST}:{self.port}"
-
-    def cli(self, *args: str) -> str:
-        p = subprocess.run(["redis-cli", "-h", HOST, "-p", str(self.port), *args], capture_output=True, timeout=5)
-        return p.stdout.decode(errors="replace").strip()
-
-    def start(self) -> "Redis":
-        fixed = self.port
-        for _attempt in range(3):
-            cluster = "--cluster-enabled" in self.extra_args
-            self.port = fixed or (free_cluster_port() if cluster else free_port())
-            log = open(self.log_path, "ab")
-            self.proc = subprocess.Popen(
-                [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                 "--dir", str(self.dir), "--daemonize", "no", *self.extra_args],
-                cwd=self.dir, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                preexec_fn=die_with_parent)
-            log.close()
-            deadline = time.monotonic() + START_TIMEOUT
-            while time.monotonic() < deadline and self.proc.poll() is None:
-                if self.cli("PING") == "PONG":
-                    return self
-                time.sleep(0.05)
-            stop_process(self.proc)
-        raise RuntimeError(f"redis-server did not start\n{file_tail(self.log_path)}")
-
-    def stop(self) -> None:
-        stop_process(self.proc)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+    return redis_cli_bin()
 
 
 class RedisCluster:

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from .rlsproto import OK, OVER_LIMIT, Client
+from .rlsproto import OK, OVER_LIMIT
 
 SLOW = "1/hour"
 CONFIG = {
@@ -26,14 +26,6 @@ CONFIG = {
 def services(svc_factory, redis_cluster):
     args = ["--redis-cluster", ",".join(redis_cluster.urls)]
     return [svc_factory(args, CONFIG) for _ in range(2)]
-
-
-@pytest.fixture(scope="module")
-def clients(services):
-    cs = [Client(s.port) for s in services]
-    yield cs
-    for c in cs:
-        c.close()
 
 
 def test_exact_across_two_replicas_on_a_cluster(clients, fresh):

@@ -31,14 +31,6 @@ def services(svc_factory, redis):
     return [svc_factory(["--redis", redis.url], CONFIG) for _ in range(2)]
 
 
-@pytest.fixture(scope="module")
-def clients(services):
-    cs = [Client(s.port) for s in services]
-    yield cs
-    for c in cs:
-        c.close()
-
-
 def test_gcra_not_a_window(clients, fresh):
     """Capacity 3 at 1/s: the burst, then exactly one more per second (a fixed window would
     give 3 more at the next window)."""

@@ -1,6 +1,7 @@
 """The rate-limit service the `global` mode talks to: redis-server and tests/rls-server.
 
-* `Redis`: the Debian `redis-server` on a free loopback port, no persistence, in a work dir.
+* `Redis`: the Debian `redis-server` on a free loopback port, no persistence, in a work dir
+  (also a Redis Cluster node, with `extra_args`); `redis_bin()`, `redis_cli_bin()`.
 * `build_rls_server()`: `cargo build --release` of tests/rls-server (its own target dir);
   `RLS_SERVER=/path/to/rls-server` skips the build.
 * `RlsServer`: rls-server on a free loopback port with a limits list; `.stats()` reads the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -46,11 +48,38 @@ def redis_bin() -> str | None:
     return shutil.which("redis-server") or ("/usr/bin/redis-server" if os.access("/usr/bin/redis-server", os.X_OK) else None)
 
 
+def redis_cli_bin() -> str | None:
+    return shutil.which("redis-cli") or ("/usr/bin/redis-cli" if os.access("/usr/bin/redis-cli", os.X_OK) else None)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind((HOST, port))
+            return True
+        except OSError:
+            return False
+
+
+def free_cluster_port() -> int:
+    """A free port P <= 55535 whose cluster bus port P + 10000 is free too."""
+    rng = random.Random()
+    while True:
+        p = rng.randrange(20000, 55535)
+        if _port_free(p) and _port_free(p + 10000):
+            return p
+
+
 class Redis:
-    def __init__(self, workdir: Path, binary: str):
+    """One redis-server on loopback, no persistence, in a work dir. `extra_args` go on its
+    command line (e.g. `--cluster-enabled yes`); `start()` after `stop()`/`kill()` reuses the
+    port, so clients reconnect to the same address."""
+
+    def __init__(self, workdir: Path, binary: str, extra_args: list[str] | None = None):
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.binary = binary
+        self.extra_args = extra_args or []
         self.port = 0
         self.proc: subprocess.Popen | None = None
         self.log_path = self.dir / "redis.log"
@@ -73,12 +102,20 @@ class Redis:
                 data += chunk
         return data.strip()
 
+    def cli(self, *args: str) -> str:
+        """`redis-cli` against this node: the whole (multi-line) reply as text."""
+        p = subprocess.run([redis_cli_bin() or "redis-cli", "-h", HOST, "-p", str(self.port), *args],
+                           capture_output=True, timeout=5)
+        return p.stdout.decode(errors="replace").strip()
+
     def start(self) -> "Redis":
+        fixed = self.port
+        cluster = "--cluster-enabled" in self.extra_args
         for _attempt in range(3):  # a free port can be taken between probe and bind
-            self.port = free_port()
+            self.port = fixed or (free_cluster_port() if cluster else free_port())
             self.proc = spawn_logged(
                 [self.binary, "--port", str(self.port), "--bind", HOST, "--save", "", "--appendonly", "no",
-                 "--dir", str(self.dir), "--protected-mode", "yes", "--daemonize", "no"],
+                 "--dir", str(self.dir), "--protected-mode", "yes", "--daemonize", "no", *self.extra_args],
                 self.dir, self.log_path)
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -93,6 +130,11 @@ class Redis:
 
     def stop(self) -> None:
         stop_process(self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
 
 
 # --------------------------------------------------------------------------------------------
