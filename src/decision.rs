@@ -1,167 +1,44 @@
 //! One metered request -> allow or deny, which headers, which counters. Pure: the host is
 //! only the [`SharedStore`] passed in, so this runs the same in Envoy and in unit tests.
 
-use crate::config::{Config, Mode, Overflow, Policy, StoreErrorPolicy, UnknownTenants};
-use crate::metrics::{Counter, Scoped, COUNTERS};
+use crate::config::{Config, Mode, Overflow, Policy, StoreErrorPolicy};
+use crate::metrics::{Counter, Events, Final};
+use crate::policy::{PolicyId, OVERFLOW_OWNER};
 use crate::response::{retry_after_seconds, Quota};
-use crate::store::{self, hash128, Home, Namespace, Outcome, SharedStore, SlotUse};
+use crate::store::{self, hash128, Namespace, Outcome, SharedStore, SlotUse};
 use crate::tenant::TenantId;
 use crate::worker_lease::{Entry, WorkerLeases};
 
-/// Which per-name counters a decision touches.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    Tenant(usize),
-    Rule(usize),
-}
-
-/// Counter increments to apply after a decision.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Events {
-    pub counters: [u32; COUNTERS.len()],
-    pub scoped: Option<(Scope, Scoped)>,
-    pub slots_created: u32,
-}
-
-impl Events {
-    pub fn bump(&mut self, c: Counter, n: u32) {
-        if let Some(slot) = self.counters.get_mut(c as usize) {
-            *slot = slot.saturating_add(n);
-        }
-    }
-
-    fn count(&self, c: Counter) -> u32 {
-        self.counters.get(c as usize).copied().unwrap_or(0)
-    }
-
-    /// Takes this request's outcome back out because it is not final: in `global.mode: "both"`
-    /// a request the local bucket lets through still asks the service, and the outcome is
-    /// counted once, when the service's answer (or a lease) settles it ([`Events::settle`]).
-    /// Every other counter (retries, slots, near-limit) stays.
-    pub fn defer(&mut self) -> Pending {
-        let shadow_denied = self.count(Counter::ShadowDenied) > 0;
-        for c in [Counter::Allowed, Counter::ShadowDenied] {
-            if let Some(slot) = self.counters.get_mut(c as usize) {
-                *slot = 0;
-            }
-        }
-        Pending { shadow_denied, scope: self.scoped.take().map(|(s, _)| s) }
-    }
-
-    /// Counts a request's final outcome: the service's (or a lease's) verdict combined with
-    /// what the local bucket said before ([`Pending::default`] when no bucket was asked). A
-    /// local shadow denial stays a shadow denial unless the service enforces a denial.
-    pub fn settle(&mut self, pending: Pending, service: Final) -> Final {
-        let outcome = match service {
-            Final::Allowed if pending.shadow_denied => Final::ShadowDenied,
-            other => other,
-        };
-        let (global, scoped) = match outcome {
-            Final::Allowed => (Counter::Allowed, Scoped::Allowed),
-            Final::Denied => (Counter::Denied, Scoped::Denied),
-            Final::ShadowDenied => (Counter::ShadowDenied, Scoped::ShadowDenied),
-        };
-        self.bump(global, 1);
-        self.scoped = pending.scope.map(|s| (s, scoped));
-        outcome
-    }
-}
-
-/// The final outcome of a metered request: exactly one of `allowed`, `denied`,
-/// `shadow_denied` is counted per metered request, whatever the path.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Final {
-    Allowed,
-    /// The request gets the deny reply.
-    Denied,
-    /// Would have been denied; passes (shadow mode).
-    ShadowDenied,
-}
-
-/// A local verdict that is not final yet (mode `both`: the service decides next).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Pending {
-    /// The local bucket would have denied it (shadow mode let it through).
-    pub shadow_denied: bool,
-    /// The per-name counters the final outcome also goes to.
-    pub scope: Option<Scope>,
-}
-
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Decision<'c> {
+pub struct Decision {
     /// Send the local reply (never set in shadow mode).
     pub deny: bool,
     pub retry_after_seconds: u64,
     /// The bucket's state for rate-limit headers; `None` if no bucket was consulted.
     pub quota: Option<Quota>,
     /// The policy whose name goes into `RateLimit` headers.
-    pub policy: &'c Policy,
+    pub policy: PolicyId,
     pub events: Events,
-}
-
-/// Owner ids that no tenant id can produce (tenant ids never contain NUL).
-const UNLISTED_OWNER: &[u8] = b"\0unlisted";
-const OVERFLOW_OWNER: &[u8] = b"\0overflow";
-const RULE_SEPARATOR: &[u8] = b"\0rule\0";
-
-/// The policy, bucket owner and bucket home for a tenant (and the matched rule, if it has its
-/// own limit). A listed tenant's buckets (its own and its per-rule ones) have reserved keys,
-/// so a flood of other tenant ids can never push it into the overflow bucket; everyone else
-/// shares the slot table.
-pub fn select<'c>(
-    config: &'c Config,
-    tenant: &TenantId,
-    rule: Option<(usize, &'c crate::config::Rule)>,
-) -> (&'c Policy, u128, Home, Option<Scope>) {
-    let listed = config.tenant_index(tenant.as_bytes());
-    let home = if listed.is_some() { Home::Reserved(config.max_tenants) } else { Home::Slots(config.max_tenants) };
-    if let Some((index, rule)) = rule {
-        if let Some(policy) = &rule.policy {
-            let owner = hash128(&[tenant.as_bytes(), RULE_SEPARATOR, policy.name.as_bytes()]);
-            return (policy, owner, home, Some(Scope::Rule(index)));
-        }
-    }
-    if let Some(index) = listed {
-        if let Some(policy) = config.tenants.get(index) {
-            return (policy, hash128(&[tenant.as_bytes()]), home, Some(Scope::Tenant(index)));
-        }
-    }
-    let owner = match config.unknown_tenants {
-        UnknownTenants::Separate => hash128(&[tenant.as_bytes()]),
-        UnknownTenants::Shared => hash128(&[UNLISTED_OWNER]),
-    };
-    (&config.default_policy, owner, Home::Slots(config.max_tenants), None)
-}
-
-/// The per-name counters a request of `tenant` (matching `rule`) goes to: what [`select`]
-/// says, without hashing (mode `global` consults no bucket but counts per name the same way).
-pub fn scope(config: &Config, tenant: &TenantId, rule: Option<(usize, &crate::config::Rule)>) -> Option<Scope> {
-    if let Some((index, rule)) = rule {
-        if rule.policy.is_some() {
-            return Some(Scope::Rule(index));
-        }
-    }
-    config.tenant_index(tenant.as_bytes()).map(Scope::Tenant)
 }
 
 /// Admits a request from this worker's lease, if `worker_lease` is on and the tenant has
 /// one; touches neither shared data nor the clock.
-pub fn from_lease<'c>(
-    config: &'c Config,
+pub fn from_lease(
+    config: &Config,
     leases: &mut WorkerLeases,
     tenant: &TenantId,
-    rule: Option<(usize, &'c crate::config::Rule)>,
+    rule: Option<(usize, &crate::config::Rule)>,
     cost: u64,
-) -> Option<Decision<'c>> {
+) -> Option<Decision> {
     if config.worker_lease == 0 {
         return None;
     }
-    let (policy, owner, _, scope) = select(config, tenant, rule);
-    let quota = leases.spend(owner, &policy.limit, cost)?;
+    let id = PolicyId::of(config, tenant, rule);
+    let (owner, _) = id.bucket(config, tenant);
+    let quota = leases.spend(owner, &id.policy(config).limit, cost)?;
     let mut events = Events::default();
-    events.bump(Counter::Allowed, 1);
-    events.scoped = scope.map(|s| (s, Scoped::Allowed));
-    Some(Decision { deny: false, retry_after_seconds: 0, quota: Some(quota), policy, events })
+    events.outcome(id, Final::Allowed);
+    Some(Decision { deny: false, retry_after_seconds: 0, quota: Some(quota), policy: id, events })
 }
 
 /// How many tokens to lease along with a debit: none unless on, and only from buckets at
@@ -178,18 +55,20 @@ fn lease_size(config: &Config, policy: &Policy, owner: u128, leases: Option<&Wor
 /// Decides a metered request of `cost` tokens for `tenant` at `now_ns`. With `leases`, a
 /// worker lease may be taken along (see worker_lease.rs); a lease it replaces is returned.
 #[allow(clippy::too_many_arguments)]
-pub fn decide<'c>(
-    config: &'c Config,
+pub fn decide(
+    config: &Config,
     ns: &Namespace,
     store: &mut impl SharedStore,
     leases: Option<&mut WorkerLeases>,
     tenant: &TenantId,
-    rule: Option<(usize, &'c crate::config::Rule)>,
+    rule: Option<(usize, &crate::config::Rule)>,
     cost: u64,
     now_ns: u64,
-) -> Decision<'c> {
-    let (policy, owner, home, scope) = select(config, tenant, rule);
-    let mode = policy.mode.unwrap_or(config.mode);
+) -> Decision {
+    let id = PolicyId::of(config, tenant, rule);
+    let policy = id.policy(config);
+    let (owner, home) = id.bucket(config, tenant);
+    let shadow = policy.mode.unwrap_or(config.mode) == Mode::Shadow;
     let mut events = Events::default();
     let grab = lease_size(config, policy, owner, leases.as_deref());
     let mut debit = store::debit(store, ns, owner, home, &policy.limit, cost, grab, now_ns);
@@ -211,7 +90,7 @@ pub fn decide<'c>(
         match config.overflow {
             Overflow::Deny => {
                 events.bump(Counter::OverflowDenied, 1);
-                return refuse(policy, mode, scope, events);
+                return refuse(id, shadow, events);
             }
             Overflow::Bucket(overflow_limit) => {
                 events.bump(Counter::OverflowUsed, 1);
@@ -237,11 +116,10 @@ pub fn decide<'c>(
             events.bump(Counter::StoreErrors, 1);
             return match config.on_store_error {
                 StoreErrorPolicy::Allow => {
-                    events.bump(Counter::Allowed, 1);
-                    events.scoped = scope.map(|s| (s, Scoped::Allowed));
-                    Decision { deny: false, retry_after_seconds: 0, quota: None, policy, events }
+                    events.outcome(id, Final::Allowed);
+                    Decision { deny: false, retry_after_seconds: 0, quota: None, policy: id, events }
                 }
-                StoreErrorPolicy::Deny => refuse(policy, mode, scope, events),
+                StoreErrorPolicy::Deny => refuse(id, shadow, events),
             };
         }
     };
@@ -250,34 +128,30 @@ pub fn decide<'c>(
     quota.remaining = quota.remaining.saturating_add(lease_tokens);
     let quota = Some(quota);
     if verdict.allowed {
-        events.bump(Counter::Allowed, 1);
-        events.scoped = scope.map(|s| (s, Scoped::Allowed));
+        events.outcome(id, Final::Allowed);
         // remaining / capacity < permille / 1000, in integers.
         if (verdict.remaining as u128) * 1000 < (limit.capacity as u128) * config.near_limit_permille as u128 {
             events.bump(Counter::NearLimit, 1);
         }
-        return Decision { deny: false, retry_after_seconds: 0, quota, policy, events };
+        return Decision { deny: false, retry_after_seconds: 0, quota, policy: id, events };
     }
     let retry = retry_after_seconds(&verdict);
-    let mut d = refuse(policy, mode, scope, events);
+    let mut d = refuse(id, shadow, events);
     d.retry_after_seconds = retry;
     d.quota = quota;
     d
 }
 
 /// A denial (or, in shadow mode, a counted pass) without bucket details.
-fn refuse<'c>(policy: &'c Policy, mode: Mode, scope: Option<Scope>, mut events: Events) -> Decision<'c> {
-    let shadow = mode == Mode::Shadow;
-    let (global, scoped) =
-        if shadow { (Counter::ShadowDenied, Scoped::ShadowDenied) } else { (Counter::Denied, Scoped::Denied) };
-    events.bump(global, 1);
-    events.scoped = scope.map(|s| (s, scoped));
-    Decision { deny: !shadow, retry_after_seconds: 1, quota: None, policy, events }
+fn refuse(id: PolicyId, shadow: bool, mut events: Events) -> Decision {
+    events.outcome(id, Final::refused(shadow));
+    Decision { deny: !shadow, retry_after_seconds: 1, quota: None, policy: id, events }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::metrics::Pending;
     use crate::rules::{classify, Metering};
     use crate::store::fake::FakeStore;
 
@@ -363,7 +237,7 @@ mod tests {
         assert!(!login(&mut s).deny);
         let second = login(&mut s);
         assert!(!second.deny);
-        assert_eq!(second.policy.name, "login");
+        assert_eq!(second.policy.name(&c), "login");
         assert!(login(&mut s).deny);
         // The main bucket was not debited by the login rule.
         let Metering::Charge { cost, rule } = classify(&c.rules, b"GET", b"/x") else { panic!() };
@@ -422,23 +296,23 @@ mod tests {
         let ns = Namespace::new("t");
         let mut s = FakeStore::default();
         let mut first = decide(&c, &ns, &mut s, None, &id("vip"), None, 1, T0).events;
-        let pending = first.defer();
-        assert_eq!(pending, Pending { shadow_denied: false, scope: Some(Scope::Tenant(0)) });
+        let pending = first.defer(PolicyId::Tenant(0));
+        assert_eq!(pending, Pending { shadow_denied: false, policy: PolicyId::Tenant(0) });
         assert_eq!(first.counters[Counter::Allowed as usize], 0);
-        assert_eq!(first.scoped, None);
+        assert_eq!(first.named, None);
         assert_eq!(first.settle(pending, Final::Denied), Final::Denied);
         assert_eq!(first.counters[Counter::Denied as usize], 1);
-        assert_eq!(first.scoped, Some((Scope::Tenant(0), Scoped::Denied)));
+        assert_eq!(first.named, Some((PolicyId::Tenant(0), Final::Denied)));
         // The bucket is empty now: a shadow denial, which a service admission keeps.
         let mut second = decide(&c, &ns, &mut s, None, &id("vip"), None, 1, T0).events;
-        let pending = second.defer();
+        let pending = second.defer(PolicyId::Tenant(0));
         assert!(pending.shadow_denied);
         assert_eq!(second.counters[Counter::ShadowDenied as usize], 0);
         assert_eq!(second.settle(pending, Final::Allowed), Final::ShadowDenied);
         assert_eq!(second.counters[Counter::ShadowDenied as usize], 1);
         assert_eq!(second.counters[Counter::Allowed as usize], 0);
-        assert_eq!(scope(&c, &id("vip"), None), Some(Scope::Tenant(0)));
-        assert_eq!(scope(&c, &id("other"), None), None);
+        assert_eq!(PolicyId::of(&c, &id("vip"), None), PolicyId::Tenant(0));
+        assert_eq!(PolicyId::of(&c, &id("other"), None), PolicyId::Default);
     }
 
     #[test]
@@ -479,6 +353,7 @@ mod tests {
     mod worker_leases {
         use super::*;
         use crate::store::give_back;
+        use crate::store::Home;
         use proptest::prelude::*;
 
         proptest! {

@@ -4,9 +4,10 @@
 //! one header read, one shared-data get, one set, one counter increment.
 
 use crate::config::{Config, Global, GlobalMode, HeaderStyle};
-use crate::decision::{self, decide, from_lease, Events, Pending, Scope};
+use crate::decision::{decide, from_lease};
 use crate::global::{self, Plan};
-use crate::metrics::{self, COUNTERS, SCOPED};
+use crate::metrics::{self, Counter, Events, Final, Pending};
+use crate::policy::PolicyId;
 use crate::response::{self, Denial, Denied, Quota};
 use crate::rls;
 use crate::rules::{classify, Metering};
@@ -66,10 +67,10 @@ impl Active {
 }
 
 struct MetricIds {
-    global: [u32; COUNTERS.len()],
+    plugin: [u32; Counter::ALL.len()],
     live_slots: u32,
-    tenants: Vec<[u32; SCOPED.len()]>,
-    rules: Vec<Option<[u32; SCOPED.len()]>>,
+    tenants: Vec<[u32; Final::ALL.len()]>,
+    rules: Vec<Option<[u32; Final::ALL.len()]>>,
 }
 
 struct Root {
@@ -156,15 +157,16 @@ fn log(level: LogLevel, message: &str) {
 }
 
 fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
-    let mut global = [0u32; COUNTERS.len()];
-    for (slot, (_, name)) in global.iter_mut().zip(COUNTERS.iter()) {
-        *slot = hostcalls::define_metric(MetricType::Counter, &metrics::global_name(name))?;
+    let mut plugin = [0u32; Counter::ALL.len()];
+    for (slot, c) in plugin.iter_mut().zip(Counter::ALL) {
+        *slot = hostcalls::define_metric(MetricType::Counter, &metrics::plugin_name(c.name()))?;
     }
-    let live_slots = hostcalls::define_metric(MetricType::Gauge, &metrics::global_name(metrics::LIVE_SLOTS))?;
-    let scoped = |scope: &str, name: &str| -> Result<[u32; SCOPED.len()], Status> {
-        let mut ids = [0u32; SCOPED.len()];
-        for (slot, (_, counter)) in ids.iter_mut().zip(SCOPED.iter()) {
-            *slot = hostcalls::define_metric(MetricType::Counter, &metrics::scoped_name(scope, name, counter))?;
+    let live_slots = hostcalls::define_metric(MetricType::Gauge, &metrics::plugin_name(metrics::LIVE_SLOTS))?;
+    let scoped = |scope: &str, name: &str| -> Result<[u32; Final::ALL.len()], Status> {
+        let mut ids = [0u32; Final::ALL.len()];
+        for (slot, f) in ids.iter_mut().zip(Final::ALL) {
+            *slot =
+                hostcalls::define_metric(MetricType::Counter, &metrics::scoped_name(scope, name, f.counter().name()))?;
         }
         Ok(ids)
     };
@@ -174,7 +176,7 @@ fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
         .iter()
         .map(|r| r.name.as_deref().map(|n| scoped("rule", n)).transpose())
         .collect::<Result<_, _>>()?;
-    Ok(MetricIds { global, live_slots, tenants, rules })
+    Ok(MetricIds { plugin, live_slots, tenants, rules })
 }
 
 /// The HTTP context of a plugin that has no accepted config.
@@ -185,9 +187,9 @@ impl HttpContext for PassThrough {}
 
 struct Filter {
     active: Rc<Active>,
-    /// Rate-limit headers to add to the upstream's response: policy (None = the global
-    /// service's limit) and quota.
-    pending: Option<(Option<usize>, Quota)>,
+    /// Rate-limit headers to add to the upstream's response: policy (None = the
+    /// rate-limit service's limit) and quota.
+    pending: Option<(Option<PolicyId>, Quota)>,
     /// `response_headers_to_add` from the rate-limit service.
     service_headers: Vec<(String, String)>,
     /// A rate-limit service call in flight.
@@ -368,7 +370,7 @@ impl HttpContext for Filter {
         };
         let (cost, rule) = match metering {
             Metering::Free => {
-                if let Some(id) = active.metrics.global.get(metrics::Counter::Unmetered as usize) {
+                if let Some(id) = active.metrics.plugin.get(Counter::Unmetered as usize) {
                     increment(*id, 1);
                 }
                 return Action::Continue;
@@ -380,7 +382,7 @@ impl HttpContext for Filter {
         let mut pending = Pending::default();
         if global.is_some_and(|g| g.mode == GlobalMode::Global) {
             // No local verdict, but the outcome still goes to the per-name counters.
-            pending.scope = decision::scope(config, &tenant, rule);
+            pending.policy = PolicyId::of(config, &tenant, rule);
         } else {
             let mut leases = active.leases.try_borrow_mut().ok();
             let leased = leases.as_deref_mut().and_then(|l| from_lease(config, l, &tenant, rule, cost));
@@ -395,7 +397,7 @@ impl HttpContext for Filter {
             // Mode both: a request the local bucket lets through is not final; the service
             // (or a service lease) decides, and its outcome is counted then, once.
             if global.is_some() && !decision.deny {
-                pending = decision.events.defer();
+                pending = decision.events.defer(decision.policy);
             }
             if from_worker_lease {
                 batch(&active, &decision.events);
@@ -409,7 +411,7 @@ impl HttpContext for Filter {
                     &Denied {
                         why: Denial::local(&decision.events),
                         retry_after: decision.retry_after_seconds,
-                        policy: &decision.policy.name,
+                        policy: decision.policy.name(config),
                         quota: decision.quota.as_ref(),
                         extra: &[],
                     },
@@ -419,7 +421,7 @@ impl HttpContext for Filter {
             if global.is_none() {
                 if config.headers != HeaderStyle::Off {
                     if let Some(quota) = decision.quota {
-                        self.pending = Some((Some(policy_index(&active, decision.policy)), quota));
+                        self.pending = Some((Some(decision.policy), quota));
                     }
                 }
                 return Action::Continue;
@@ -432,7 +434,7 @@ impl HttpContext for Filter {
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let config = &self.active.config;
         if let Some((index, quota)) = self.pending.take() {
-            let name = index.map_or("global", |i| policy_name(config, i));
+            let name = index.map_or("global", |id| id.name(config));
             response::rate_limit_headers(config.headers, name, &quota, |n, v| {
                 let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, n, v);
             });
@@ -482,7 +484,7 @@ impl Filter {
             path: global.path_key.as_deref().zip(path),
         };
         let body = rls::encode_request(&global.domain, &input, hits);
-        events.bump(metrics::Counter::GlobalCalls, 1);
+        events.bump(Counter::ServiceCalls, 1);
         let timeout = Duration::from_millis(global.timeout_ms);
         match self.dispatch_grpc_call(&global.cluster, rls::SERVICE, rls::METHOD, Vec::new(), Some(&body), timeout) {
             Ok(token) => {
@@ -551,33 +553,6 @@ fn send_deny(config: &Config, denied: &Denied) {
     };
 }
 
-/// Policies are identified by index so the context stores no borrowed data:
-/// 0 = default, 1..=T = listed tenants, T+1.. = rules with their own limit.
-fn policy_index(active: &Active, policy: &crate::config::Policy) -> usize {
-    let c = &active.config;
-    if std::ptr::eq(policy, &c.default_policy) {
-        return 0;
-    }
-    if let Some(i) = c.tenants.iter().position(|t| std::ptr::eq(t, policy)) {
-        return 1 + i;
-    }
-    c.rules
-        .iter()
-        .position(|r| r.policy.as_ref().is_some_and(|p| std::ptr::eq(p, policy)))
-        .map_or(0, |i| 1 + c.tenants.len() + i)
-}
-
-fn policy_name(config: &Config, index: usize) -> &str {
-    let tenants = config.tenants.len();
-    if index == 0 {
-        &config.default_policy.name
-    } else if index <= tenants {
-        config.tenants.get(index - 1).map_or("default", |p| p.name.as_str())
-    } else {
-        config.rules.get(index - 1 - tenants).and_then(|r| r.policy.as_ref()).map_or("default", |p| p.name.as_str())
-    }
-}
-
 fn increment(id: u32, by: u32) {
     if by > 0 {
         let _ = hostcalls::increment_metric(id, by as i64);
@@ -586,31 +561,30 @@ fn increment(id: u32, by: u32) {
 
 /// Keeps a lease decision's counters for the next flush; per-name counters go at once.
 fn batch(active: &Active, events: &Events) {
-    if events.scoped.is_some() {
+    if events.named.is_some_and(|(id, _)| id != PolicyId::Default) {
         record(&active.metrics, events);
         return;
     }
     match active.batched.try_borrow_mut() {
         Ok(mut batched) => {
-            for (sum, n) in batched.counters.iter_mut().zip(events.counters.iter()) {
-                *sum = sum.saturating_add(*n);
-            }
+            batched.add(events);
         }
         Err(_) => record(&active.metrics, events),
     }
 }
 
 fn record(ids: &MetricIds, events: &Events) {
-    for (id, n) in ids.global.iter().zip(events.counters.iter()) {
+    for (id, n) in ids.plugin.iter().zip(events.counters.iter()) {
         increment(*id, *n);
     }
     increment(ids.live_slots, events.slots_created);
-    if let Some((scope, counter)) = events.scoped {
-        let set = match scope {
-            Scope::Tenant(i) => ids.tenants.get(i),
-            Scope::Rule(i) => ids.rules.get(i).and_then(Option::as_ref),
+    if let Some((policy, outcome)) = events.named {
+        let set = match policy {
+            PolicyId::Default => None,
+            PolicyId::Tenant(i) => ids.tenants.get(i),
+            PolicyId::Rule(i) => ids.rules.get(i).and_then(Option::as_ref),
         };
-        if let Some(id) = set.and_then(|s| s.get(counter as usize)) {
+        if let Some(id) = set.and_then(|s| s.get(outcome as usize)) {
             increment(*id, 1);
         }
     }

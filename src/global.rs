@@ -18,8 +18,7 @@
 //! `both` ([`Pending`]).
 
 use crate::config::{Config, Global, Mode, StoreErrorPolicy};
-use crate::decision::{Events, Final, Pending};
-use crate::metrics::Counter;
+use crate::metrics::{Counter, Events, Final, Pending};
 use crate::response::Quota;
 use crate::rls::Answer;
 use crate::store::{hash128, lease_add, lease_take, LeaseTake, Namespace, SharedStore};
@@ -78,7 +77,7 @@ pub fn plan(
     }
     match lease_take(store, ns, lease_owner(tenant), cost, now_ns, config.max_tenants) {
         LeaseTake::Taken { .. } => {
-            events.bump(Counter::LeaseHits, 1);
+            events.bump(Counter::GrantHits, 1);
             events.settle(pending, Final::Allowed);
             Plan::Admit
         }
@@ -116,7 +115,7 @@ pub fn conclude(
     events: &mut Events,
 ) -> Verdict {
     let Some(answer) = answer else {
-        events.bump(Counter::GlobalErrors, 1);
+        events.bump(Counter::ServiceErrors, 1);
         let service = if global.failure_mode == StoreErrorPolicy::Deny { Final::Denied } else { Final::Allowed };
         let deny = events.settle(pending, service) == Final::Denied;
         return Verdict { deny, retry_after_seconds: 1, quota: None, headers: Vec::new(), leases_off_until: None };
@@ -133,7 +132,7 @@ pub fn conclude(
         _ => None,
     };
     if answer.over_limit {
-        events.bump(Counter::GlobalOverLimit, 1);
+        events.bump(Counter::ServiceOverLimit, 1);
         let service = if config.mode == Mode::Shadow { Final::ShadowDenied } else { Final::Denied };
         let deny = events.settle(pending, service) == Final::Denied;
         let retry = answer.reset_seconds.unwrap_or(1).max(1);
@@ -213,7 +212,7 @@ mod tests {
             assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0 + SEC, Pending::default(), 0, &mut e), Plan::Admit);
         }
         assert_eq!(plan(g, &mut s, &ns, &c, &t, 1, T0 + SEC, Pending::default(), 0, &mut e), Plan::Ask { hits: 4 });
-        assert_eq!(e.counters[Counter::LeaseHits as usize], 3);
+        assert_eq!(e.counters[Counter::GrantHits as usize], 3);
         // Tokens granted for a window are not spent after it.
         conclude(g, &c, &mut s, &ns, &t, 1, 4, Pending::default(), Some(ok(30)), T0, &mut e);
         assert_eq!(
@@ -237,7 +236,7 @@ mod tests {
         assert_eq!(v.quota.unwrap().remaining, 0);
         let v = conclude(g, &c, &mut s, &ns, &t, 1, 1, Pending::default(), None, T0, &mut e);
         assert!(v.deny);
-        assert_eq!(e.counters[Counter::GlobalErrors as usize], 1);
+        assert_eq!(e.counters[Counter::ServiceErrors as usize], 1);
         let c = config("");
         let v = conclude(c.global.as_ref().unwrap(), &c, &mut s, &ns, &t, 1, 1, Pending::default(), None, T0, &mut e);
         assert!(!v.deny);
@@ -254,7 +253,7 @@ mod tests {
         let over = Answer { over_limit: true, ..ok(7) };
         let outcomes =
             |e: &Events| [Counter::Allowed, Counter::Denied, Counter::ShadowDenied].map(|k| e.counters[k as usize]);
-        let local_shadow = Pending { shadow_denied: true, scope: None };
+        let local_shadow = Pending { shadow_denied: true, ..Pending::default() };
         for (pending, answer, want) in [
             (Pending::default(), Some(ok(7)), [1, 0, 0]),
             (Pending::default(), Some(over.clone()), [0, 1, 0]),

@@ -8,6 +8,7 @@ pub mod config;
 pub mod decision;
 pub mod global;
 pub mod metrics;
+pub mod policy;
 pub mod rate;
 pub mod response;
 pub mod rls;
