@@ -1,11 +1,11 @@
 //! One metered request -> allow or deny, which headers, which counters. Pure: the host is
 //! only the [`SharedStore`] passed in, so this runs the same in Envoy and in unit tests.
 
-use crate::config::{Config, Mode, Overflow, Policy, StoreErrorPolicy};
+use crate::config::{Config, Mode, Overflow, StoreErrorPolicy};
 use crate::metrics::{Counter, Events, Final};
 use crate::policy::{PolicyId, OVERFLOW_OWNER};
 use crate::response::{retry_after_seconds, Quota};
-use crate::store::{self, hash128, Namespace, Outcome, SharedStore, SlotUse};
+use crate::store::{self, hash128, Extra, Namespace, Outcome, SharedStore, SlotUse, Withdrawal};
 use crate::tenant::TenantId;
 use crate::worker_lease::{Entry, WorkerLeases};
 
@@ -41,17 +41,6 @@ pub fn from_lease(
     Some(Decision { deny: false, retry_after_seconds: 0, quota: Some(quota), policy: id, events })
 }
 
-/// How many tokens to lease along with a debit: none unless on, and only from buckets at
-/// least four leases deep (small buckets stay exact to the token).
-fn lease_size(config: &Config, policy: &Policy, owner: u128, leases: Option<&WorkerLeases>) -> u64 {
-    match leases {
-        Some(l) if config.worker_lease > 0 && l.has_room(owner) && policy.limit.capacity / 4 >= config.worker_lease => {
-            config.worker_lease
-        }
-        _ => 0,
-    }
-}
-
 /// Decides a metered request of `cost` tokens for `tenant` at `now_ns`. With `leases`, a
 /// worker lease may be taken along (see worker_lease.rs); a lease it replaces is returned.
 #[allow(clippy::too_many_arguments)]
@@ -70,21 +59,19 @@ pub fn decide(
     let (owner, home) = id.bucket(config, tenant);
     let shadow = policy.mode.unwrap_or(config.mode) == Mode::Shadow;
     let mut events = Events::default();
-    let grab = lease_size(config, policy, owner, leases.as_deref());
-    let mut debit = store::debit(store, ns, owner, home, &policy.limit, cost, grab, now_ns);
+    let limit = policy.limit;
+    let extra = leases.as_deref().map_or(Extra::default(), |l| l.extra(config.worker_lease, owner, &limit));
+    let mut debit = store::debit(store, ns, home, &Withdrawal { owner, limit, cost, extra, now_ns });
     if let (Some(leases), Outcome::Decided { verdict, .. }) = (leases, debit.outcome) {
-        if debit.granted > 0 {
-            let quota = Quota::new(&policy.limit, &verdict);
-            let replaced = leases.add(Entry { owner, home, limit: policy.limit, tokens: debit.granted, quota });
-            if let Some(old) = replaced {
-                store::give_back(store, ns, old.owner, old.home, &old.limit, old.tokens, now_ns);
-            }
+        if debit.extra > 0 {
+            let quota = Quota::new(&limit, &verdict);
+            leases.keep(store, ns, Entry { owner, home, limit, tokens: debit.extra, quota }, now_ns);
         }
     }
     // The request's own view: the lease tokens are the worker's, not spent yet.
-    let lease_tokens = debit.granted;
+    let lease_tokens = debit.extra;
     events.bump(Counter::CasRetries, debit.cas_retries);
-    let mut limit = policy.limit;
+    let mut limit = limit;
 
     if debit.outcome == Outcome::NoSlot {
         match config.overflow {
@@ -96,7 +83,8 @@ pub fn decide(
                 events.bump(Counter::OverflowUsed, 1);
                 let key = ns.named_key("overflow");
                 let owner = hash128(&[OVERFLOW_OWNER]);
-                debit = store::debit_named(store, key.as_str(), owner, &overflow_limit, cost, now_ns);
+                let w = Withdrawal { owner, limit: overflow_limit, cost, extra: Extra::default(), now_ns };
+                debit = store::debit_named(store, key.as_str(), &w);
                 events.bump(Counter::CasRetries, debit.cas_retries);
                 limit = overflow_limit;
             }

@@ -11,7 +11,7 @@ use crate::policy::PolicyId;
 use crate::response::{self, Denial, Denied, Quota};
 use crate::rls;
 use crate::rules::{classify, Metering};
-use crate::store::{give_back, GetError, Namespace, SetError, SharedStore};
+use crate::store::{GetError, Namespace, SetError, SharedStore};
 use crate::tenant::{self, RequestFacts, TenantId};
 use crate::worker_lease::WorkerLeases;
 use proxy_wasm::hostcalls;
@@ -50,10 +50,7 @@ impl Active {
     /// Gives every unspent lease back to the shared buckets and flushes batched counters.
     fn settle(&self) {
         if let Ok(mut leases) = self.leases.try_borrow_mut() {
-            let now = now_ns();
-            for e in leases.drain() {
-                give_back(&mut HostStore, &self.ns, e.owner, e.home, &e.limit, e.tokens, now);
-            }
+            leases.settle(&mut HostStore, &self.ns, now_ns());
         }
         self.flush();
     }

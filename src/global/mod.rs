@@ -21,10 +21,10 @@ use crate::config::{Config, Global, Mode, StoreErrorPolicy};
 use crate::metrics::{Counter, Events, Final, Pending};
 use crate::response::Quota;
 use crate::rls::Answer;
-use crate::store::{hash128, lease_add, lease_take, LeaseTake, Namespace, SharedStore};
+use crate::store::{Namespace, SharedStore};
 use crate::tenant::TenantId;
 
-const LEASE_SEPARATOR: &[u8] = b"\0lease";
+pub mod grant;
 
 const SEC: u64 = 1_000_000_000;
 
@@ -35,11 +35,6 @@ pub const MAX_LEASE_NS: u64 = 60 * SEC;
 /// After an answer that granted a lease but carried no reset time, how long this worker asks
 /// for single requests' costs only. Each retry can strand at most N - 1 tokens.
 pub const NO_RESET_BACKOFF_NS: u64 = 60 * SEC;
-
-/// The owner id of a tenant's lease (never equal to a bucket's owner id).
-pub fn lease_owner(tenant: &TenantId) -> u128 {
-    hash128(&[tenant.as_bytes(), LEASE_SEPARATOR])
-}
 
 /// What to do before asking the service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,14 +70,14 @@ pub fn plan(
     if now_ns < leases_off_until {
         return Plan::Ask { hits: cost32 };
     }
-    match lease_take(store, ns, lease_owner(tenant), cost, now_ns, config.max_tenants) {
-        LeaseTake::Taken { .. } => {
+    match grant::take(store, ns, grant::owner(tenant), cost, now_ns, config.max_tenants) {
+        grant::Take::Taken { .. } => {
             events.bump(Counter::GrantHits, 1);
             events.settle(pending, Final::Allowed);
             Plan::Admit
         }
         // Without a usable lease, ask for a new one (at least this request's cost).
-        LeaseTake::Empty | LeaseTake::StoreError => Plan::Ask { hits: lease.max(cost32) },
+        grant::Take::Empty | grant::Take::StoreError => Plan::Ask { hits: lease.max(cost32) },
     }
 }
 
@@ -147,7 +142,7 @@ pub fn conclude(
             // never spent in a later window (no over-admission).
             Some(reset) => {
                 let expires = now_ns.saturating_add(reset.min(MAX_LEASE_NS));
-                lease_add(store, ns, lease_owner(tenant), spare, expires, now_ns, config.max_tenants);
+                grant::add(store, ns, grant::owner(tenant), spare, expires, now_ns, config.max_tenants);
             }
             // No reset time (e.g. Limitador, which sends no statuses): no lifetime can be
             // proven safe, so the spare tokens are dropped and leases pause on this worker.
