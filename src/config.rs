@@ -58,8 +58,10 @@ pub enum Mode {
     Shadow,
 }
 
+/// What a request gets when what decides it fails: shared data (`on_store_error`) or the
+/// rate-limit service (`global.failure_mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreErrorPolicy {
+pub enum FailurePolicy {
     Allow,
     Deny,
 }
@@ -106,7 +108,7 @@ pub struct Global {
     pub domain: String,
     pub timeout_ms: u64,
     /// When the service errors or times out.
-    pub failure_mode: StoreErrorPolicy,
+    pub failure_mode: FailurePolicy,
     pub mode: GlobalMode,
     /// Descriptor entry keys: the tenant always, method and path when set.
     pub tenant_key: String,
@@ -195,7 +197,7 @@ pub struct Config {
     pub deny: Deny,
     pub headers: HeaderStyle,
     pub mode: Mode,
-    pub on_store_error: StoreErrorPolicy,
+    pub on_store_error: FailurePolicy,
     pub max_tenants: u32,
     pub overflow: Overflow,
     pub unknown_tenants: UnknownTenants,
@@ -254,10 +256,10 @@ impl Config {
             Some(v) => mode(&obj.path("mode"), v)?,
         };
         let on_store_error = match obj.get("on_store_error") {
-            None => StoreErrorPolicy::Allow,
+            None => FailurePolicy::Allow,
             Some(v) => match one_of(&obj.path("on_store_error"), v, &["allow", "deny"])? {
-                "deny" => StoreErrorPolicy::Deny,
-                _ => StoreErrorPolicy::Allow,
+                "deny" => FailurePolicy::Deny,
+                _ => FailurePolicy::Allow,
             },
         };
         let max_tenants = match obj.get("max_tenants") {
@@ -816,10 +818,10 @@ fn global_section(v: &Value) -> Result<Option<Global>, ConfigError> {
         Some(t) => int_in("global.timeout_ms", t, 1, 60_000)?,
     };
     let failure_mode = match obj.get("failure_mode") {
-        None => StoreErrorPolicy::Allow,
+        None => FailurePolicy::Allow,
         Some(f) => match one_of("global.failure_mode", f, &["allow", "deny"])? {
-            "deny" => StoreErrorPolicy::Deny,
-            _ => StoreErrorPolicy::Allow,
+            "deny" => FailurePolicy::Deny,
+            _ => FailurePolicy::Allow,
         },
     };
     let mode = match obj.get("mode") {
@@ -888,7 +890,7 @@ mod tests {
         assert_eq!(c.deny.status, 429);
         assert_eq!(c.headers, HeaderStyle::XRateLimit);
         assert_eq!(c.mode, Mode::Enforce);
-        assert_eq!(c.on_store_error, StoreErrorPolicy::Allow);
+        assert_eq!(c.on_store_error, FailurePolicy::Allow);
         assert_eq!(c.max_tenants, 10_000);
         assert!(c.rules.is_empty());
     }
@@ -1058,7 +1060,7 @@ mod tests {
     fn global_section() {
         let c = parse(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"rls","domain":"d"}}"#).unwrap();
         let g = c.global.unwrap();
-        assert_eq!((g.timeout_ms, g.mode, g.failure_mode), (20, GlobalMode::Global, StoreErrorPolicy::Allow));
+        assert_eq!((g.timeout_ms, g.mode, g.failure_mode), (20, GlobalMode::Global, FailurePolicy::Allow));
         assert_eq!((g.tenant_key.as_str(), g.lease_tokens), ("tenant", None));
         let c =
             parse(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"rls","domain":"d","mode":"local"}}"#).unwrap();
@@ -1070,7 +1072,7 @@ mod tests {
         .unwrap();
         assert!(c.needs_path());
         let g = c.global.unwrap();
-        assert_eq!((g.mode, g.lease_tokens, g.failure_mode), (GlobalMode::Both, Some(10), StoreErrorPolicy::Deny));
+        assert_eq!((g.mode, g.lease_tokens, g.failure_mode), (GlobalMode::Both, Some(10), FailurePolicy::Deny));
         assert_eq!(field_of(r#"{"capacity":1,"refill_rate":1,"global":{"domain":"d"}}"#), "global.cluster");
         assert_eq!(
             field_of(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"c","domain":"d","timeout_ms":0}}"#),

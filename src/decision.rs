@@ -1,7 +1,7 @@
 //! One metered request -> allow or deny, which headers, which counters. Pure: the host is
 //! only the [`SharedStore`] passed in, so this runs the same in Envoy and in unit tests.
 
-use crate::config::{Config, Mode, Overflow, StoreErrorPolicy};
+use crate::config::{Config, FailurePolicy, Mode, Overflow};
 use crate::metrics::{Counter, Events, Final};
 use crate::policy::{PolicyId, OVERFLOW_OWNER};
 use crate::response::{retry_after_seconds, Quota};
@@ -21,42 +21,47 @@ pub struct Decision {
     pub events: Events,
 }
 
+/// A metered request: who, under which policy, for how many tokens.
+#[derive(Debug, Clone, Copy)]
+pub struct Metered {
+    pub tenant: TenantId,
+    pub policy: PolicyId,
+    pub cost: u64,
+}
+
+impl Metered {
+    pub fn new(config: &Config, tenant: TenantId, rule: Option<(usize, &crate::config::Rule)>, cost: u64) -> Metered {
+        Metered { policy: PolicyId::of(config, &tenant, rule), tenant, cost }
+    }
+}
+
 /// Admits a request from this worker's lease, if `worker_lease` is on and the tenant has
 /// one; touches neither shared data nor the clock.
-pub fn from_lease(
-    config: &Config,
-    leases: &mut WorkerLeases,
-    tenant: &TenantId,
-    rule: Option<(usize, &crate::config::Rule)>,
-    cost: u64,
-) -> Option<Decision> {
+pub fn from_lease(config: &Config, leases: &mut WorkerLeases, request: &Metered) -> Option<Decision> {
     if config.worker_lease == 0 {
         return None;
     }
-    let id = PolicyId::of(config, tenant, rule);
-    let (owner, _) = id.bucket(config, tenant);
-    let quota = leases.spend(owner, &id.policy(config).limit, cost)?;
+    let id = request.policy;
+    let (owner, _) = id.bucket(config, &request.tenant);
+    let quota = leases.spend(owner, &id.policy(config).limit, request.cost)?;
     let mut events = Events::default();
     events.outcome(id, Final::Allowed);
     Some(Decision { deny: false, retry_after_seconds: 0, quota: Some(quota), policy: id, events })
 }
 
-/// Decides a metered request of `cost` tokens for `tenant` at `now_ns`. With `leases`, a
-/// worker lease may be taken along (see worker_lease.rs); a lease it replaces is returned.
-#[allow(clippy::too_many_arguments)]
+/// Decides a metered request at `now_ns` against its bucket in shared data. With `leases`,
+/// a worker lease may be taken along (see worker_lease.rs); a lease it replaces goes back.
 pub fn decide(
     config: &Config,
     ns: &Namespace,
     store: &mut impl SharedStore,
     leases: Option<&mut WorkerLeases>,
-    tenant: &TenantId,
-    rule: Option<(usize, &crate::config::Rule)>,
-    cost: u64,
+    request: &Metered,
     now_ns: u64,
 ) -> Decision {
-    let id = PolicyId::of(config, tenant, rule);
+    let Metered { tenant, policy: id, cost } = *request;
     let policy = id.policy(config);
-    let (owner, home) = id.bucket(config, tenant);
+    let (owner, home) = id.bucket(config, &tenant);
     let shadow = policy.mode.unwrap_or(config.mode) == Mode::Shadow;
     let mut events = Events::default();
     let limit = policy.limit;
@@ -103,11 +108,11 @@ pub fn decide(
         Outcome::NoSlot | Outcome::StoreError => {
             events.bump(Counter::StoreErrors, 1);
             return match config.on_store_error {
-                StoreErrorPolicy::Allow => {
+                FailurePolicy::Allow => {
                     events.outcome(id, Final::Allowed);
                     Decision { deny: false, retry_after_seconds: 0, quota: None, policy: id, events }
                 }
-                StoreErrorPolicy::Deny => refuse(id, shadow, events),
+                FailurePolicy::Deny => refuse(id, shadow, events),
             };
         }
     };
@@ -150,6 +155,10 @@ mod tests {
         Config::from_json_bytes(json.as_bytes()).unwrap()
     }
 
+    fn req(c: &Config, tenant: &TenantId, rule: Option<(usize, &crate::config::Rule)>, cost: u64) -> Metered {
+        Metered::new(c, *tenant, rule, cost)
+    }
+
     fn id(s: &str) -> TenantId {
         TenantId::new(s.as_bytes()).unwrap()
     }
@@ -159,7 +168,7 @@ mod tests {
         let mut denied = 0;
         let mut allowed = 0;
         for _ in 0..n {
-            let d = decide(c, &ns, s, None, &id(tenant), None, 1, T0);
+            let d = decide(c, &ns, s, None, &req(c, &id(tenant), None, 1), T0);
             if d.deny {
                 denied += 1;
             } else {
@@ -185,7 +194,7 @@ mod tests {
         let ns = Namespace::new("t");
         let mut shadow = 0;
         for _ in 0..5 {
-            let d = decide(&c, &ns, &mut s, None, &id("x"), None, 1, T0);
+            let d = decide(&c, &ns, &mut s, None, &req(&c, &id("x"), None, 1), T0);
             assert!(!d.deny);
             shadow += d.events.counters[Counter::ShadowDenied as usize];
         }
@@ -205,7 +214,7 @@ mod tests {
         for (policy, deny) in [("allow", false), ("deny", true)] {
             let c = cfg(&format!(r#"{{"capacity":5,"refill_rate":1,"on_store_error":"{policy}"}}"#));
             let mut s = FakeStore { fail_sets: true, ..Default::default() };
-            let d = decide(&c, &Namespace::new("t"), &mut s, None, &id("x"), None, 1, T0);
+            let d = decide(&c, &Namespace::new("t"), &mut s, None, &req(&c, &id("x"), None, 1), T0);
             assert_eq!(d.deny, deny);
             assert_eq!(d.events.counters[Counter::StoreErrors as usize], 1);
         }
@@ -220,7 +229,7 @@ mod tests {
         let ns = Namespace::new("t");
         let login = |s: &mut FakeStore| {
             let Metering::Charge { cost, rule } = classify(&c.rules, b"POST", b"/login") else { panic!() };
-            decide(&c, &ns, s, None, &id("acme"), rule, cost, T0)
+            decide(&c, &ns, s, None, &req(&c, &id("acme"), rule, cost), T0)
         };
         assert!(!login(&mut s).deny);
         let second = login(&mut s);
@@ -229,7 +238,7 @@ mod tests {
         assert!(login(&mut s).deny);
         // The main bucket was not debited by the login rule.
         let Metering::Charge { cost, rule } = classify(&c.rules, b"GET", b"/x") else { panic!() };
-        let d = decide(&c, &ns, &mut s, None, &id("acme"), rule, cost, T0);
+        let d = decide(&c, &ns, &mut s, None, &req(&c, &id("acme"), rule, cost), T0);
         assert_eq!(d.quota.unwrap().remaining, 99);
     }
 
@@ -241,7 +250,7 @@ mod tests {
         let ns = Namespace::new("t");
         let mut admitted = 0;
         for i in 0..50 {
-            if !decide(&c, &ns, &mut s, None, &id(&format!("t{i}")), None, 1, T0).deny {
+            if !decide(&c, &ns, &mut s, None, &req(&c, &id(&format!("t{i}")), None, 1), T0).deny {
                 admitted += 1;
             }
         }
@@ -250,8 +259,8 @@ mod tests {
         assert!(s.data.len() <= 3);
         let c = cfg(r#"{"capacity":1,"refill_rate":0.001,"max_tenants":1,"overflow":"deny"}"#);
         let mut s = FakeStore::default();
-        assert!(!decide(&c, &ns, &mut s, None, &id("a"), None, 1, T0).deny);
-        let d = decide(&c, &ns, &mut s, None, &id("b"), None, 1, T0);
+        assert!(!decide(&c, &ns, &mut s, None, &req(&c, &id("a"), None, 1), T0).deny);
+        let d = decide(&c, &ns, &mut s, None, &req(&c, &id("b"), None, 1), T0);
         assert!(d.deny);
         assert_eq!(d.events.counters[Counter::OverflowDenied as usize], 1);
     }
@@ -271,7 +280,10 @@ mod tests {
         let mut s = FakeStore::default();
         let ns = Namespace::new("t");
         let near: u32 = (0..10)
-            .map(|_| decide(&c, &ns, &mut s, None, &id("x"), None, 1, T0).events.counters[Counter::NearLimit as usize])
+            .map(|_| {
+                decide(&c, &ns, &mut s, None, &req(&c, &id("x"), None, 1), T0).events.counters
+                    [Counter::NearLimit as usize]
+            })
             .sum();
         assert_eq!(near, 2); // remaining 1 and 0 are below 20 % of 10
     }
@@ -283,7 +295,7 @@ mod tests {
         let c = cfg(r#"{"capacity":1,"refill_rate":0.001,"mode":"shadow","tenants":{"vip":{}}}"#);
         let ns = Namespace::new("t");
         let mut s = FakeStore::default();
-        let mut first = decide(&c, &ns, &mut s, None, &id("vip"), None, 1, T0).events;
+        let mut first = decide(&c, &ns, &mut s, None, &req(&c, &id("vip"), None, 1), T0).events;
         let pending = first.defer(PolicyId::Tenant(0));
         assert_eq!(pending, Pending { shadow_denied: false, policy: PolicyId::Tenant(0) });
         assert_eq!(first.counters[Counter::Allowed as usize], 0);
@@ -292,7 +304,7 @@ mod tests {
         assert_eq!(first.counters[Counter::Denied as usize], 1);
         assert_eq!(first.named, Some((PolicyId::Tenant(0), Final::Denied)));
         // The bucket is empty now: a shadow denial, which a service admission keeps.
-        let mut second = decide(&c, &ns, &mut s, None, &id("vip"), None, 1, T0).events;
+        let mut second = decide(&c, &ns, &mut s, None, &req(&c, &id("vip"), None, 1), T0).events;
         let pending = second.defer(PolicyId::Tenant(0));
         assert!(pending.shadow_denied);
         assert_eq!(second.counters[Counter::ShadowDenied as usize], 0);
@@ -314,16 +326,17 @@ mod tests {
         let ns = Namespace::new("t");
         let mut overflow = 0;
         for i in 0..2000 {
-            let d = decide(&c, &ns, &mut s, None, &id(&format!("junk-{i}")), None, 1, T0);
+            let d = decide(&c, &ns, &mut s, None, &req(&c, &id(&format!("junk-{i}")), None, 1), T0);
             overflow += d.events.counters[Counter::OverflowUsed as usize];
         }
         assert!(overflow > 1900, "{overflow}");
         assert_eq!(run(&c, &mut s, "vip", 15), (10, 5));
         let Metering::Charge { cost, rule } = classify(&c.rules, b"GET", b"/login") else { panic!() };
-        let login = (0..6).filter(|_| !decide(&c, &ns, &mut s, None, &id("vip"), rule, cost, T0).deny).count();
+        let login =
+            (0..6).filter(|_| !decide(&c, &ns, &mut s, None, &req(&c, &id("vip"), rule, cost), T0).deny).count();
         assert_eq!(login, 3);
         // A junk id's per-rule bucket still goes through the slot table (and overflows).
-        let d = decide(&c, &ns, &mut s, None, &id("junk-x"), rule, cost, T0);
+        let d = decide(&c, &ns, &mut s, None, &req(&c, &id("junk-x"), rule, cost), T0);
         assert_eq!(d.events.counters[Counter::OverflowUsed as usize], 1);
         // Bounded by the config: 20 slots + overflow + 2 reserved keys (vip, vip's login).
         assert_eq!(s.data.len(), 23);
@@ -358,9 +371,9 @@ mod tests {
                 let mut denied_any = false;
                 for w in picks {
                     let leases = &mut workers[w];
-                    let d = match from_lease(&c, leases, &t, None, 1) {
+                    let d = match from_lease(&c, leases, &req(&c, &t, None, 1)) {
                         Some(d) => d,
-                        None => decide(&c, &ns, &mut s, Some(leases), &t, None, 1, T0),
+                        None => decide(&c, &ns, &mut s, Some(leases), &req(&c, &t, None, 1), T0),
                     };
                     if d.deny { denied_any = true } else { admitted += 1 }
                 }
@@ -374,7 +387,7 @@ mod tests {
                     }
                 }
                 let before = admitted;
-                while !decide(&c, &ns, &mut s, None, &t, None, 1, T0).deny { admitted += 1; }
+                while !decide(&c, &ns, &mut s, None, &req(&c, &t, None, 1), T0).deny { admitted += 1; }
                 prop_assert_eq!(admitted, cap);
                 // Denials only happen while at most workers x lease tokens sit in leases.
                 if denied_any {
@@ -390,9 +403,9 @@ mod tests {
             let ns = Namespace::new("t");
             let mut s = FakeStore::default();
             // The only slot is taken.
-            assert!(!decide(&c, &ns, &mut s, None, &id("junk"), None, 1, T0).deny);
+            assert!(!decide(&c, &ns, &mut s, None, &req(&c, &id("junk"), None, 1), T0).deny);
             let mut w = WorkerLeases::default();
-            let d = decide(&c, &ns, &mut s, Some(&mut w), &id("vip"), None, 1, T0);
+            let d = decide(&c, &ns, &mut s, Some(&mut w), &req(&c, &id("vip"), None, 1), T0);
             assert!(!d.deny);
             let leased: Vec<Entry> = w.drain().collect();
             assert_eq!(leased.len(), 1);
@@ -412,8 +425,8 @@ mod tests {
             let mut n = 0;
             for i in 0..20 {
                 let l = if i % 2 == 0 { &mut a } else { &mut b };
-                let d = from_lease(&c, l, &id("x"), None, 1)
-                    .unwrap_or_else(|| decide(&c, &ns, &mut s, Some(l), &id("x"), None, 1, T0));
+                let d = from_lease(&c, l, &req(&c, &id("x"), None, 1))
+                    .unwrap_or_else(|| decide(&c, &ns, &mut s, Some(l), &req(&c, &id("x"), None, 1), T0));
                 if !d.deny {
                     n += 1;
                 }

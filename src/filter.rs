@@ -1,23 +1,22 @@
 //! The only module that talks to the proxy-wasm host: reads the config once per
-//! `on_configure`, and per request gathers the facts the pure modules need, applies the
-//! decision, and bumps counters. Host calls on the hot path (headers off, header tenant):
-//! one header read, one shared-data get, one set, one counter increment.
+//! `on_configure`; per request it reads facts, calls the pure [`flow`], and applies the
+//! [`Step`] it returns (headers, a deny reply, a service call, counters). Host calls on the
+//! hot path (headers off, header tenant): one header read, one shared-data get, one set, one
+//! counter increment.
 
-use crate::config::{Config, Global, GlobalMode, HeaderStyle};
-use crate::decision::{decide, from_lease};
-use crate::global::{self, Plan};
-use crate::metrics::{self, Counter, Events, Final, Pending};
+use crate::config::Config;
+use crate::flow::{self, Deny, Headers, Next, Plugin, Step, Worker};
+use crate::global::Call;
+use crate::metrics::{self, Counter, Events, Final};
 use crate::policy::PolicyId;
-use crate::response::{self, Denial, Denied, Quota};
+use crate::response::{self, Denied};
 use crate::rls;
-use crate::rules::{classify, Metering};
 use crate::store::{GetError, Namespace, SetError, SharedStore};
-use crate::tenant::{self, RequestFacts, TenantId};
-use crate::worker_lease::WorkerLeases;
+use crate::tenant::{RequestFacts, TenantId};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType, MetricType, Status};
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -32,25 +31,19 @@ pub fn start() {
 
 /// Everything a request needs, built once per configuration and shared by HTTP contexts.
 struct Active {
-    config: Config,
-    ns: Namespace,
-    default_tenant: TenantId,
+    plugin: Plugin,
     metrics: MetricIds,
-    /// This worker's token leases (`worker_lease`), given back every tick.
-    leases: RefCell<WorkerLeases>,
-    /// Counters of lease-admitted requests, flushed with the next shared-data decision or
+    worker: RefCell<Worker>,
+    /// Counters of worker-lease admissions, flushed with the next shared-data decision or
     /// tick, so the lease path makes no host call for stats.
     batched: RefCell<Events>,
-    /// Until when this worker asks the rate-limit service for no token lease (it answered
-    /// without a reset time; see global.rs). 0: leases on.
-    leases_off_until: Cell<u64>,
 }
 
 impl Active {
-    /// Gives every unspent lease back to the shared buckets and flushes batched counters.
+    /// Gives every unspent worker lease back to the shared buckets and flushes batched counters.
     fn settle(&self) {
-        if let Ok(mut leases) = self.leases.try_borrow_mut() {
-            leases.settle(&mut HostStore, &self.ns, now_ns());
+        if let Ok(mut worker) = self.worker.try_borrow_mut() {
+            worker.leases.settle(&mut HostStore, &self.plugin.ns, now_ns());
         }
         self.flush();
     }
@@ -59,6 +52,22 @@ impl Active {
         if let Ok(mut batched) = self.batched.try_borrow_mut() {
             record(&self.metrics, &batched);
             *batched = Events::default();
+        }
+    }
+
+    /// Applies a step's counters: a worker-lease admission's wait for the next flush (unless
+    /// they include per-name counters); any other decision's go at once, with the batch.
+    fn count(&self, step: &Step) {
+        let named = step.events.named.is_some_and(|(id, _)| id != PolicyId::Default);
+        if step.batch && !named {
+            if let Ok(mut batched) = self.batched.try_borrow_mut() {
+                batched.add(&step.events);
+                return;
+            }
+        }
+        record(&self.metrics, &step.events);
+        if !step.batch {
+            self.flush();
         }
     }
 }
@@ -116,13 +125,10 @@ impl RootContext for Root {
         let tick = if config.worker_lease > 0 { Duration::from_secs(1) } else { Duration::ZERO };
         let _ = hostcalls::set_tick_period(tick);
         self.active = Some(Rc::new(Active {
-            ns: Namespace::new(&root_id),
-            config,
-            default_tenant,
+            plugin: Plugin { ns: Namespace::new(&root_id), config, default_tenant },
             metrics,
-            leases: RefCell::new(WorkerLeases::default()),
+            worker: RefCell::new(Worker::default()),
             batched: RefCell::new(Events::default()),
-            leases_off_until: Cell::new(0),
         }));
         true
     }
@@ -137,9 +143,7 @@ impl RootContext for Root {
         // Without an accepted config Envoy does not use the plugin; if a stream comes anyway
         // it passes through (returning None would make the SDK abort the VM).
         match self.active.clone() {
-            Some(active) => {
-                Some(Box::new(Filter { active, pending: None, service_headers: Vec::new(), waiting: None }))
-            }
+            Some(active) => Some(Box::new(Filter { active, headers: Headers::default(), waiting: None })),
             None => Some(Box::new(PassThrough)),
         }
     }
@@ -184,71 +188,70 @@ impl HttpContext for PassThrough {}
 
 struct Filter {
     active: Rc<Active>,
-    /// Rate-limit headers to add to the upstream's response: policy (None = the
-    /// rate-limit service's limit) and quota.
-    pending: Option<(Option<PolicyId>, Quota)>,
-    /// `response_headers_to_add` from the rate-limit service.
-    service_headers: Vec<(String, String)>,
-    /// A rate-limit service call in flight.
-    waiting: Option<Waiting>,
+    /// Headers to add to the upstream's response.
+    headers: Headers,
+    /// A rate-limit service call in flight: its gRPC token and the call.
+    waiting: Option<(u32, Call)>,
 }
 
-struct Waiting {
-    token: u32,
-    tenant: TenantId,
-    cost: u64,
-    hits: u32,
-    /// The local bucket's verdict (mode `both`), settled with the service's answer.
-    pending: Pending,
+impl Filter {
+    /// Applies what the flow decided: counters first, then the request's fate.
+    fn apply(&mut self, step: Step) -> Action {
+        let active = Rc::clone(&self.active);
+        active.count(&step);
+        match step.next {
+            Next::Continue(headers) => {
+                self.headers = headers;
+                Action::Continue
+            }
+            Next::Deny(deny) => {
+                send_deny(&active.plugin.config, &deny);
+                Action::Pause
+            }
+            Next::AskService { body, call } => {
+                let Some(global) = active.plugin.config.global.as_ref() else { return Action::Continue };
+                let timeout = Duration::from_millis(global.timeout_ms);
+                let sent = self.dispatch_grpc_call(
+                    &global.cluster,
+                    rls::SERVICE,
+                    rls::METHOD,
+                    Vec::new(),
+                    Some(&body),
+                    timeout,
+                );
+                match sent {
+                    Ok(token) => {
+                        self.waiting = Some((token, call));
+                        Action::Pause
+                    }
+                    Err(_) => self.answer(&call, None),
+                }
+            }
+        }
+    }
+
+    /// Applies the service's answer (`None`: no answer) to `call`.
+    fn answer(&mut self, call: &Call, answer: Option<rls::Answer>) -> Action {
+        let active = Rc::clone(&self.active);
+        let mut worker = active.worker.try_borrow_mut().ok();
+        let step =
+            flow::on_service_answer(&active.plugin, worker.as_deref_mut(), &mut HostStore, call, answer, now_ns());
+        drop(worker);
+        self.apply(step)
+    }
 }
 
 impl Context for Filter {
     fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
-        let Some(waiting) = self.waiting.take_if(|w| w.token == token_id) else { return };
-        let active = Rc::clone(&self.active);
-        let config = &active.config;
-        let Some(global) = config.global.as_ref() else { return };
+        let Some((_, call)) = self.waiting.take_if(|(token, _)| *token == token_id) else { return };
         let answer = if status_code == 0 {
             self.get_grpc_call_response_body(0, response_size).and_then(|b| rls::decode_response(&b))
         } else {
             None
         };
-        let mut events = Events::default();
-        let verdict = global::conclude(
-            global,
-            config,
-            &mut HostStore,
-            &active.ns,
-            &waiting.tenant,
-            waiting.cost,
-            waiting.hits,
-            waiting.pending,
-            answer,
-            now_ns(),
-            &mut events,
-        );
-        if let Some(until) = verdict.leases_off_until {
-            active.leases_off_until.set(until);
+        if self.answer(&call, answer) == Action::Continue {
+            let _ = hostcalls::resume_http_request();
         }
-        record(&active.metrics, &events);
-        if verdict.deny {
-            send_deny(
-                config,
-                &Denied {
-                    why: Denial::global(&events),
-                    retry_after: verdict.retry_after_seconds,
-                    policy: "global",
-                    quota: verdict.quota.as_ref(),
-                    extra: &verdict.headers,
-                },
-            );
-            return;
-        }
-        if let Some(quota) = verdict.quota {
-            self.pending = Some((None, quota));
-        }
-        self.service_headers = verdict.headers;
-        let _ = hostcalls::resume_http_request();
     }
 }
 
@@ -354,219 +357,32 @@ fn now_ns() -> u64 {
 impl HttpContext for Filter {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let active = Rc::clone(&self.active);
-        let config = &active.config;
-        let global = config.global.as_ref();
+        let mut worker = active.worker.try_borrow_mut().ok();
         let mut facts = HostFacts { path: None };
-
-        let needs_method = !config.rules.is_empty() || global.is_some_and(|g| g.method_key.is_some());
-        let method = if needs_method { facts.header(":method").unwrap_or_default() } else { Vec::new() };
-        let metering = if config.rules.is_empty() {
-            classify(&[], b"", b"")
-        } else {
-            classify(&config.rules, &method, facts.path().unwrap_or_default())
-        };
-        let (cost, rule) = match metering {
-            Metering::Free => {
-                if let Some(id) = active.metrics.plugin.get(Counter::Unmetered as usize) {
-                    increment(*id, 1);
-                }
-                return Action::Continue;
-            }
-            Metering::Charge { cost, rule } => (cost, rule),
-        };
-
-        let tenant = tenant::resolve(&config.tenant_sources, &active.default_tenant, &mut facts);
-        let mut pending = Pending::default();
-        if global.is_some_and(|g| g.mode == GlobalMode::Global) {
-            // No local verdict, but the outcome still goes to the per-name counters.
-            pending.policy = PolicyId::of(config, &tenant, rule);
-        } else {
-            let mut leases = active.leases.try_borrow_mut().ok();
-            let leased = leases.as_deref_mut().and_then(|l| from_lease(config, l, &tenant, rule, cost));
-            let from_worker_lease = leased.is_some();
-            let mut decision = match leased {
-                Some(d) => d,
-                None => {
-                    decide(config, &active.ns, &mut HostStore, leases.as_deref_mut(), &tenant, rule, cost, now_ns())
-                }
-            };
-            drop(leases);
-            // Mode both: a request the local bucket lets through is not final; the service
-            // (or a service lease) decides, and its outcome is counted then, once.
-            if global.is_some() && !decision.deny {
-                pending = decision.events.defer(decision.policy);
-            }
-            if from_worker_lease {
-                batch(&active, &decision.events);
-            } else {
-                record(&active.metrics, &decision.events);
-                active.flush();
-            }
-            if decision.deny {
-                send_deny(
-                    config,
-                    &Denied {
-                        why: Denial::local(&decision.events),
-                        retry_after: decision.retry_after_seconds,
-                        policy: decision.policy.name(config),
-                        quota: decision.quota.as_ref(),
-                        extra: &[],
-                    },
-                );
-                return Action::Pause;
-            }
-            if global.is_none() {
-                if config.headers != HeaderStyle::Off {
-                    if let Some(quota) = decision.quota {
-                        self.pending = Some((Some(decision.policy), quota));
-                    }
-                }
-                return Action::Continue;
-            }
-        }
-        let Some(global) = global else { return Action::Continue };
-        self.ask_service(&active, global, &mut facts, &method, tenant, cost, pending, now_ns())
+        let step = flow::on_request(&active.plugin, worker.as_deref_mut(), &mut facts, &mut HostStore, now_ns);
+        drop(worker);
+        self.apply(step)
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let config = &self.active.config;
-        if let Some((index, quota)) = self.pending.take() {
-            let name = index.map_or("global", |id| id.name(config));
+        let config = &self.active.plugin.config;
+        let Headers { quota, service } = std::mem::take(&mut self.headers);
+        if let Some((policy, quota)) = quota {
+            let name = policy.map_or("global", |id| id.name(config));
             response::rate_limit_headers(config.headers, name, &quota, |n, v| {
                 let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, n, v);
             });
         }
-        for (name, value) in self.service_headers.drain(..) {
+        for (name, value) in service {
             let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, &name, &value);
         }
         Action::Continue
     }
 }
 
-impl Filter {
-    /// Spends a lease or calls the rate-limit service; pauses the request until it answers.
-    #[allow(clippy::too_many_arguments)]
-    fn ask_service(
-        &mut self,
-        active: &Active,
-        global: &Global,
-        facts: &mut HostFacts,
-        method: &[u8],
-        tenant: TenantId,
-        cost: u64,
-        pending: Pending,
-        now: u64,
-    ) -> Action {
-        let config = &active.config;
-        let mut events = Events::default();
-        let off = active.leases_off_until.get();
-        let plan =
-            global::plan(global, &mut HostStore, &active.ns, config, &tenant, cost, now, pending, off, &mut events);
-        let hits = match plan {
-            Plan::Admit => {
-                record(&active.metrics, &events);
-                return Action::Continue;
-            }
-            Plan::Ask { hits } => hits,
-        };
-        let method = std::str::from_utf8(method).unwrap_or("");
-        let path = facts.path().map(|p| {
-            let end = p.iter().position(|&b| b == b'?').unwrap_or(p.len());
-            std::str::from_utf8(p.get(..end).unwrap_or_default()).unwrap_or("")
-        });
-        let input = rls::DescriptorInput {
-            tenant_key: &global.tenant_key,
-            tenant: tenant.as_str(),
-            method: global.method_key.as_deref().map(|k| (k, method)),
-            path: global.path_key.as_deref().zip(path),
-        };
-        let body = rls::encode_request(&global.domain, &input, hits);
-        events.bump(Counter::ServiceCalls, 1);
-        let timeout = Duration::from_millis(global.timeout_ms);
-        match self.dispatch_grpc_call(&global.cluster, rls::SERVICE, rls::METHOD, Vec::new(), Some(&body), timeout) {
-            Ok(token) => {
-                record(&active.metrics, &events);
-                self.waiting = Some(Waiting { token, tenant, cost, hits, pending });
-                Action::Pause
-            }
-            Err(_) => {
-                let verdict = global::conclude(
-                    global,
-                    config,
-                    &mut HostStore,
-                    &active.ns,
-                    &tenant,
-                    cost,
-                    hits,
-                    pending,
-                    None,
-                    now,
-                    &mut events,
-                );
-                record(&active.metrics, &events);
-                if verdict.deny {
-                    send_deny(
-                        config,
-                        &Denied {
-                            why: Denial::global(&events),
-                            retry_after: verdict.retry_after_seconds,
-                            policy: "global",
-                            quota: None,
-                            extra: &[],
-                        },
-                    );
-                    return Action::Pause;
-                }
-                Action::Continue
-            }
-        }
-    }
-}
-
-/// The local reply for a denied request. The request's `content-type` is read only here,
-/// on the deny path, to tell a gRPC call (which needs a gRPC status) from plain HTTP.
-fn send_deny(config: &Config, denied: &Denied) {
-    let content_type = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "content-type").ok().flatten();
-    let grpc = content_type
-        .as_deref()
-        .filter(|ct| response::is_grpc(ct))
-        .map(|ct| std::str::from_utf8(ct).unwrap_or("application/grpc"));
-    let reply = response::local_reply(config, denied, grpc);
-    let headers = response::serialize_pairs(&reply.headers);
-    // The raw call, because the SDK's `send_http_response` passes no details and no gRPC
-    // status, and aborts the VM on any status but Ok.
-    // SAFETY: every pointer/length pair is a live slice for the duration of the call.
-    let _ = unsafe {
-        abi::proxy_send_local_response(
-            reply.status,
-            reply.details.as_ptr(),
-            reply.details.len(),
-            reply.body.as_ptr(),
-            reply.body.len(),
-            headers.as_ptr(),
-            headers.len(),
-            reply.grpc_status,
-        )
-    };
-}
-
 fn increment(id: u32, by: u32) {
     if by > 0 {
         let _ = hostcalls::increment_metric(id, by as i64);
-    }
-}
-
-/// Keeps a lease decision's counters for the next flush; per-name counters go at once.
-fn batch(active: &Active, events: &Events) {
-    if events.named.is_some_and(|(id, _)| id != PolicyId::Default) {
-        record(&active.metrics, events);
-        return;
-    }
-    match active.batched.try_borrow_mut() {
-        Ok(mut batched) => {
-            batched.add(events);
-        }
-        Err(_) => record(&active.metrics, events),
     }
 }
 
@@ -585,4 +401,37 @@ fn record(ids: &MetricIds, events: &Events) {
             increment(*id, 1);
         }
     }
+}
+/// The local reply for a denied request. The request's `content-type` is read only here,
+/// on the deny path, to tell a gRPC call (which needs a gRPC status) from plain HTTP.
+fn send_deny(config: &Config, deny: &Deny) {
+    let denied = Denied {
+        why: deny.why,
+        retry_after: deny.retry_after,
+        policy: deny.policy.map_or("global", |id| id.name(config)),
+        quota: deny.quota.as_ref(),
+        extra: &deny.headers,
+    };
+    let content_type = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "content-type").ok().flatten();
+    let grpc = content_type
+        .as_deref()
+        .filter(|ct| response::is_grpc(ct))
+        .map(|ct| std::str::from_utf8(ct).unwrap_or("application/grpc"));
+    let reply = response::local_reply(config, &denied, grpc);
+    let headers = response::serialize_pairs(&reply.headers);
+    // The raw call, because the SDK's `send_http_response` passes no details and no gRPC
+    // status, and aborts the VM on any status but Ok.
+    // SAFETY: every pointer/length pair is a live slice for the duration of the call.
+    let _ = unsafe {
+        abi::proxy_send_local_response(
+            reply.status,
+            reply.details.as_ptr(),
+            reply.details.len(),
+            reply.body.as_ptr(),
+            reply.body.len(),
+            headers.as_ptr(),
+            headers.len(),
+            reply.grpc_status,
+        )
+    };
 }

@@ -6,6 +6,7 @@
 pub mod bucket;
 pub mod config;
 pub mod decision;
+pub mod flow;
 pub mod global;
 pub mod metrics;
 pub mod policy;
