@@ -126,7 +126,8 @@ pub struct Policy {
     pub limit: Limit,
     /// Per-entry mode; `None` follows the top-level `mode`.
     pub mode: Option<Mode>,
-    /// Tokens per second as written, for display only (the math uses `limit`).
+    /// Tokens per second as written: what a tenant or rule without its own `refill_rate`
+    /// inherits, and what the checker prints (the bucket math uses `limit`).
     pub rate_per_second: f64,
 }
 
@@ -317,16 +318,6 @@ impl Config {
     /// The index in `tenants` of a listed tenant.
     pub fn tenant_index(&self, tenant: &[u8]) -> Option<usize> {
         self.tenants.binary_search_by(|p| p.name.as_bytes().cmp(tenant)).ok()
-    }
-
-    /// The listed tenant's policy, if the tenant is listed.
-    pub fn tenant_policy(&self, tenant: &[u8]) -> Option<&Policy> {
-        self.tenant_index(tenant).and_then(|i| self.tenants.get(i))
-    }
-
-    /// Whether the request path needs `:method`/`:path` (rules or a query source).
-    pub fn needs_path(&self) -> bool {
-        !self.rules.is_empty() || self.tenant_sources.iter().any(|s| matches!(s, TenantSource::Query(_)))
     }
 }
 
@@ -867,6 +858,11 @@ fn overflow_section(v: &Value) -> Result<Overflow, ConfigError> {
 mod tests {
     use super::*;
 
+    /// The listed tenant's policy.
+    fn tenant<'c>(c: &'c Config, name: &[u8]) -> Option<&'c Policy> {
+        c.tenant_index(name).and_then(|i| c.tenants.get(i))
+    }
+
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_json_bytes(s.as_bytes())
     }
@@ -909,9 +905,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.tenant_sources[0], TenantSource::Header("x-tenant-id".into()));
-        assert_eq!(c.tenant_policy(b"globex").unwrap().rate_per_second, 5.0);
-        assert_eq!(c.tenant_policy(b"acme").unwrap().limit.capacity, 120);
-        assert!(c.tenant_policy(b"nobody").is_none());
+        assert_eq!(tenant(&c, b"globex").unwrap().rate_per_second, 5.0);
+        assert_eq!(tenant(&c, b"acme").unwrap().limit.capacity, 120);
+        assert!(tenant(&c, b"nobody").is_none());
         assert_eq!(c.rules[0].methods, vec!["GET", "HEAD"]);
     }
 
@@ -1021,9 +1017,9 @@ mod tests {
     #[test]
     fn tenant_overrides_inherit_missing_fields() {
         let c = parse(r#"{"capacity":50,"refill_rate":"60/min","tenants":{"a":{"capacity":5},"b":{"refill_rate":10,"mode":"shadow"}}}"#).unwrap();
-        let a = c.tenant_policy(b"a").unwrap();
+        let a = tenant(&c, b"a").unwrap();
         assert_eq!((a.limit.capacity, a.rate_per_second), (5, 1.0));
-        let b = c.tenant_policy(b"b").unwrap();
+        let b = tenant(&c, b"b").unwrap();
         assert_eq!((b.limit.capacity, b.rate_per_second, b.mode), (50, 10.0, Some(Mode::Shadow)));
     }
 
@@ -1070,7 +1066,6 @@ mod tests {
             "failure_mode":"deny","method_key":"method","path_key":"path","timeout_ms":50}}"#,
         )
         .unwrap();
-        assert!(c.needs_path());
         let g = c.global.unwrap();
         assert_eq!((g.mode, g.lease_tokens, g.failure_mode), (GlobalMode::Both, Some(10), FailurePolicy::Deny));
         assert_eq!(field_of(r#"{"capacity":1,"refill_rate":1,"global":{"domain":"d"}}"#), "global.cluster");

@@ -205,3 +205,286 @@ pub fn on_service_answer(
     let headers = Headers { quota: verdict.quota.map(|q| (None, q)), service: verdict.headers };
     Step::go(headers, events)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Final;
+    use crate::store::fake::FakeStore;
+
+    const SEC: u64 = 1_000_000_000;
+    const T0: u64 = 1_700_000_000 * SEC;
+
+    fn plugin(json: &str) -> Plugin {
+        let config = Config::from_json_bytes(json.as_bytes()).unwrap();
+        let default_tenant = TenantId::new(config.default_tenant.as_bytes()).unwrap();
+        Plugin { config, ns: Namespace::new("t"), default_tenant }
+    }
+
+    struct Facts {
+        tenant: &'static str,
+        method: &'static [u8],
+        path: &'static [u8],
+    }
+
+    impl RequestFacts for Facts {
+        fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+            match name {
+                "x-tenant-id" => Some(self.tenant.as_bytes().to_vec()),
+                ":method" => Some(self.method.to_vec()),
+                _ => None,
+            }
+        }
+        fn path(&mut self) -> Option<&[u8]> {
+            Some(self.path)
+        }
+        fn property(&mut self, _: &[&str]) -> Option<Vec<u8>> {
+            None
+        }
+    }
+
+    fn get(tenant: &'static str, path: &'static [u8]) -> Facts {
+        Facts { tenant, method: b"GET", path }
+    }
+
+    fn answer(over_limit: bool, reset_s: u64) -> Answer {
+        Answer {
+            over_limit,
+            limit: Some(10),
+            remaining: Some(3),
+            reset_seconds: Some(reset_s),
+            reset_ns: Some(reset_s * SEC),
+            window_seconds: Some(60),
+            headers: vec![("x-service".into(), "1".into())],
+        }
+    }
+
+    /// Runs requests through the flow as `filter.rs` does, answering service calls with
+    /// `service`; returns what each request got (true: passed) and the summed counters.
+    struct Run {
+        plugin: Plugin,
+        store: FakeStore,
+        worker: Worker,
+        events: Events,
+        named: Vec<(PolicyId, Final)>,
+        requests: u32,
+        calls: u32,
+    }
+
+    impl Run {
+        fn new(json: &str) -> Run {
+            Run {
+                plugin: plugin(json),
+                store: FakeStore::default(),
+                worker: Worker::default(),
+                events: Events::default(),
+                named: Vec::new(),
+                requests: 0,
+                calls: 0,
+            }
+        }
+
+        fn take(&mut self, step: Step) -> Next {
+            self.events.add(&step.events);
+            self.named.extend(step.events.named);
+            step.next
+        }
+
+        fn send(&mut self, mut facts: Facts, service: impl Fn() -> Option<Answer>) -> Next {
+            self.requests += 1;
+            let step = on_request(&self.plugin, Some(&mut self.worker), &mut facts, &mut self.store, || T0);
+            match self.take(step) {
+                Next::AskService { call, .. } => {
+                    self.calls += 1;
+                    let step =
+                        on_service_answer(&self.plugin, Some(&mut self.worker), &mut self.store, &call, service(), T0);
+                    let next = self.take(step);
+                    assert!(!matches!(next, Next::AskService { .. }));
+                    next
+                }
+                next => next,
+            }
+        }
+
+        fn passed(&mut self, n: u32, facts: impl Fn() -> Facts, service: impl Fn() -> Option<Answer>) -> u32 {
+            (0..n).filter(|_| matches!(self.send(facts(), &service), Next::Continue(_))).count() as u32
+        }
+
+        /// allowed + denied + shadow_denied = metered requests, and per name the same.
+        fn assert_counted_once(&self) {
+            let metered = self.requests - self.events.count(Counter::Unmetered);
+            let outcomes: u32 = Final::ALL.iter().map(|f| self.events.count(f.counter())).sum();
+            assert_eq!(outcomes, metered, "{:?}", self.events.counters);
+            for f in Final::ALL {
+                let named = self.named.iter().filter(|(_, o)| *o == f).count() as u32;
+                assert_eq!(named, self.events.count(f.counter()), "{f:?}");
+            }
+        }
+    }
+
+    fn no_service() -> Option<Answer> {
+        None
+    }
+
+    #[test]
+    fn local_admits_the_capacity_with_headers_then_denies() {
+        let mut r =
+            Run::new(r#"{"capacity":3,"refill_rate":0.001,"rate_limit_headers":"x-ratelimit","tenants":{"vip":{}}}"#);
+        let Next::Continue(h) = r.send(get("vip", b"/"), no_service) else { panic!() };
+        assert_eq!(h.quota.map(|(p, q)| (p, q.remaining)), Some((Some(PolicyId::Tenant(0)), 2)));
+        assert_eq!(r.passed(5, || get("vip", b"/"), no_service), 2);
+        let Next::Deny(d) = r.send(get("vip", b"/"), no_service) else { panic!() };
+        assert_eq!((d.why, d.policy, d.retry_after > 0), (Denial::OverLimit, Some(PolicyId::Tenant(0)), true));
+        assert_eq!(r.events.count(Counter::Allowed), 3);
+        assert_eq!(r.events.count(Counter::Denied), 4);
+        assert!(r.named.iter().all(|(p, _)| *p == PolicyId::Tenant(0)));
+        r.assert_counted_once();
+        // Headers off: no quota to add.
+        let mut r = Run::new(r#"{"capacity":3,"refill_rate":1,"rate_limit_headers":"off"}"#);
+        assert_eq!(r.send(get("a", b"/"), no_service).continued(), Some(Headers::default()));
+    }
+
+    #[test]
+    fn unmetered_requests_count_only_as_unmetered() {
+        let mut r = Run::new(r#"{"capacity":1,"refill_rate":0.001,"rules":[{"path_prefix":"/api"}]}"#);
+        assert_eq!(r.passed(5, || get("a", b"/health"), no_service), 5);
+        assert_eq!(r.passed(3, || get("a", b"/api"), no_service), 1);
+        assert_eq!(r.events.count(Counter::Unmetered), 5);
+        assert!(r.store.data.len() <= 1);
+        r.assert_counted_once();
+    }
+
+    #[test]
+    fn shadow_mode_passes_and_counts_shadow_denials() {
+        let mut r = Run::new(r#"{"capacity":2,"refill_rate":0.001,"mode":"shadow"}"#);
+        assert_eq!(r.passed(6, || get("a", b"/"), no_service), 6);
+        assert_eq!((r.events.count(Counter::Allowed), r.events.count(Counter::ShadowDenied)), (2, 4));
+        r.assert_counted_once();
+    }
+
+    #[test]
+    fn store_errors_follow_on_store_error() {
+        for (policy, passed) in [("allow", 4), ("deny", 0)] {
+            let mut r = Run::new(&format!(r#"{{"capacity":5,"refill_rate":1,"on_store_error":"{policy}"}}"#));
+            r.store.fail_gets = true;
+            assert_eq!(r.passed(4, || get("a", b"/"), no_service), passed);
+            assert_eq!(r.events.count(Counter::StoreErrors), 4);
+            if passed == 0 {
+                let Next::Deny(d) = r.send(get("a", b"/"), no_service) else { panic!() };
+                assert_eq!(d.why, Denial::StoreError);
+            }
+            r.assert_counted_once();
+        }
+    }
+
+    #[test]
+    fn overflow_bucket_and_overflow_deny() {
+        let mut r = Run::new(
+            r#"{"capacity":5,"refill_rate":0.001,"max_tenants":1,"overflow":{"capacity":2,"refill_rate":0.001}}"#,
+        );
+        assert_eq!(r.passed(1, || get("first", b"/"), no_service), 1);
+        assert_eq!(r.passed(4, || get("second", b"/"), no_service), 2);
+        assert_eq!(r.events.count(Counter::OverflowUsed), 4);
+        r.assert_counted_once();
+        let mut r = Run::new(r#"{"capacity":5,"refill_rate":0.001,"max_tenants":1,"overflow":"deny"}"#);
+        assert_eq!(r.passed(1, || get("first", b"/"), no_service), 1);
+        let Next::Deny(d) = r.send(get("second", b"/"), no_service) else { panic!() };
+        assert_eq!(d.why, Denial::Overflow);
+        r.assert_counted_once();
+    }
+
+    #[test]
+    fn worker_leases_admit_without_shared_data_and_batch_their_counters() {
+        let mut r = Run::new(r#"{"capacity":40,"refill_rate":0.001,"worker_lease":4}"#);
+        let first = on_request(&r.plugin, Some(&mut r.worker), &mut get("a", b"/"), &mut r.store, || T0);
+        assert!(!first.batch);
+        r.take(first);
+        r.requests += 1;
+        r.store.gets = 0;
+        let leased = on_request(&r.plugin, Some(&mut r.worker), &mut get("a", b"/"), &mut r.store, || panic!("clock"));
+        assert!(leased.batch);
+        assert_eq!(r.store.gets, 0);
+        r.take(leased);
+        r.requests += 1;
+        // 40 tokens: never more admitted, whatever sits in the lease.
+        assert_eq!(r.passed(60, || get("a", b"/"), no_service), 38);
+        r.assert_counted_once();
+        // Given back, the bucket has exactly what was not admitted.
+        r.worker.leases.settle(&mut r.store, &r.plugin.ns, T0);
+        assert_eq!(r.passed(5, || get("a", b"/"), no_service), 0);
+    }
+
+    #[test]
+    fn mode_global_asks_the_service_and_counts_its_verdict_once() {
+        let mut r = Run::new(
+            r#"{"capacity":1,"refill_rate":0.001,"tenants":{"vip":{}},
+            "global":{"cluster":"rls","domain":"d","mode":"global"}}"#,
+        );
+        // No local bucket: the service decides every request.
+        assert_eq!(r.passed(3, || get("vip", b"/"), || Some(answer(false, 5))), 3);
+        assert!(r.store.data.is_empty());
+        let Next::Continue(h) = r.send(get("vip", b"/"), || Some(answer(false, 5))) else { panic!() };
+        assert_eq!(h.quota.map(|(p, q)| (p, q.remaining)), Some((None, 3)));
+        assert_eq!(h.service, vec![("x-service".to_string(), "1".to_string())]);
+        let Next::Deny(d) = r.send(get("vip", b"/"), || Some(answer(true, 5))) else { panic!() };
+        assert_eq!((d.why, d.policy, d.retry_after), (Denial::GlobalOverLimit, None, 5));
+        let Next::Continue(_) = r.send(get("vip", b"/"), no_service) else { panic!("failure_mode allow") };
+        assert_eq!(r.calls, 6);
+        assert_eq!(r.events.count(Counter::ServiceCalls), 6);
+        assert_eq!(r.events.count(Counter::ServiceErrors), 1);
+        assert!(r.named.iter().all(|(p, _)| *p == PolicyId::Tenant(0)));
+        r.assert_counted_once();
+    }
+
+    #[test]
+    fn mode_both_denies_locally_first_and_counts_once() {
+        let mut r =
+            Run::new(r#"{"capacity":2,"refill_rate":0.001,"global":{"cluster":"rls","domain":"d","mode":"both"}}"#);
+        assert_eq!(r.passed(2, || get("a", b"/"), || Some(answer(false, 5))), 2);
+        let Next::Deny(d) = r.send(get("a", b"/"), || Some(answer(false, 5))) else { panic!() };
+        assert_eq!(d.why, Denial::OverLimit);
+        assert_eq!(r.calls, 2, "a local denial asks no service");
+        // The service denies what the local bucket allowed.
+        let mut r =
+            Run::new(r#"{"capacity":5,"refill_rate":0.001,"global":{"cluster":"rls","domain":"d","mode":"both"}}"#);
+        assert_eq!(r.passed(3, || get("a", b"/"), || Some(answer(true, 5))), 0);
+        assert_eq!((r.events.count(Counter::Allowed), r.events.count(Counter::Denied)), (0, 3));
+        r.assert_counted_once();
+        // Shadow: a local shadow denial stays one when the service allows.
+        let mut r = Run::new(
+            r#"{"capacity":1,"refill_rate":0.001,"mode":"shadow","global":{"cluster":"rls","domain":"d","mode":"both"}}"#,
+        );
+        assert_eq!(r.passed(3, || get("a", b"/"), || Some(answer(false, 5))), 3);
+        assert_eq!((r.events.count(Counter::Allowed), r.events.count(Counter::ShadowDenied)), (1, 2));
+        r.assert_counted_once();
+    }
+
+    #[test]
+    fn service_grants_admit_without_a_call() {
+        let mut r = Run::new(
+            r#"{"capacity":5,"refill_rate":1,"global":{"cluster":"rls","domain":"d","mode":"global","lease_tokens":4}}"#,
+        );
+        assert_eq!(r.passed(8, || get("a", b"/"), || Some(answer(false, 30))), 8);
+        assert_eq!(r.calls, 2);
+        assert_eq!(r.events.count(Counter::GrantHits), 6);
+        r.assert_counted_once();
+        // No reset time: spare tokens dropped, and this worker asks per request for a while.
+        let mut r = Run::new(
+            r#"{"capacity":5,"refill_rate":1,"global":{"cluster":"rls","domain":"d","mode":"global","lease_tokens":4}}"#,
+        );
+        let bare = || Some(Answer { reset_ns: None, reset_seconds: None, ..answer(false, 0) });
+        assert_eq!(r.passed(3, || get("a", b"/"), bare), 3);
+        assert_eq!(r.calls, 3);
+        assert!(r.worker.grants_off_until > T0);
+        r.assert_counted_once();
+    }
+
+    impl Next {
+        fn continued(self) -> Option<Headers> {
+            match self {
+                Next::Continue(h) => Some(h),
+                _ => None,
+            }
+        }
+    }
+}
