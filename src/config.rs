@@ -258,10 +258,7 @@ impl Config {
         };
         let on_store_error = match obj.get("on_store_error") {
             None => FailurePolicy::Allow,
-            Some(v) => match one_of(&obj.path("on_store_error"), v, &["allow", "deny"])? {
-                "deny" => FailurePolicy::Deny,
-                _ => FailurePolicy::Allow,
-            },
+            Some(v) => failure_policy(&obj.path("on_store_error"), v)?,
         };
         let max_tenants = match obj.get("max_tenants") {
             None => DEFAULT_MAX_TENANTS,
@@ -422,6 +419,14 @@ fn string<'v>(field: &str, v: &'v Value) -> Result<&'v str, ConfigError> {
         Some(s) => Ok(s),
         None => err(field, format!("must be a string, got {}", kind(v))),
     }
+}
+
+/// `"allow"` or `"deny"`: `on_store_error` and `global.failure_mode`.
+fn failure_policy(field: &str, v: &Value) -> Result<FailurePolicy, ConfigError> {
+    Ok(match one_of(field, v, &["allow", "deny"])? {
+        "deny" => FailurePolicy::Deny,
+        _ => FailurePolicy::Allow,
+    })
 }
 
 fn one_of<'v>(field: &str, v: &'v Value, allowed: &[&str]) -> Result<&'v str, ConfigError> {
@@ -810,10 +815,7 @@ fn global_section(v: &Value) -> Result<Option<Global>, ConfigError> {
     };
     let failure_mode = match obj.get("failure_mode") {
         None => FailurePolicy::Allow,
-        Some(f) => match one_of("global.failure_mode", f, &["allow", "deny"])? {
-            "deny" => FailurePolicy::Deny,
-            _ => FailurePolicy::Allow,
-        },
+        Some(f) => failure_policy("global.failure_mode", f)?,
     };
     let mode = match obj.get("mode") {
         None => Some(GlobalMode::Global),

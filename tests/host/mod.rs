@@ -583,26 +583,40 @@ impl VmCore {
             state.interference = 0;
         }
         let e = &self.exports;
-        let (create, on_req, on_resp) =
-            (e.on_context_create.clone(), e.on_request_headers.clone(), e.on_response_headers.clone());
-        let (done, log, delete) = (e.on_done.clone(), e.on_log.clone(), e.on_delete.clone());
+        let (create, on_req) = (e.on_context_create.clone(), e.on_request_headers.clone());
         let ctx = id as i32;
         self.guest(|s| create.call(s, (ctx, ROOT_CONTEXT as i32)))?;
         let eos = i32::from(req.end_of_stream);
         let request_action = action(self.guest(|s| on_req.call(s, (ctx, n_headers, eos)))?);
 
-        // The response phase: the upstream's headers, or the local reply's (Envoy encodes a
-        // local reply through the filter chain too).
+        self.respond(ctx, req, request_action, request_action == Action::Continue, nested)
+    }
+
+    /// The end of a stream whose request phase is over (`went_on`: it went to the upstream):
+    /// the response phase, with the upstream's headers or the local reply's (Envoy encodes a
+    /// local reply through the filter chain too), then done, log and delete; the outcome is
+    /// recorded in the world.
+    fn respond(
+        &mut self,
+        ctx: i32,
+        req: &Request,
+        request_action: Action,
+        went_on: bool,
+        nested: bool,
+    ) -> Result<Reply, HostError> {
         let local = self.store.data().stream.as_ref().and_then(|s| s.local_reply.clone());
-        let response = match (&local, request_action) {
+        let response = match (&local, went_on) {
             (Some(l), _) => {
                 let mut h = vec![(b":status".to_vec(), l.status.to_string().into_bytes())];
                 h.extend(l.headers.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())));
                 Some(h)
             }
-            (None, Action::Continue) => Some(req.response_headers.clone()),
-            (None, Action::Pause) => None,
+            (None, true) => Some(req.response_headers.clone()),
+            (None, false) => None,
         };
+        let e = &self.exports;
+        let (on_resp, done, log, delete) =
+            (e.on_response_headers.clone(), e.on_done.clone(), e.on_log.clone(), e.on_delete.clone());
         let mut response_action = None;
         if let Some(headers) = response {
             let n = headers.len() as i32;
@@ -636,7 +650,7 @@ impl VmCore {
         shared.completed.push(Completed {
             vm: self.index,
             label: req.label.clone(),
-            allowed: reply.allowed(),
+            allowed: reply.local_reply.is_none() && went_on,
             status: reply.status(),
             nested,
             now_ns,
@@ -951,59 +965,8 @@ impl VmCore {
         };
         let Parked { stream, request, request_action } = parked;
         let went_on = request_action == Action::Continue || stream.continue_calls > 0;
-        let response = match (&stream.local_reply, went_on) {
-            (Some(l), _) => {
-                let mut h = vec![(b":status".to_vec(), l.status.to_string().into_bytes())];
-                h.extend(l.headers.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())));
-                Some(h)
-            }
-            (None, true) => Some(request.response_headers.clone()),
-            (None, false) => None,
-        };
         self.store.data_mut().stream = Some(stream);
-        let e = &self.exports;
-        let (on_resp, done, log, delete) =
-            (e.on_response_headers.clone(), e.on_done.clone(), e.on_log.clone(), e.on_delete.clone());
-        let ctx = id as i32;
-        let mut response_action = None;
-        if let Some(headers) = response {
-            let n = headers.len() as i32;
-            if let Some(s) = self.store.data_mut().stream.as_mut() {
-                s.response_headers = Some(headers);
-            }
-            response_action = Some(action(self.guest(|s| on_resp.call(s, (ctx, n, 1)))?));
-        }
-        self.guest(|s| done.call(s, ctx))?;
-        self.guest(|s| log.call(s, ctx))?;
-        self.guest(|s| delete.call(s, ctx))?;
-        let stream = self.store.data_mut().stream.take().unwrap_or_default();
-        let reply = Reply {
-            request_action,
-            local_reply: stream.local_reply,
-            response_action,
-            response_headers: stream
-                .response_headers
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(n, v)| (String::from_utf8_lossy(&n).into_owned(), v))
-                .collect(),
-            added_response_headers: stream.added_response_headers,
-            continue_calls: stream.continue_calls,
-            close_calls: stream.close_calls,
-        };
-        let world = self.store.data().world.clone();
-        let mut shared = world.shared();
-        let now_ns = shared.now_ns;
-        shared.completed.push(Completed {
-            vm: self.index,
-            label: request.label.clone(),
-            allowed: reply.passed(),
-            status: reply.status(),
-            nested: false,
-            now_ns,
-        });
-        drop(shared);
-        Ok(reply)
+        self.respond(id as i32, &request, request_action, went_on, false)
     }
 
     fn tick(&mut self) -> Result<bool, HostError> {
