@@ -568,7 +568,8 @@ impl VmCore {
         Ok(self.guest(|s| f.call(s, (ROOT_CONTEXT as i32, size)))? != 0)
     }
 
-    pub(crate) fn run_request(&mut self, req: &Request, nested: bool) -> Result<Reply, HostError> {
+    /// A new stream for `req`, made current: its context id and request header count.
+    fn open_stream(&mut self, req: &Request) -> (u32, i32) {
         let id = self.next_context;
         self.next_context += 1;
         let mut stream = Stream { id, request_headers: req.headers.clone(), ..Stream::default() };
@@ -577,11 +578,14 @@ impl VmCore {
             stream.properties.insert(property_key(&path), value.clone());
         }
         let n_headers = stream.request_headers.len() as i32;
-        {
-            let state = self.store.data_mut();
-            state.stream = Some(stream);
-            state.interference = 0;
-        }
+        let state = self.store.data_mut();
+        state.stream = Some(stream);
+        state.interference = 0;
+        (id, n_headers)
+    }
+
+    pub(crate) fn run_request(&mut self, req: &Request, nested: bool) -> Result<Reply, HostError> {
+        let (id, n_headers) = self.open_stream(req);
         let e = &self.exports;
         let (create, on_req) = (e.on_context_create.clone(), e.on_request_headers.clone());
         let ctx = id as i32;
@@ -881,19 +885,7 @@ impl Reply {
 
 impl VmCore {
     fn begin(&mut self, req: &Request) -> Result<Started, HostError> {
-        let id = self.next_context;
-        self.next_context += 1;
-        let mut stream = Stream { id, request_headers: req.headers.clone(), ..Stream::default() };
-        for (path, value) in &req.properties {
-            let path: Vec<&str> = path.iter().map(String::as_str).collect();
-            stream.properties.insert(property_key(&path), value.clone());
-        }
-        let n_headers = stream.request_headers.len() as i32;
-        {
-            let state = self.store.data_mut();
-            state.stream = Some(stream);
-            state.interference = 0;
-        }
+        let (id, n_headers) = self.open_stream(req);
         let (create, on_req) = (self.exports.on_context_create.clone(), self.exports.on_request_headers.clone());
         let ctx = id as i32;
         self.guest(|s| create.call(s, (ctx, ROOT_CONTEXT as i32)))?;
