@@ -326,37 +326,34 @@ fn add_debt(store: &mut impl SharedStore, key: &str, owner: u128, ticks: u128, n
 /// Debits `owner`'s reserved key, creating it on first use.
 fn debit_reserved(store: &mut impl SharedStore, ns: &Namespace, max_tenants: u32, w: &Withdrawal) -> Debit {
     let key = ns.reserved_key(w.owner);
-    debit_key(store, key.as_str(), w, |store| {
-        // Start from the owner's bucket in the slot table, if it has one. The state is written
-        // even on a denial (`true`), so this lookup happens once per owner.
-        match locate(store, ns, w.owner, max_tenants, w.now_ns)? {
-            Location::Own { bytes, .. } => Ok((stored_state(&bytes, w).0, true)),
-            _ => Ok((0, true)),
-        }
-    })
+    debit_key(store, key.as_str(), w, Some((ns, max_tenants)))
 }
 
 /// Debits a bucket under a fixed key (the shared overflow bucket).
 pub fn debit_named(store: &mut impl SharedStore, key: &str, w: &Withdrawal) -> Debit {
-    debit_key(store, key, w, |_| Ok((0, false)))
+    debit_key(store, key, w, None)
 }
 
-/// Debits the bucket under one fixed key; `new` gives the state of a key not created yet.
-fn debit_key<S: SharedStore>(
-    store: &mut S,
-    key: &str,
-    w: &Withdrawal,
-    mut new: impl FnMut(&mut S) -> Result<(u128, bool), GetError>,
-) -> Debit {
+/// Debits the bucket under one fixed key. A key not created yet starts full, or with `carry`
+/// (a reserved key) from the owner's bucket in that slot table, if it has one; the state is
+/// then written even on a denial, so this lookup happens once per owner.
+fn debit_key(store: &mut impl SharedStore, key: &str, w: &Withdrawal, carry: Option<(&Namespace, u32)>) -> Debit {
     let mut cas_retries = 0;
     let done = retry(&mut cas_retries, || {
         let (state, cas, creating) = match store.get(key) {
             Err(GetError) => return Attempt::Failed,
             Ok(Some((bytes, cas))) => (stored_state(&bytes, w), cas, false),
-            Ok(None) => match new(store) {
-                Ok(state) => (state, CREATE_CAS, true),
-                Err(GetError) => return Attempt::Failed,
-            },
+            Ok(None) => {
+                let state = match carry {
+                    None => (0, false),
+                    Some((ns, max_tenants)) => match locate(store, ns, w.owner, max_tenants, w.now_ns) {
+                        Ok(Location::Own { bytes, .. }) => (stored_state(&bytes, w).0, true),
+                        Ok(_) => (0, true),
+                        Err(GetError) => return Attempt::Failed,
+                    },
+                };
+                (state, CREATE_CAS, true)
+            }
         };
         match write(store, key, w, state, cas) {
             Attempt::Done((verdict, extra, wrote)) => {
