@@ -2,8 +2,8 @@
 //! the slot table next to the buckets and spent by every worker until the service's window
 //! ends. The record is [`Grant`]; each change is one read-decide-write through [`retry`].
 
-use crate::store::record::{hash128, Grant, Namespace};
-use crate::store::{locate, retry, swap, Attempt, GetError, Location, SharedStore, CREATE_CAS};
+use crate::store::record::{hash128, Grant};
+use crate::store::{retry, swap, Attempt, GetError, Location, SharedStore, SlotTable, CREATE_CAS};
 use crate::tenant::TenantId;
 
 const GRANT_SEPARATOR: &[u8] = b"\0lease";
@@ -25,9 +25,9 @@ pub enum Take {
 }
 
 /// Spends `cost` tokens of `owner`'s grant, if it has them.
-pub fn take(store: &mut impl SharedStore, ns: &Namespace, owner: u128, cost: u64, now_ns: u64, max: u32) -> Take {
+pub fn take(store: &mut impl SharedStore, table: SlotTable, owner: u128, cost: u64, now_ns: u64) -> Take {
     let taken = retry(&mut 0, || {
-        let (slot, grant, cas) = match locate(store, ns, owner, max, now_ns) {
+        let (slot, grant, cas) = match table.locate(store, owner, now_ns) {
             Err(GetError) => return Attempt::Failed,
             Ok(Location::Own { slot, bytes, cas }) => match Grant::decode(&bytes) {
                 Some(g) => (slot, g, cas),
@@ -39,7 +39,7 @@ pub fn take(store: &mut impl SharedStore, ns: &Namespace, owner: u128, cost: u64
             return Attempt::Done(Take::Empty);
         }
         let left = grant.tokens - cost;
-        match swap(store, ns.slot_key(slot).as_str(), &Grant { tokens: left, ..grant }.encode(), cas) {
+        match swap(store, table.ns.slot_key(slot).as_str(), &Grant { tokens: left, ..grant }.encode(), cas) {
             Attempt::Done(()) => Attempt::Done(Take::Taken { left }),
             Attempt::Conflict => Attempt::Conflict,
             Attempt::Failed => Attempt::Failed,
@@ -52,17 +52,10 @@ pub fn take(store: &mut impl SharedStore, ns: &Namespace, owner: u128, cost: u64
 /// the earlier expiry wins, so tokens of one window are never spent in the next (that would
 /// admit more than the service granted). If the grant cannot be stored the tokens are
 /// dropped: that can only under-admit.
-pub fn add(
-    store: &mut impl SharedStore,
-    ns: &Namespace,
-    owner: u128,
-    tokens: u64,
-    expires_ns: u64,
-    now_ns: u64,
-    max: u32,
-) -> bool {
+pub fn add(store: &mut impl SharedStore, table: SlotTable, new: Grant, now_ns: u64) -> bool {
+    let Grant { owner, tokens, expires_ns } = new;
     retry(&mut 0, || {
-        let (slot, grant, cas) = match locate(store, ns, owner, max, now_ns) {
+        let (slot, grant, cas) = match table.locate(store, owner, now_ns) {
             Err(GetError) | Ok(Location::Full) => return Attempt::Failed,
             Ok(Location::Free { slot, cas, .. }) => {
                 (slot, Grant { owner, tokens, expires_ns }, cas.unwrap_or(CREATE_CAS))
@@ -79,7 +72,7 @@ pub fn add(
                 (slot, merged, cas)
             }
         };
-        swap(store, ns.slot_key(slot).as_str(), &grant.encode(), cas)
+        swap(store, table.ns.slot_key(slot).as_str(), &grant.encode(), cas)
     })
     .is_some()
 }
@@ -89,6 +82,7 @@ mod tests {
     use super::*;
     use crate::bucket::Limit;
     use crate::store::fake::FakeStore;
+    use crate::store::record::Namespace;
     use crate::store::slots::{debit, Home, Outcome, SlotUse, Withdrawal};
 
     const SEC: u64 = 1_000_000_000;
@@ -98,19 +92,29 @@ mod tests {
     fn grants_are_spent_until_empty_or_expired() {
         let mut s = FakeStore::default();
         let ns = Namespace::new("r");
-        assert_eq!(take(&mut s, &ns, 9, 1, T0, 10), Take::Empty);
-        assert!(add(&mut s, &ns, 9, 3, T0 + SEC, T0, 10));
-        assert_eq!(take(&mut s, &ns, 9, 1, T0, 10), Take::Taken { left: 2 });
-        assert_eq!(take(&mut s, &ns, 9, 2, T0, 10), Take::Taken { left: 0 });
-        assert_eq!(take(&mut s, &ns, 9, 1, T0, 10), Take::Empty);
+        assert_eq!(take(&mut s, SlotTable { ns: &ns, slots: 10 }, 9, 1, T0), Take::Empty);
+        assert!(add(&mut s, SlotTable { ns: &ns, slots: 10 }, Grant { owner: 9, tokens: 3, expires_ns: T0 + SEC }, T0));
+        assert_eq!(take(&mut s, SlotTable { ns: &ns, slots: 10 }, 9, 1, T0), Take::Taken { left: 2 });
+        assert_eq!(take(&mut s, SlotTable { ns: &ns, slots: 10 }, 9, 2, T0), Take::Taken { left: 0 });
+        assert_eq!(take(&mut s, SlotTable { ns: &ns, slots: 10 }, 9, 1, T0), Take::Empty);
         // A second grant in the same window adds up; the earlier expiry wins.
-        assert!(add(&mut s, &ns, 9, 2, T0 + 5 * SEC, T0, 10));
-        assert!(add(&mut s, &ns, 9, 2, T0 + 9 * SEC, T0, 10));
+        assert!(add(
+            &mut s,
+            SlotTable { ns: &ns, slots: 10 },
+            Grant { owner: 9, tokens: 2, expires_ns: T0 + 5 * SEC },
+            T0
+        ));
+        assert!(add(
+            &mut s,
+            SlotTable { ns: &ns, slots: 10 },
+            Grant { owner: 9, tokens: 2, expires_ns: T0 + 9 * SEC },
+            T0
+        ));
         assert_eq!(Grant::decode(&s.data.values().next().unwrap().0).unwrap().expires_ns, T0 + 5 * SEC);
-        assert_eq!(take(&mut s, &ns, 9, 4, T0, 10), Take::Taken { left: 0 });
+        assert_eq!(take(&mut s, SlotTable { ns: &ns, slots: 10 }, 9, 4, T0), Take::Taken { left: 0 });
         // Expired tokens are never spent.
-        assert!(add(&mut s, &ns, 9, 5, T0 + SEC, T0, 10));
-        assert_eq!(take(&mut s, &ns, 9, 1, T0 + SEC, 10), Take::Empty);
+        assert!(add(&mut s, SlotTable { ns: &ns, slots: 10 }, Grant { owner: 9, tokens: 5, expires_ns: T0 + SEC }, T0));
+        assert_eq!(take(&mut s, SlotTable { ns: &ns, slots: 10 }, 9, 1, T0 + SEC), Take::Empty);
     }
 
     #[test]
@@ -122,9 +126,9 @@ mod tests {
         // One slot: a live bucket blocks a grant; an expired grant is reclaimed by a bucket.
         let live = Limit::new(5, 0.001).unwrap();
         assert!(allowed(debit(&mut s, &ns, Home::Slots(1), &bucket(live, T0)).outcome));
-        assert!(!add(&mut s, &ns, 2, 3, T0 + SEC, T0, 1));
+        assert!(!add(&mut s, SlotTable { ns: &ns, slots: 1 }, Grant { owner: 2, tokens: 3, expires_ns: T0 + SEC }, T0));
         let mut s = FakeStore::default();
-        assert!(add(&mut s, &ns, 2, 3, T0 + SEC, T0, 1));
+        assert!(add(&mut s, SlotTable { ns: &ns, slots: 1 }, Grant { owner: 2, tokens: 3, expires_ns: T0 + SEC }, T0));
         let fast = Limit::new(5, 1.0).unwrap();
         assert_eq!(debit(&mut s, &ns, Home::Slots(1), &bucket(fast, T0)).outcome, Outcome::NoSlot);
         let d = debit(&mut s, &ns, Home::Slots(1), &bucket(fast, T0 + 2 * SEC));

@@ -21,7 +21,8 @@ use crate::config::{Config, FailurePolicy, Global, Mode};
 use crate::metrics::{Counter, Events, Final, Pending};
 use crate::response::Quota;
 use crate::rls::Answer;
-use crate::store::{Namespace, SharedStore};
+use crate::store::record::Grant;
+use crate::store::{Namespace, SharedStore, SlotTable};
 use crate::tenant::TenantId;
 
 pub mod grant;
@@ -62,16 +63,15 @@ pub struct Service<'a> {
     pub global: &'a Global,
     /// The plugin's `mode` (shadow: an OVER_LIMIT answer is a shadow denial).
     pub mode: Mode,
-    pub ns: &'a Namespace,
-    /// The slot table's size; grants are kept there.
-    pub max_tenants: u32,
+    /// Where grants are kept.
+    pub table: SlotTable<'a>,
 }
 
 impl<'a> Service<'a> {
     /// The service of a plugin with a `global` section.
     pub fn of(config: &'a Config, ns: &'a Namespace) -> Option<Service<'a>> {
         let global = config.global.as_ref()?;
-        Some(Service { global, mode: config.mode, ns, max_tenants: config.max_tenants })
+        Some(Service { global, mode: config.mode, table: SlotTable { ns, slots: config.max_tenants } })
     }
 
     /// Spends a grant or says what to ask the service for. `grants_off_until`: this worker's
@@ -94,7 +94,7 @@ impl<'a> Service<'a> {
         if now_ns < grants_off_until {
             return Plan::Ask { hits: cost32 };
         }
-        match grant::take(store, self.ns, grant::owner(&call.tenant), call.cost, now_ns, self.max_tenants) {
+        match grant::take(store, self.table, grant::owner(&call.tenant), call.cost, now_ns) {
             grant::Take::Taken { .. } => {
                 events.bump(Counter::GrantHits, 1);
                 events.settle(call.pending, Final::Allowed);
@@ -156,8 +156,8 @@ impl<'a> Service<'a> {
                 // never spent in a later window (no over-admission).
                 Some(reset) => {
                     let expires = now_ns.saturating_add(reset.min(MAX_GRANT_NS));
-                    let owner = grant::owner(&call.tenant);
-                    grant::add(store, self.ns, owner, spare, expires, now_ns, self.max_tenants);
+                    let new = Grant { owner: grant::owner(&call.tenant), tokens: spare, expires_ns: expires };
+                    grant::add(store, self.table, new, now_ns);
                 }
                 // No reset time (e.g. Limitador, which sends no statuses): no lifetime can be
                 // proven safe, so the spare tokens are dropped and grants pause on this worker.

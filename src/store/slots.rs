@@ -127,42 +127,46 @@ fn occupant(bytes: &[u8], now_ns: u64) -> Option<(u128, bool)> {
     Grant::decode(bytes).map(|g| (g.owner, g.tokens == 0 || g.expires_ns <= now_ns))
 }
 
-/// Finds `owner`'s record (a bucket or a grant) among its candidate slots, or a slot it may take.
-pub fn locate(
-    store: &mut impl SharedStore,
-    ns: &Namespace,
-    owner: u128,
-    max_tenants: u32,
-    now_ns: u64,
-) -> Result<Location, GetError> {
-    let (slots, n) = candidates(owner, max_tenants);
-    let mut free: Option<(u32, Option<u32>)> = None;
-    let mut skipped: Skipped = Default::default();
-    for (i, &slot) in slots.get(..n).unwrap_or(&[]).iter().enumerate() {
-        match store.get(ns.slot_key(slot).as_str())? {
-            None => {
-                free.get_or_insert((slot, None));
-            }
-            Some((bytes, cas)) => match occupant(&bytes, now_ns) {
-                Some((o, _)) if o == owner => return Ok(Location::Own { slot, bytes, cas }),
-                Some((_, false)) => {
-                    if free.is_none() {
-                        if let Some(s) = skipped.get_mut(i) {
-                            *s = Some((slot, bytes, cas));
+/// The slot table of one plugin: its key namespace and its number of slots (`max_tenants`).
+#[derive(Debug, Clone, Copy)]
+pub struct SlotTable<'a> {
+    pub ns: &'a Namespace,
+    pub slots: u32,
+}
+
+impl SlotTable<'_> {
+    /// Finds `owner`'s record (a bucket or a grant) among its candidate slots, or a slot it
+    /// may take.
+    pub fn locate(&self, store: &mut impl SharedStore, owner: u128, now_ns: u64) -> Result<Location, GetError> {
+        let (slots, n) = candidates(owner, self.slots);
+        let mut free: Option<(u32, Option<u32>)> = None;
+        let mut skipped: Skipped = Default::default();
+        for (i, &slot) in slots.get(..n).unwrap_or(&[]).iter().enumerate() {
+            match store.get(self.ns.slot_key(slot).as_str())? {
+                None => {
+                    free.get_or_insert((slot, None));
+                }
+                Some((bytes, cas)) => match occupant(&bytes, now_ns) {
+                    Some((o, _)) if o == owner => return Ok(Location::Own { slot, bytes, cas }),
+                    Some((_, false)) => {
+                        if free.is_none() {
+                            if let Some(s) = skipped.get_mut(i) {
+                                *s = Some((slot, bytes, cas));
+                            }
                         }
                     }
-                }
-                // Reusable, or bytes that are no record of ours.
-                _ => {
-                    free.get_or_insert((slot, Some(cas)));
-                }
-            },
+                    // Reusable, or bytes that are no record of ours.
+                    _ => {
+                        free.get_or_insert((slot, Some(cas)));
+                    }
+                },
+            }
         }
+        Ok(match free {
+            Some((slot, cas)) => Location::Free { slot, cas, skipped },
+            None => Location::Full,
+        })
     }
-    Ok(match free {
-        Some((slot, cas)) => Location::Free { slot, cas, skipped },
-        None => Location::Full,
-    })
 }
 
 /// Debits a withdrawal from its owner's bucket, in the slot table or its reserved key.
@@ -178,7 +182,7 @@ fn debit_slots(store: &mut impl SharedStore, ns: &Namespace, max_tenants: u32, w
     // A key created by an attempt that was then folded into another slot still exists.
     let mut created = false;
     let done = retry(&mut cas_retries, || {
-        let location = match locate(store, ns, w.owner, max_tenants, w.now_ns) {
+        let location = match (SlotTable { ns, slots: max_tenants }).locate(store, w.owner, w.now_ns) {
             Ok(l) => l,
             Err(GetError) => return Attempt::Failed,
         };
@@ -326,7 +330,7 @@ fn add_debt(store: &mut impl SharedStore, key: &str, owner: u128, ticks: u128, n
 /// Debits `owner`'s reserved key, creating it on first use.
 fn debit_reserved(store: &mut impl SharedStore, ns: &Namespace, max_tenants: u32, w: &Withdrawal) -> Debit {
     let key = ns.reserved_key(w.owner);
-    debit_key(store, key.as_str(), w, Some((ns, max_tenants)))
+    debit_key(store, key.as_str(), w, Some(SlotTable { ns, slots: max_tenants }))
 }
 
 /// Debits a bucket under a fixed key (the shared overflow bucket).
@@ -337,7 +341,7 @@ pub fn debit_named(store: &mut impl SharedStore, key: &str, w: &Withdrawal) -> D
 /// Debits the bucket under one fixed key. A key not created yet starts full, or with `carry`
 /// (a reserved key) from the owner's bucket in that slot table, if it has one; the state is
 /// then written even on a denial, so this lookup happens once per owner.
-fn debit_key(store: &mut impl SharedStore, key: &str, w: &Withdrawal, carry: Option<(&Namespace, u32)>) -> Debit {
+fn debit_key(store: &mut impl SharedStore, key: &str, w: &Withdrawal, carry: Option<SlotTable>) -> Debit {
     let mut cas_retries = 0;
     let done = retry(&mut cas_retries, || {
         let (state, cas, creating) = match store.get(key) {
@@ -346,7 +350,7 @@ fn debit_key(store: &mut impl SharedStore, key: &str, w: &Withdrawal, carry: Opt
             Ok(None) => {
                 let state = match carry {
                     None => (0, false),
-                    Some((ns, max_tenants)) => match locate(store, ns, w.owner, max_tenants, w.now_ns) {
+                    Some(table) => match table.locate(store, w.owner, w.now_ns) {
                         Ok(Location::Own { bytes, .. }) => (stored_state(&bytes, w).0, true),
                         Ok(_) => (0, true),
                         Err(GetError) => return Attempt::Failed,
@@ -407,7 +411,7 @@ pub fn give_back(
                     _ => None,
                 }
             }
-            Home::Slots(max_tenants) => match locate(store, ns, owner, max_tenants, now_ns) {
+            Home::Slots(slots) => match (SlotTable { ns, slots }).locate(store, owner, now_ns) {
                 Ok(Location::Own { slot, bytes, cas }) => Some((ns.slot_key(slot), bytes, cas)),
                 _ => None,
             },
