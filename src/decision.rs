@@ -1,5 +1,7 @@
-//! One metered request -> allow or deny, which headers, which counters. Pure: the host is
-//! only the [`SharedStore`] passed in, so this runs the same in Envoy and in unit tests.
+//! The local verdict on one metered request: from this worker's lease, else from its bucket in
+//! shared data (with the overflow bucket, store errors and shadow mode): allow or deny, which
+//! headers, which counters. Pure: the host is only the [`SharedStore`] passed in, so this
+//! runs the same in Envoy and in unit tests.
 
 use crate::config::{Config, FailurePolicy, Mode, Overflow};
 use crate::metrics::{Counter, Events, Final};
@@ -7,8 +9,9 @@ use crate::policy::{PolicyId, OVERFLOW_OWNER};
 use crate::response::{retry_after_seconds, Quota};
 use crate::store::{self, hash128, Extra, Namespace, Outcome, SharedStore, SlotUse, Withdrawal};
 use crate::tenant::TenantId;
-use crate::worker_lease::{Entry, WorkerLeases};
+use crate::worker_lease::{Lease, WorkerLeases};
 
+/// The local verdict.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Decision {
     /// Send the local reply (never set in shadow mode).
@@ -70,7 +73,7 @@ pub fn decide(
     if let (Some(leases), Outcome::Decided { verdict, .. }) = (leases, debit.outcome) {
         if debit.extra > 0 {
             let quota = Quota::new(&limit, &verdict);
-            leases.keep(store, ns, Entry { owner, home, limit, tokens: debit.extra, quota }, now_ns);
+            leases.keep(store, ns, Lease { owner, home, limit, tokens: debit.extra, quota }, now_ns);
         }
     }
     // The request's own view: the lease tokens are the worker's, not spent yet.
@@ -411,7 +414,7 @@ mod tests {
             let mut w = WorkerLeases::default();
             let d = decide(&c, &ns, &mut s, Some(&mut w), &req(&c, &id("vip"), None, 1), T0);
             assert!(!d.deny);
-            let leased: Vec<Entry> = w.drain().collect();
+            let leased: Vec<Lease> = w.drain().collect();
             assert_eq!(leased.len(), 1);
             let e = leased[0];
             assert!(matches!(e.home, Home::Reserved(_)));

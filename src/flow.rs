@@ -1,6 +1,6 @@
 //! One request, start to end, without the host: which tenant and rule, the local bucket
 //! (or this worker's lease), the rate-limit service (or a service grant), and what to do
-//! next ([`Next`]) with which counters ([`Step::events`]). `filter.rs` reads the facts,
+//! next ([`Next`]) with which counters ([`Step::events`]). `filter/` reads the facts,
 //! calls [`on_request`] (and [`on_service_answer`] when the service replies) and applies
 //! the result; everything it decides is here, where unit tests reach it.
 
@@ -39,7 +39,7 @@ pub struct Step {
     pub next: Next,
     pub events: Events,
     /// The request was admitted from a worker lease without touching shared data: its
-    /// counters may wait for the next flush (see `filter.rs`).
+    /// counters may wait for the next flush (see `filter/mod.rs`).
     pub batch: bool,
 }
 
@@ -259,7 +259,7 @@ mod tests {
         }
     }
 
-    /// Runs requests through the flow as `filter.rs` does, answering service calls with
+    /// Runs requests through the flow as `filter/` does, answering service calls with
     /// `service`; returns what each request got (true: passed) and the summed counters.
     struct Run {
         plugin: Plugin,

@@ -1,5 +1,5 @@
 //! Counters: their stat names, defined once, and [`Events`], the increments one request (or
-//! one tick) produces, which `filter.rs` applies. Envoy shows proxy-wasm metrics under
+//! one tick) produces, which `filter/` applies. Envoy shows proxy-wasm metrics under
 //! `wasmcustom.` (see README "Stats"). Per-tenant and per-rule counters exist only for names
 //! listed in the config, so the number of stats is bounded by the config, never by traffic.
 

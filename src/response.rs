@@ -73,7 +73,7 @@ impl Denial {
         }
     }
 
-    /// The reason behind a denying local decision (`decision::decide`), read from the
+    /// The reason behind a denying local decision (`decision::decide`, via the flow), read from the
     /// counters it bumped: each denial path bumps exactly one of these.
     pub fn local(events: &Events) -> Denial {
         if events.count(Counter::OverflowDenied) > 0 {
@@ -85,7 +85,7 @@ impl Denial {
         }
     }
 
-    /// The reason behind a denying service verdict (`global::conclude`).
+    /// The reason behind a denying service verdict (`global::Service::conclude`).
     pub fn global(events: &Events) -> Denial {
         if events.count(Counter::ServiceOverLimit) > 0 {
             Denial::GlobalOverLimit

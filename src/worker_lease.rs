@@ -20,7 +20,7 @@ use crate::store::{give_back, Extra, Home, Namespace, SharedStore};
 pub const MAX_LEASES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
+pub struct Lease {
     pub owner: u128,
     /// Where the owner's bucket is, to give unspent tokens back to.
     pub home: Home,
@@ -32,7 +32,7 @@ pub struct Entry {
 
 #[derive(Debug, Default)]
 pub struct WorkerLeases {
-    entries: Vec<Entry>,
+    entries: Vec<Lease>,
 }
 
 impl WorkerLeases {
@@ -61,7 +61,7 @@ impl WorkerLeases {
     }
 
     /// Keeps tokens just leased; a lease of the owner under another limit goes back.
-    pub fn keep(&mut self, store: &mut impl SharedStore, ns: &Namespace, entry: Entry, now_ns: u64) {
+    pub fn keep(&mut self, store: &mut impl SharedStore, ns: &Namespace, entry: Lease, now_ns: u64) {
         if let Some(old) = self.add(entry) {
             give_back(store, ns, old.owner, old.home, &old.limit, old.tokens, now_ns);
         }
@@ -77,7 +77,7 @@ impl WorkerLeases {
 
     /// Stores a fresh lease. Any older lease of the owner is returned to the caller, to be
     /// given back (it was taken under a different limit, or is simply merged here).
-    pub fn add(&mut self, entry: Entry) -> Option<Entry> {
+    pub fn add(&mut self, entry: Lease) -> Option<Lease> {
         if let Some(existing) = self.entries.iter_mut().find(|e| e.owner == entry.owner) {
             if existing.limit == entry.limit {
                 existing.tokens = existing.tokens.saturating_add(entry.tokens);
@@ -95,7 +95,7 @@ impl WorkerLeases {
     }
 
     /// Removes every lease; those with tokens left are to be given back.
-    pub fn drain(&mut self) -> impl Iterator<Item = Entry> + '_ {
+    pub fn drain(&mut self) -> impl Iterator<Item = Lease> + '_ {
         self.entries.drain(..).filter(|e| e.tokens > 0)
     }
 }
@@ -104,8 +104,8 @@ impl WorkerLeases {
 mod tests {
     use super::*;
 
-    fn entry(owner: u128, tokens: u64) -> Entry {
-        Entry {
+    fn entry(owner: u128, tokens: u64) -> Lease {
+        Lease {
             owner,
             home: Home::Slots(10),
             limit: Limit::new(100, 1.0).unwrap(),

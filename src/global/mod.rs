@@ -1,5 +1,5 @@
 //! The global limit: what to ask the rate-limit service, and what to do with its answer.
-//! Pure (the host is the [`SharedStore`] passed in); `filter.rs` makes the gRPC call.
+//! Pure (the host is the [`SharedStore`] passed in); `filter/` makes the gRPC call.
 //!
 //! With `lease_tokens: N` a request first tries to spend a service grant in shared data
 //! ([`grant`]); only when the grant is empty does it ask the service, for N tokens at once
@@ -114,7 +114,7 @@ impl<'a> Service<'a> {
         answer: Option<Answer>,
         now_ns: u64,
         events: &mut Events,
-    ) -> Verdict {
+    ) -> Conclusion {
         let Some(answer) = answer else {
             events.bump(Counter::ServiceErrors, 1);
             let service = match self.global.failure_mode {
@@ -122,7 +122,13 @@ impl<'a> Service<'a> {
                 FailurePolicy::Allow => Final::Allowed,
             };
             let deny = events.settle(call.pending, service) == Final::Denied;
-            return Verdict { deny, retry_after_seconds: 1, quota: None, headers: Vec::new(), grants_off_until: None };
+            return Conclusion {
+                deny,
+                retry_after_seconds: 1,
+                quota: None,
+                headers: Vec::new(),
+                grants_off_until: None,
+            };
         };
         let quota = match (answer.limit, answer.remaining) {
             (Some(limit), Some(remaining)) => Some(Quota {
@@ -139,7 +145,7 @@ impl<'a> Service<'a> {
             events.bump(Counter::ServiceOverLimit, 1);
             let deny = events.settle(call.pending, Final::refused(self.mode == Mode::Shadow)) == Final::Denied;
             let retry = answer.reset_seconds.unwrap_or(1).max(1);
-            return Verdict {
+            return Conclusion {
                 deny,
                 retry_after_seconds: retry,
                 quota,
@@ -164,13 +170,13 @@ impl<'a> Service<'a> {
                 None => grants_off_until = Some(now_ns.saturating_add(NO_RESET_BACKOFF_NS)),
             }
         }
-        Verdict { deny: false, retry_after_seconds: 0, quota, headers: answer.headers, grants_off_until }
+        Conclusion { deny: false, retry_after_seconds: 0, quota, headers: answer.headers, grants_off_until }
     }
 }
 
 /// The outcome of a service call.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Verdict {
+pub struct Conclusion {
     pub deny: bool,
     pub retry_after_seconds: u64,
     /// Rate-limit headers from the service's descriptor status, when it sent one.
