@@ -58,8 +58,10 @@ pub enum Mode {
     Shadow,
 }
 
+/// What a request gets when what decides it fails: shared data (`on_store_error`) or the
+/// rate-limit service (`global.failure_mode`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StoreErrorPolicy {
+pub enum FailurePolicy {
     Allow,
     Deny,
 }
@@ -106,7 +108,7 @@ pub struct Global {
     pub domain: String,
     pub timeout_ms: u64,
     /// When the service errors or times out.
-    pub failure_mode: StoreErrorPolicy,
+    pub failure_mode: FailurePolicy,
     pub mode: GlobalMode,
     /// Descriptor entry keys: the tenant always, method and path when set.
     pub tenant_key: String,
@@ -124,7 +126,8 @@ pub struct Policy {
     pub limit: Limit,
     /// Per-entry mode; `None` follows the top-level `mode`.
     pub mode: Option<Mode>,
-    /// Tokens per second as written, for display only (the math uses `limit`).
+    /// Tokens per second as written: what a tenant or rule without its own `refill_rate`
+    /// inherits, and what the checker prints (the bucket math uses `limit`).
     pub rate_per_second: f64,
 }
 
@@ -195,7 +198,7 @@ pub struct Config {
     pub deny: Deny,
     pub headers: HeaderStyle,
     pub mode: Mode,
-    pub on_store_error: StoreErrorPolicy,
+    pub on_store_error: FailurePolicy,
     pub max_tenants: u32,
     pub overflow: Overflow,
     pub unknown_tenants: UnknownTenants,
@@ -254,11 +257,8 @@ impl Config {
             Some(v) => mode(&obj.path("mode"), v)?,
         };
         let on_store_error = match obj.get("on_store_error") {
-            None => StoreErrorPolicy::Allow,
-            Some(v) => match one_of(&obj.path("on_store_error"), v, &["allow", "deny"])? {
-                "deny" => StoreErrorPolicy::Deny,
-                _ => StoreErrorPolicy::Allow,
-            },
+            None => FailurePolicy::Allow,
+            Some(v) => failure_policy(&obj.path("on_store_error"), v)?,
         };
         let max_tenants = match obj.get("max_tenants") {
             None => DEFAULT_MAX_TENANTS,
@@ -325,16 +325,6 @@ impl Config {
     /// The index in `tenants` of a listed tenant.
     pub fn tenant_index(&self, tenant: &[u8]) -> Option<usize> {
         self.tenants.binary_search_by(|p| p.name.as_bytes().cmp(tenant)).ok()
-    }
-
-    /// The listed tenant's policy, if the tenant is listed.
-    pub fn tenant_policy(&self, tenant: &[u8]) -> Option<&Policy> {
-        self.tenant_index(tenant).and_then(|i| self.tenants.get(i))
-    }
-
-    /// Whether the request path needs `:method`/`:path` (rules or a query source).
-    pub fn needs_path(&self) -> bool {
-        !self.rules.is_empty() || self.tenant_sources.iter().any(|s| matches!(s, TenantSource::Query(_)))
     }
 }
 
@@ -439,6 +429,14 @@ fn string<'v>(field: &str, v: &'v Value) -> Result<&'v str, ConfigError> {
         Some(s) => Ok(s),
         None => err(field, format!("must be a string, got {}", kind(v))),
     }
+}
+
+/// `"allow"` or `"deny"`: `on_store_error` and `global.failure_mode`.
+fn failure_policy(field: &str, v: &Value) -> Result<FailurePolicy, ConfigError> {
+    Ok(match one_of(field, v, &["allow", "deny"])? {
+        "deny" => FailurePolicy::Deny,
+        _ => FailurePolicy::Allow,
+    })
 }
 
 fn one_of<'v>(field: &str, v: &'v Value, allowed: &[&str]) -> Result<&'v str, ConfigError> {
@@ -826,11 +824,8 @@ fn global_section(v: &Value) -> Result<Option<Global>, ConfigError> {
         Some(t) => int_in("global.timeout_ms", t, 1, 60_000)?,
     };
     let failure_mode = match obj.get("failure_mode") {
-        None => StoreErrorPolicy::Allow,
-        Some(f) => match one_of("global.failure_mode", f, &["allow", "deny"])? {
-            "deny" => StoreErrorPolicy::Deny,
-            _ => StoreErrorPolicy::Allow,
-        },
+        None => FailurePolicy::Allow,
+        Some(f) => failure_policy("global.failure_mode", f)?,
     };
     let mode = match obj.get("mode") {
         None => Some(GlobalMode::Global),
@@ -875,6 +870,11 @@ fn overflow_section(v: &Value) -> Result<Overflow, ConfigError> {
 mod tests {
     use super::*;
 
+    /// The listed tenant's policy.
+    fn tenant<'c>(c: &'c Config, name: &[u8]) -> Option<&'c Policy> {
+        c.tenant_index(name).and_then(|i| c.tenants.get(i))
+    }
+
     fn parse(s: &str) -> Result<Config, ConfigError> {
         Config::from_json_bytes(s.as_bytes())
     }
@@ -910,7 +910,7 @@ mod tests {
         assert_eq!(c.deny.status, 429);
         assert_eq!(c.headers, HeaderStyle::XRateLimit);
         assert_eq!(c.mode, Mode::Enforce);
-        assert_eq!(c.on_store_error, StoreErrorPolicy::Allow);
+        assert_eq!(c.on_store_error, FailurePolicy::Allow);
         assert_eq!(c.max_tenants, 10_000);
         assert!(c.rules.is_empty());
     }
@@ -929,9 +929,9 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.tenant_sources[0], TenantSource::Header("x-tenant-id".into()));
-        assert_eq!(c.tenant_policy(b"globex").unwrap().rate_per_second, 5.0);
-        assert_eq!(c.tenant_policy(b"acme").unwrap().limit.capacity, 120);
-        assert!(c.tenant_policy(b"nobody").is_none());
+        assert_eq!(tenant(&c, b"globex").unwrap().rate_per_second, 5.0);
+        assert_eq!(tenant(&c, b"acme").unwrap().limit.capacity, 120);
+        assert!(tenant(&c, b"nobody").is_none());
         assert_eq!(c.rules[0].methods, vec!["GET", "HEAD"]);
     }
 
@@ -1041,9 +1041,9 @@ mod tests {
     #[test]
     fn tenant_overrides_inherit_missing_fields() {
         let c = parse(r#"{"capacity":50,"refill_rate":"60/min","tenants":{"a":{"capacity":5},"b":{"refill_rate":10,"mode":"shadow"}}}"#).unwrap();
-        let a = c.tenant_policy(b"a").unwrap();
+        let a = tenant(&c, b"a").unwrap();
         assert_eq!((a.limit.capacity, a.rate_per_second), (5, 1.0));
-        let b = c.tenant_policy(b"b").unwrap();
+        let b = tenant(&c, b"b").unwrap();
         assert_eq!((b.limit.capacity, b.rate_per_second, b.mode), (50, 10.0, Some(Mode::Shadow)));
     }
 
@@ -1080,7 +1080,7 @@ mod tests {
     fn global_section() {
         let c = parse(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"rls","domain":"d"}}"#).unwrap();
         let g = c.global.unwrap();
-        assert_eq!((g.timeout_ms, g.mode, g.failure_mode), (20, GlobalMode::Global, StoreErrorPolicy::Allow));
+        assert_eq!((g.timeout_ms, g.mode, g.failure_mode), (20, GlobalMode::Global, FailurePolicy::Allow));
         assert_eq!((g.tenant_key.as_str(), g.lease_tokens), ("tenant", None));
         let c =
             parse(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"rls","domain":"d","mode":"local"}}"#).unwrap();
@@ -1090,9 +1090,8 @@ mod tests {
             "failure_mode":"deny","method_key":"method","path_key":"path","timeout_ms":50}}"#,
         )
         .unwrap();
-        assert!(c.needs_path());
         let g = c.global.unwrap();
-        assert_eq!((g.mode, g.lease_tokens, g.failure_mode), (GlobalMode::Both, Some(10), StoreErrorPolicy::Deny));
+        assert_eq!((g.mode, g.lease_tokens, g.failure_mode), (GlobalMode::Both, Some(10), FailurePolicy::Deny));
         assert_eq!(field_of(r#"{"capacity":1,"refill_rate":1,"global":{"domain":"d"}}"#), "global.cluster");
         assert_eq!(
             field_of(r#"{"capacity":1,"refill_rate":1,"global":{"cluster":"c","domain":"d","timeout_ms":0}}"#),

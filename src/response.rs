@@ -3,8 +3,7 @@
 
 use crate::bucket::{ticks_to_seconds_ceil, Limit, Verdict};
 use crate::config::{Config, HeaderStyle};
-use crate::decision::Events;
-use crate::metrics::Counter;
+use crate::metrics::{Counter, Events};
 
 /// What a response tells the client about its bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -74,30 +73,26 @@ impl Denial {
         }
     }
 
-    /// The reason behind a denying local decision (`decision::decide`), read from the
+    /// The reason behind a denying local decision (`decision::decide`, via the flow), read from the
     /// counters it bumped: each denial path bumps exactly one of these.
     pub fn local(events: &Events) -> Denial {
-        if count(events, Counter::OverflowDenied) > 0 {
+        if events.count(Counter::OverflowDenied) > 0 {
             Denial::Overflow
-        } else if count(events, Counter::StoreErrors) > 0 {
+        } else if events.count(Counter::StoreErrors) > 0 {
             Denial::StoreError
         } else {
             Denial::OverLimit
         }
     }
 
-    /// The reason behind a denying service verdict (`global::conclude`).
+    /// The reason behind a denying service verdict (`global::Service::conclude`).
     pub fn global(events: &Events) -> Denial {
-        if count(events, Counter::GlobalOverLimit) > 0 {
+        if events.count(Counter::ServiceOverLimit) > 0 {
             Denial::GlobalOverLimit
         } else {
             Denial::GlobalError
         }
     }
-}
-
-fn count(events: &Events, c: Counter) -> u32 {
-    events.counters.get(c as usize).copied().unwrap_or(0)
 }
 
 /// Whether a request's `content-type` makes it a gRPC call (`application/grpc`,
@@ -501,9 +496,9 @@ mod tests {
         e.bump(Counter::OverflowDenied, 1);
         assert_eq!(Denial::local(&e), Denial::Overflow);
         let mut e = Events::default();
-        e.bump(Counter::GlobalErrors, 1);
+        e.bump(Counter::ServiceErrors, 1);
         assert_eq!(Denial::global(&e), Denial::GlobalError);
-        e.bump(Counter::GlobalOverLimit, 1);
+        e.bump(Counter::ServiceOverLimit, 1);
         assert_eq!(Denial::global(&e), Denial::GlobalOverLimit);
     }
 

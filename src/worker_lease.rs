@@ -8,16 +8,19 @@
 //! only while the bucket was at least half full when they were taken, and for at most one
 //! tick; so the worst case under-admission is `workers x worker_lease` tokens per tenant,
 //! held by workers that stopped receiving that tenant's requests, for up to one second.
+//!
+//! This module owns both thresholds (which buckets lease, and how full they must stay); the
+//! store only takes the [`Extra`] tokens it is asked for.
 
 use crate::bucket::Limit;
 use crate::response::Quota;
-use crate::store::Home;
+use crate::store::{give_back, Extra, Home, Namespace, SharedStore};
 
 /// Tenants a worker keeps leases for; more go the normal way.
 pub const MAX_LEASES: usize = 64;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Entry {
+pub struct Lease {
     pub owner: u128,
     /// Where the owner's bucket is, to give unspent tokens back to.
     pub home: Home,
@@ -29,7 +32,7 @@ pub struct Entry {
 
 #[derive(Debug, Default)]
 pub struct WorkerLeases {
-    entries: Vec<Entry>,
+    entries: Vec<Lease>,
 }
 
 impl WorkerLeases {
@@ -46,9 +49,35 @@ impl WorkerLeases {
         self.entries.len() < MAX_LEASES || self.entries.iter().any(|e| e.owner == owner)
     }
 
+    /// The tokens to lease along with a debit of `owner`'s bucket (`worker_lease`, 0 = off):
+    /// only from buckets at least four leases deep (small buckets stay exact to the token),
+    /// and only while the bucket stays at least half full (leases never compete for a scarce
+    /// bucket).
+    pub fn extra(&self, worker_lease: u64, owner: u128, limit: &Limit) -> Extra {
+        if worker_lease == 0 || limit.capacity / 4 < worker_lease || !self.has_room(owner) {
+            return Extra::default();
+        }
+        Extra { tokens: worker_lease, floor: limit.capacity.div_ceil(2) }
+    }
+
+    /// Keeps tokens just leased; a lease of the owner under another limit goes back.
+    pub fn keep(&mut self, store: &mut impl SharedStore, ns: &Namespace, entry: Lease, now_ns: u64) {
+        if let Some(old) = self.add(entry) {
+            give_back(store, ns, old.owner, old.home, &old.limit, old.tokens, now_ns);
+        }
+    }
+
+    /// Gives every unspent lease back to its shared bucket (every tick, and before a
+    /// reconfiguration replaces the config).
+    pub fn settle(&mut self, store: &mut impl SharedStore, ns: &Namespace, now_ns: u64) {
+        for e in self.drain() {
+            give_back(store, ns, e.owner, e.home, &e.limit, e.tokens, now_ns);
+        }
+    }
+
     /// Stores a fresh lease. Any older lease of the owner is returned to the caller, to be
     /// given back (it was taken under a different limit, or is simply merged here).
-    pub fn add(&mut self, entry: Entry) -> Option<Entry> {
+    pub fn add(&mut self, entry: Lease) -> Option<Lease> {
         if let Some(existing) = self.entries.iter_mut().find(|e| e.owner == entry.owner) {
             if existing.limit == entry.limit {
                 existing.tokens = existing.tokens.saturating_add(entry.tokens);
@@ -66,7 +95,7 @@ impl WorkerLeases {
     }
 
     /// Removes every lease; those with tokens left are to be given back.
-    pub fn drain(&mut self) -> impl Iterator<Item = Entry> + '_ {
+    pub fn drain(&mut self) -> impl Iterator<Item = Lease> + '_ {
         self.entries.drain(..).filter(|e| e.tokens > 0)
     }
 }
@@ -75,8 +104,8 @@ impl WorkerLeases {
 mod tests {
     use super::*;
 
-    fn entry(owner: u128, tokens: u64) -> Entry {
-        Entry {
+    fn entry(owner: u128, tokens: u64) -> Lease {
+        Lease {
             owner,
             home: Home::Slots(10),
             limit: Limit::new(100, 1.0).unwrap(),

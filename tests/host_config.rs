@@ -97,7 +97,7 @@ fn a_refused_reconfiguration_keeps_the_previous_config_working() {
     assert!(!vm.request(&r).unwrap().allowed());
 }
 
-/// The filter's comment (src/filter.rs, `create_http_context`) says a stream on a plugin whose
+/// The filter's comment (src/filter/mod.rs, `create_http_context`) says a stream on a plugin whose
 /// `on_configure` failed passes through. It does not: it returns `None`, on which the SDK
 /// panics ("create_http_context returned None") and the VM aborts.
 #[test]

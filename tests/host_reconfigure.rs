@@ -29,11 +29,10 @@ fn shrinking_capacity_clamps_the_debt() {
     assert_eq!(spend(&vm, "acme", 10), 0);
 }
 
-/// After shrinking to capacity 5 with 7 spent, the debt is 5 tokens, so one token is back
-/// after one interval (1000 s). The filter rescales the stored record on every request but
-/// writes it only when a request is admitted (src/store.rs `write`: a denial writes nothing),
-/// so the clamp is never stored and the old 7-token debt keeps applying: the first token
-/// comes back after 3000 s.
+/// After shrinking to capacity 5 with 7 spent, the debt is clamped to 5 tokens. The first
+/// request under the new limit is denied, and that denial stores the clamped state
+/// (src/store/slots.rs `write`: a denial writes only to record a reconfiguration), so one
+/// token is back after one interval (1000 s), not after the 3000 s of the old 7-token debt.
 #[test]
 fn shrinking_capacity_owes_at_most_the_new_capacity() {
     let world = World::new();
@@ -41,8 +40,10 @@ fn shrinking_capacity_owes_at_most_the_new_capacity() {
     assert_eq!(spend(&vm, "acme", 7), 7);
     assert!(vm.configure(r#"{"capacity":5,"refill_rate":0.001}"#).unwrap());
     assert_eq!(spend(&vm, "acme", 10), 0);
-    world.advance_secs(1000.5);
-    assert_eq!(spend(&vm, "acme", 10), 1);
+    world.advance_secs(999.0);
+    assert_eq!(spend(&vm, "acme", 10), 0, "no token before one interval");
+    world.advance_secs(1.5);
+    assert_eq!(spend(&vm, "acme", 10), 1, "one token after 1000 s, not 3000 s");
 }
 
 #[test]

@@ -48,13 +48,13 @@ mod native {
                         WasmPlugin spec.pluginConfig, and Wasm filter `configuration` values)"
                 .into());
         }
-        for (where_, json) in &configs {
+        for (place, json) in &configs {
             match Config::from_value(json) {
                 Ok(config) => {
-                    println!("{file}: {where_}:");
+                    println!("{file}: {place}:");
                     print_limits(&config);
                 }
-                Err(e) => return Err(format!("{where_}: {e}")),
+                Err(e) => return Err(format!("{place}: {e}")),
             }
         }
         Ok(configs.len())

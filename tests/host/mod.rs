@@ -568,7 +568,8 @@ impl VmCore {
         Ok(self.guest(|s| f.call(s, (ROOT_CONTEXT as i32, size)))? != 0)
     }
 
-    pub(crate) fn run_request(&mut self, req: &Request, nested: bool) -> Result<Reply, HostError> {
+    /// A new stream for `req`, made current: its context id and request header count.
+    fn open_stream(&mut self, req: &Request) -> (u32, i32) {
         let id = self.next_context;
         self.next_context += 1;
         let mut stream = Stream { id, request_headers: req.headers.clone(), ..Stream::default() };
@@ -577,32 +578,49 @@ impl VmCore {
             stream.properties.insert(property_key(&path), value.clone());
         }
         let n_headers = stream.request_headers.len() as i32;
-        {
-            let state = self.store.data_mut();
-            state.stream = Some(stream);
-            state.interference = 0;
-        }
+        let state = self.store.data_mut();
+        state.stream = Some(stream);
+        state.interference = 0;
+        (id, n_headers)
+    }
+
+    pub(crate) fn run_request(&mut self, req: &Request, nested: bool) -> Result<Reply, HostError> {
+        let (id, n_headers) = self.open_stream(req);
         let e = &self.exports;
-        let (create, on_req, on_resp) =
-            (e.on_context_create.clone(), e.on_request_headers.clone(), e.on_response_headers.clone());
-        let (done, log, delete) = (e.on_done.clone(), e.on_log.clone(), e.on_delete.clone());
+        let (create, on_req) = (e.on_context_create.clone(), e.on_request_headers.clone());
         let ctx = id as i32;
         self.guest(|s| create.call(s, (ctx, ROOT_CONTEXT as i32)))?;
         let eos = i32::from(req.end_of_stream);
         let request_action = action(self.guest(|s| on_req.call(s, (ctx, n_headers, eos)))?);
 
-        // The response phase: the upstream's headers, or the local reply's (Envoy encodes a
-        // local reply through the filter chain too).
+        self.respond(ctx, req, request_action, request_action == Action::Continue, nested)
+    }
+
+    /// The end of a stream whose request phase is over (`went_on`: it went to the upstream):
+    /// the response phase, with the upstream's headers or the local reply's (Envoy encodes a
+    /// local reply through the filter chain too), then done, log and delete; the outcome is
+    /// recorded in the world.
+    fn respond(
+        &mut self,
+        ctx: i32,
+        req: &Request,
+        request_action: Action,
+        went_on: bool,
+        nested: bool,
+    ) -> Result<Reply, HostError> {
         let local = self.store.data().stream.as_ref().and_then(|s| s.local_reply.clone());
-        let response = match (&local, request_action) {
+        let response = match (&local, went_on) {
             (Some(l), _) => {
                 let mut h = vec![(b":status".to_vec(), l.status.to_string().into_bytes())];
                 h.extend(l.headers.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())));
                 Some(h)
             }
-            (None, Action::Continue) => Some(req.response_headers.clone()),
-            (None, Action::Pause) => None,
+            (None, true) => Some(req.response_headers.clone()),
+            (None, false) => None,
         };
+        let e = &self.exports;
+        let (on_resp, done, log, delete) =
+            (e.on_response_headers.clone(), e.on_done.clone(), e.on_log.clone(), e.on_delete.clone());
         let mut response_action = None;
         if let Some(headers) = response {
             let n = headers.len() as i32;
@@ -636,7 +654,7 @@ impl VmCore {
         shared.completed.push(Completed {
             vm: self.index,
             label: req.label.clone(),
-            allowed: reply.allowed(),
+            allowed: reply.local_reply.is_none() && went_on,
             status: reply.status(),
             nested,
             now_ns,
@@ -867,19 +885,7 @@ impl Reply {
 
 impl VmCore {
     fn begin(&mut self, req: &Request) -> Result<Started, HostError> {
-        let id = self.next_context;
-        self.next_context += 1;
-        let mut stream = Stream { id, request_headers: req.headers.clone(), ..Stream::default() };
-        for (path, value) in &req.properties {
-            let path: Vec<&str> = path.iter().map(String::as_str).collect();
-            stream.properties.insert(property_key(&path), value.clone());
-        }
-        let n_headers = stream.request_headers.len() as i32;
-        {
-            let state = self.store.data_mut();
-            state.stream = Some(stream);
-            state.interference = 0;
-        }
+        let (id, n_headers) = self.open_stream(req);
         let (create, on_req) = (self.exports.on_context_create.clone(), self.exports.on_request_headers.clone());
         let ctx = id as i32;
         self.guest(|s| create.call(s, (ctx, ROOT_CONTEXT as i32)))?;
@@ -951,59 +957,8 @@ impl VmCore {
         };
         let Parked { stream, request, request_action } = parked;
         let went_on = request_action == Action::Continue || stream.continue_calls > 0;
-        let response = match (&stream.local_reply, went_on) {
-            (Some(l), _) => {
-                let mut h = vec![(b":status".to_vec(), l.status.to_string().into_bytes())];
-                h.extend(l.headers.iter().map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec())));
-                Some(h)
-            }
-            (None, true) => Some(request.response_headers.clone()),
-            (None, false) => None,
-        };
         self.store.data_mut().stream = Some(stream);
-        let e = &self.exports;
-        let (on_resp, done, log, delete) =
-            (e.on_response_headers.clone(), e.on_done.clone(), e.on_log.clone(), e.on_delete.clone());
-        let ctx = id as i32;
-        let mut response_action = None;
-        if let Some(headers) = response {
-            let n = headers.len() as i32;
-            if let Some(s) = self.store.data_mut().stream.as_mut() {
-                s.response_headers = Some(headers);
-            }
-            response_action = Some(action(self.guest(|s| on_resp.call(s, (ctx, n, 1)))?));
-        }
-        self.guest(|s| done.call(s, ctx))?;
-        self.guest(|s| log.call(s, ctx))?;
-        self.guest(|s| delete.call(s, ctx))?;
-        let stream = self.store.data_mut().stream.take().unwrap_or_default();
-        let reply = Reply {
-            request_action,
-            local_reply: stream.local_reply,
-            response_action,
-            response_headers: stream
-                .response_headers
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(n, v)| (String::from_utf8_lossy(&n).into_owned(), v))
-                .collect(),
-            added_response_headers: stream.added_response_headers,
-            continue_calls: stream.continue_calls,
-            close_calls: stream.close_calls,
-        };
-        let world = self.store.data().world.clone();
-        let mut shared = world.shared();
-        let now_ns = shared.now_ns;
-        shared.completed.push(Completed {
-            vm: self.index,
-            label: request.label.clone(),
-            allowed: reply.passed(),
-            status: reply.status(),
-            nested: false,
-            now_ns,
-        });
-        drop(shared);
-        Ok(reply)
+        self.respond(id as i32, &request, request_action, went_on, false)
     }
 
     fn tick(&mut self) -> Result<bool, HostError> {

@@ -1,0 +1,276 @@
+//! What shared data holds, byte for byte: a bucket [`Record`] or a service [`Grant`], both
+//! written and read by the one codec here ([`Writer`], [`Reader`]); the owner hash; the key
+//! names of one plugin.
+
+use crate::bucket::Limit;
+
+/// Record layout version; a record of another version is treated as free.
+pub const RECORD_VERSION: u8 = 1;
+/// version + owner + capacity + interval + t_full.
+pub const RECORD_LEN: usize = 1 + 16 + 8 + 16 + 16;
+/// Layout version of a service grant.
+pub const GRANT_VERSION: u8 = 2;
+/// version + owner + tokens + expiry.
+pub const GRANT_LEN: usize = 1 + 16 + 8 + 8;
+
+/// One bucket as stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record {
+    pub owner: u128,
+    /// The limit the state was written under, so a reconfiguration can carry it over.
+    pub limit: Limit,
+    pub t_full: u128,
+}
+
+impl Record {
+    pub fn encode(&self) -> [u8; RECORD_LEN] {
+        let mut out = [0u8; RECORD_LEN];
+        let mut w = Writer { out: &mut out, at: 0 };
+        w.put(&[RECORD_VERSION]);
+        w.put(&self.owner.to_le_bytes());
+        w.put(&self.limit.capacity.to_le_bytes());
+        w.put(&self.limit.interval.to_le_bytes());
+        w.put(&self.t_full.to_le_bytes());
+        out
+    }
+
+    /// `None` for anything that is not a record of this version (foreign, truncated, empty).
+    pub fn decode(bytes: &[u8]) -> Option<Record> {
+        let mut r = Reader::new(bytes, RECORD_VERSION, RECORD_LEN)?;
+        let owner = u128::from_le_bytes(r.take()?);
+        let capacity = u64::from_le_bytes(r.take()?);
+        let interval = u128::from_le_bytes(r.take()?);
+        let t_full = u128::from_le_bytes(r.take()?);
+        if capacity == 0 || interval == 0 {
+            return None;
+        }
+        Some(Record { owner, limit: Limit { capacity, interval }, t_full })
+    }
+}
+
+/// Tokens a rate-limit service granted this proxy (`lease_tokens`), spendable until the
+/// service's window ends. Kept in the slot table, next to the buckets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Grant {
+    pub owner: u128,
+    pub tokens: u64,
+    pub expires_ns: u64,
+}
+
+impl Grant {
+    pub fn encode(&self) -> [u8; GRANT_LEN] {
+        let mut out = [0u8; GRANT_LEN];
+        let mut w = Writer { out: &mut out, at: 0 };
+        w.put(&[GRANT_VERSION]);
+        w.put(&self.owner.to_le_bytes());
+        w.put(&self.tokens.to_le_bytes());
+        w.put(&self.expires_ns.to_le_bytes());
+        out
+    }
+
+    pub fn decode(bytes: &[u8]) -> Option<Grant> {
+        let mut r = Reader::new(bytes, GRANT_VERSION, GRANT_LEN)?;
+        Some(Grant {
+            owner: u128::from_le_bytes(r.take()?),
+            tokens: u64::from_le_bytes(r.take()?),
+            expires_ns: u64::from_le_bytes(r.take()?),
+        })
+    }
+}
+
+struct Writer<'a> {
+    out: &'a mut [u8],
+    at: usize,
+}
+
+impl Writer<'_> {
+    fn put(&mut self, bytes: &[u8]) {
+        if let Some(dst) = self.out.get_mut(self.at..self.at + bytes.len()) {
+            dst.copy_from_slice(bytes);
+        }
+        self.at += bytes.len();
+    }
+}
+
+/// Reads the fields after the version byte, in order.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    at: usize,
+}
+
+impl<'a> Reader<'a> {
+    /// `None` unless `bytes` is exactly `len` long and starts with `version`.
+    fn new(bytes: &'a [u8], version: u8, len: usize) -> Option<Reader<'a>> {
+        (bytes.len() == len && bytes.first() == Some(&version)).then_some(Reader { bytes, at: 1 })
+    }
+
+    fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
+        let field = self.bytes.get(self.at..self.at + N)?.try_into().ok()?;
+        self.at += N;
+        Some(field)
+    }
+}
+
+/// A 128-bit, seed-free hash (two independent 64-bit lanes), stable across VMs and builds
+/// because buckets outlive a VM. Not cryptographic; see README "Memory bound" for what a
+/// crafted collision can and cannot do.
+pub fn hash128(parts: &[&[u8]]) -> u128 {
+    let mut a: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut b: u64 = 0xc2b2_ae3d_27d4_eb4f;
+    for part in parts {
+        for &byte in part.iter() {
+            a = (a ^ byte as u64).wrapping_mul(0x0000_0100_0000_01b3);
+            b = (b ^ byte as u64).wrapping_mul(0xff51_afd7_ed55_8ccd).rotate_left(29);
+        }
+        // Separate parts so ("ab","c") and ("a","bc") differ.
+        a = (a ^ 0xff).wrapping_mul(0x0000_0100_0000_01b3);
+        b = (b ^ part.len() as u64).wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    }
+    ((mix(a) as u128) << 64) | mix(b ^ a.rotate_left(17)) as u128
+}
+
+fn mix(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+/// The key prefix of one plugin: `trl/<16 hex digits of the root id's hash>/`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Namespace {
+    prefix: [u8; NS_LEN],
+}
+
+const NS_LEN: usize = 4 + 16 + 1;
+/// The longest key: a reserved key, `r` + 32 hex digits after the prefix.
+const KEY_CAP: usize = NS_LEN + 33;
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+impl Namespace {
+    pub fn new(root_id: &str) -> Namespace {
+        let mut prefix = [0u8; NS_LEN];
+        let h = hash128(&[root_id.as_bytes()]) as u64;
+        let mut at = 0;
+        for &b in b"trl/" {
+            set(&mut prefix, &mut at, b);
+        }
+        for shift in (0..16).rev() {
+            let nibble = (h >> (shift * 4)) & 0xf;
+            set(&mut prefix, &mut at, HEX.get(nibble as usize).copied().unwrap_or(b'0'));
+        }
+        set(&mut prefix, &mut at, b'/');
+        Namespace { prefix }
+    }
+
+    /// The key of slot `slot`, built on the stack.
+    pub fn slot_key(&self, slot: u32) -> Key {
+        let mut key = Key { buf: [0; KEY_CAP], len: 0 };
+        key.push(&self.prefix);
+        let mut digits = [0u8; 10];
+        let mut n = slot;
+        let mut count = 0;
+        loop {
+            if let Some(d) = digits.get_mut(count) {
+                *d = b'0' + (n % 10) as u8;
+            }
+            count += 1;
+            n /= 10;
+            if n == 0 || count == digits.len() {
+                break;
+            }
+        }
+        for i in (0..count).rev() {
+            key.push(digits.get(i..=i).unwrap_or(b"0"));
+        }
+        key
+    }
+
+    /// The reserved key of `owner` (a listed tenant or one of its per-rule buckets):
+    /// `r` + the owner hash in hex. The owner hash comes from the tenant's (and rule's) name,
+    /// not from its position in the config, so a config push that reorders tenants keeps
+    /// the tokens they spent.
+    pub fn reserved_key(&self, owner: u128) -> Key {
+        let mut key = Key { buf: [0; KEY_CAP], len: 0 };
+        key.push(&self.prefix);
+        key.push(b"r");
+        for shift in (0..32).rev() {
+            let nibble = (owner >> (shift * 4)) as usize & 0xf;
+            key.push(HEX.get(nibble..=nibble).unwrap_or(b"0"));
+        }
+        key
+    }
+
+    pub fn named_key(&self, name: &str) -> Key {
+        let mut key = Key { buf: [0; KEY_CAP], len: 0 };
+        key.push(&self.prefix);
+        key.push(name.as_bytes());
+        key
+    }
+}
+
+fn set(buf: &mut [u8], at: &mut usize, b: u8) {
+    if let Some(dst) = buf.get_mut(*at) {
+        *dst = b;
+    }
+    *at += 1;
+}
+
+/// A shared-data key in a fixed buffer (ASCII only).
+pub struct Key {
+    buf: [u8; KEY_CAP],
+    len: usize,
+}
+
+impl Key {
+    fn push(&mut self, bytes: &[u8]) {
+        let end = (self.len + bytes.len()).min(KEY_CAP);
+        if let (Some(dst), Some(src)) = (self.buf.get_mut(self.len..end), bytes.get(..end - self.len)) {
+            dst.copy_from_slice(src);
+        }
+        self.len = end;
+    }
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(self.buf.get(..self.len).unwrap_or(&[])).unwrap_or("")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn record_roundtrip_and_garbage() {
+        let r = Record { owner: 42 << 100 | 7, limit: Limit::new(5, 0.5).unwrap(), t_full: 123456789 };
+        assert_eq!(Record::decode(&r.encode()), Some(r));
+        assert_eq!(Record::decode(&[]), None);
+        assert_eq!(Record::decode(&[9; RECORD_LEN]), None);
+        assert_eq!(Record::decode(&r.encode()[..10]), None);
+        let g = Grant { owner: u128::MAX - 3, tokens: 7, expires_ns: 99 };
+        assert_eq!(Grant::decode(&g.encode()), Some(g));
+        assert_eq!(Grant::decode(&r.encode()), None);
+        assert_eq!(Record::decode(&g.encode()), None);
+        assert_eq!(Grant::decode(&g.encode()[..GRANT_LEN - 1]), None);
+    }
+
+    #[test]
+    fn keys_are_namespaced_and_small() {
+        let ns = Namespace::new("my-root");
+        let k = ns.slot_key(4_294_967_295);
+        assert!(k.as_str().starts_with("trl/"), "{}", k.as_str());
+        assert!(k.as_str().ends_with("/4294967295"));
+        assert_eq!(ns.slot_key(0).as_str().rsplit('/').next(), Some("0"));
+        assert_ne!(Namespace::new("a").slot_key(1).as_str(), Namespace::new("b").slot_key(1).as_str());
+        assert!(ns.named_key("overflow").as_str().ends_with("/overflow"));
+    }
+
+    #[test]
+    fn reserved_keys_are_namespaced_and_stable() {
+        let ns = Namespace::new("my-root");
+        let k = ns.reserved_key(u128::MAX);
+        assert_eq!(k.as_str(), format!("{}r{}", ns.named_key("").as_str(), "f".repeat(32)));
+        assert!(ns.reserved_key(0x1234).as_str().ends_with("/r00000000000000000000000000001234"));
+    }
+}
