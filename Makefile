@@ -82,19 +82,18 @@ unit: wasm
 	cargo test --profile ci
 
 # End-to-end: the real Envoy binary with the built .wasm on loopback ports.
-# The global-limit tests run a real rate-limit service (tests/rls-server, built on limitador)
-# against a real redis-server from Debian; the load tests use wrk from Debian.
+# The global-limit tests run the real rate-limit service (tenant-ratelimit-service, `make
+# service`) against a real redis-server from Debian; the load tests use wrk from Debian.
 # valgrind (callgrind) counts the bench's instructions per request.
 system-packages:
 	@command -v redis-server >/dev/null && command -v wrk >/dev/null && command -v valgrind >/dev/null || \
 	  apt-get install -y -q redis-server wrk valgrind >/dev/null || \
 	  (apt-get update -q >/dev/null && apt-get install -y -q redis-server wrk valgrind >/dev/null)
 
-e2e: deps wasm system-packages
+e2e: deps wasm system-packages service
 	cargo build --quiet --release --bin tenant-ratelimit-check
-	cargo build --quiet --release --manifest-path tests/rls-server/Cargo.toml
 	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) CHECKER=$(abspath target/release/tenant-ratelimit-check) \
-	  RLS_SERVER=$(abspath tests/rls-server/target/release/rls-server) \
+	  SERVICE=$(abspath $(SERVICE)) \
 	  $(PY) -m pytest -q -p no:cacheprovider tests/e2e tests/deploy
 
 check-config:
@@ -149,10 +148,10 @@ clean:
 # bench.py (wall-clock CPU, latency, accuracy, memory, size) rewrites bench/RESULTS.md; then
 # instructions.py (instructions per request under callgrind, the primary CPU figure) replaces
 # its own section of it.
-bench: deps wasm system-packages
-	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) $(PY) bench/bench.py
+bench: deps wasm system-packages service
+	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) SERVICE=$(abspath $(SERVICE)) $(PY) bench/bench.py
 	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) $(PY) bench/instructions.py
 
-bench-smoke: deps wasm system-packages
+bench-smoke: deps wasm system-packages service
 	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) $(PY) bench/instructions.py --smoke
-	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) $(PY) bench/bench.py --smoke
+	ENVOY_BIN=$(ENVOY) WASM=$(abspath $(WASM)) SERVICE=$(abspath $(SERVICE)) $(PY) bench/bench.py --smoke

@@ -28,9 +28,11 @@ Then: admission accuracy at 2 and 4 workers, tenant spread, memory per tenant, .
 
 Global limits phase (full run, --smoke, --only global): our filter with `global` mode "global",
 "both", and lease_tokens 10 and 100, against local only; one Envoy, one listener each, a
-`ratelimit` cluster to one tests/rls-server (RLS_SERVER, else tests/rls-server/target/release/
-rls-server) on one redis-server, both started on free loopback ports and stopped at exit. Without
-either binary the phase prints one line saying why it was skipped, and the rest still runs.
+`ratelimit` cluster to one tenant-ratelimit-service (SERVICE, else target/service/
+tenant-ratelimit-service: `make service`) on one redis-server, and mode "global" (and lease_tokens
+10) against two services on a 6-node Redis Cluster; all started on free loopback ports and
+stopped at exit. Without the service or redis-server the phase prints one line saying why it was
+skipped, and the rest still runs.
 
 The smoke run exits 0 whenever the measurements ran: it reports, it never asserts performance.
 

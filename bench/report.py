@@ -7,7 +7,7 @@ from pathlib import Path
 
 from common import (CLK_TCK, HUGE, LABELS, PERF_LISTENERS, SPREAD_LISTENERS, TARGET_HDRS_MAX, TARGET_OFF_AIM,
                     TARGET_OFF_MAX, TARGET_P99_ADDED_US, div, errors_note, fmt_range, med, paired_ratios, summarize)
-from phases.global_ import GLOBAL_LABELS, GLOBAL_LISTENERS
+from phases.global_ import GLOBAL_LABELS, GLOBAL_LISTENERS, GLOBAL_SECTIONS
 
 
 def perf_tables(rows: list[dict], conns_list) -> tuple[str, dict]:
@@ -297,23 +297,30 @@ def global_section(g: dict, load_start: str = "", load_end: str = "") -> str:
     rows = g["rows"]
     lim = g["limit"]
     lines = [
-        f"Our filter asking a rate-limit service (`global` section) against the same filter with local "
+        f"Our filter asking the rate-limit service (`global` section) against the same filter with local "
         f"buckets only. One Envoy (`--concurrency 1`, pinned like the perf phase), one listener per "
-        f"variant (its own `root_id`/`vm_id`), a `ratelimit` cluster (STATIC, HTTP/2) to ONE "
-        f"`tests/rls-server` (limitador over Redis; it serialises its calls) backed by ONE `redis-server`, "
-        f"both on loopback and unpinned (they share the machine with wrk). One hot tenant "
-        f"(`x-tenant-id: tenant-1`), {g['conns']} connections, {g['rounds']} interleaved round{'s' if g['rounds'] != 1 else ''} of "
+        f"variant (its own `root_id`/`vm_id`). Two topologies, each a STATIC HTTP/2 cluster: ONE "
+        f"`tenant-ratelimit-service` on ONE `redis-server`, and TWO services (round robin) on a Redis "
+        f"Cluster of 3 masters + 3 replicas; all on loopback and unpinned (they share the machine with "
+        f"wrk). One hot tenant (`x-tenant-id: tenant-1`, so one bucket on one master), {g['conns']} "
+        f"connections, {g['rounds']} interleaved round{'s' if g['rounds'] != 1 else ''} of "
         f"{g['seconds']} s after a {g['warm']} s warm-up per listener; median (min-max) over rounds.",
         "",
-        f"Nothing is denied: the service limit is {lim['max_value']:,} per {lim['seconds']} s per tenant, "
+        f"Nothing is denied: the service's bucket is {lim['capacity']:,} at {lim['refill_rate']} per tenant "
+        f"(a slow refill, so leases live: a lease ends when the bucket would be full again), "
         f"the local bucket {HUGE:,} at {HUGE:,}/s; `timeout_ms` {g['timeout_ms']}, `failure_mode` allow. "
-        f"**Service CPU** = rls-server + redis-server utime+stime per request; **calls/request** = "
-        f"`global_calls` / requests; **errors** = `global_errors` (service errors and timeouts, each "
-        f"admitted) summed over rounds; **other CPU** = CPUs busy with anything but Envoy (wrk, and here the "
-        f"service too). Redis: `{g['versions']['redis'].split(' sha=')[0]}`."
+        f"**Service + Redis CPU** = utime+stime of the service process(es) and of every Redis process "
+        f"(replicas included) per request; **per decision** = the same split by service calls "
+        f"(`global_calls`); **calls/s** = service calls per second the run sustained; **added p50/p99** = "
+        f"the row's latency minus local only's in the same round (median over rounds); **Redis cmds/call** "
+        f"= INFO commandstats on the masters per service call: sent (EVALSHA + EVAL) / run (with the "
+        f"commands inside the script: TIME, the reads, the writes); **errors** = "
+        f"`global_errors` (service errors and timeouts, each admitted) summed over rounds; **other CPU** = "
+        f"CPUs busy with anything but Envoy (wrk, and here the service and Redis too). "
+        f"Redis: `{g['versions']['redis'].split(' sha=')[0]}`."
         + (f" Load average at start / end of this phase: {load_start} / {load_end}." if load_start else ""),
         "",
-        "| listener | requests/s | p99 us | Envoy CPU us/request | CPU / local (per-round) | service CPU us/request "
+        "| listener | requests/s | p99 us | Envoy CPU us/request | CPU / local (per-round) | service + Redis CPU us/request "
         "| calls/request | errors | other CPU |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -328,6 +335,24 @@ def global_section(g: dict, load_start: str = "", load_end: str = "") -> str:
             f"| {fmt_range(*summarize(s, 'cpu_us_per_req'))} | {ratio} | {fmt_range(*summarize(s, 'service_cpu_us_per_req'))} "
             f"| {med([r['calls_per_req'] for r in s]):.3f} | {sum(r['global_errors'] for r in s):,} "
             f"| {med([r['other_cpu'] for r in s]):.2f} |"
+        )
+    lines += [
+        "",
+        "The service itself, per decision (one `ShouldRateLimit` call):",
+        "",
+        "| listener | service CPU us/decision | Redis CPU us/decision | calls/s | added p50 us | added p99 us "
+        "| Redis cmds/call sent / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in GLOBAL_LISTENERS:
+        s = [r for r in rows if r["listener"] == name and GLOBAL_SECTIONS[name] is not None]
+        if not s:
+            continue
+        lines.append(
+            f"| {GLOBAL_LABELS[name]} | {fmt_range(*summarize(s, 'svc_cpu_us_per_call'))} "
+            f"| {fmt_range(*summarize(s, 'redis_cpu_us_per_call'))} | {fmt_range(*summarize(s, 'calls_per_s'), nd=0)} "
+            f"| {med([r['added_p50_us'] for r in s]):.0f} | {med([r['added_p99_us'] for r in s]):.0f} "
+            f"| {med([r['redis_sent_per_call'] for r in s]):.2f} / {med([r['redis_cmds_per_call'] for r in s]):.2f} |"
         )
     lines += errors_note(rows)
     return head + "\n".join(lines) + "\n"

@@ -1,26 +1,33 @@
-"""Global limits: our filter asking a rate-limit service (tests/rls-server on redis-server, both
-started by tests/support/services.py) against the same filter with local buckets only."""
+"""Global limits: our filter asking the rate-limit service (tenant-ratelimit-service, started by
+tests/support/services.py) against the same filter with local buckets only, in two topologies:
+one service on one redis-server, and two services (round robin) on a Redis Cluster of 3
+masters + 3 replicas."""
 
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 from common import CLK_TCK, HUGE, REPO, cmd_out, http_get, listener, loadavg, log, start_envoy, stat, vm_filter
 from load import Wrk, measure, rotated
 from tests.support.envoy import STAT_PREFIX as STAT, cpu_ticks, grpc_cluster
-from tests.support.services import Redis, RlsServer
+from tests.support.services import SERVICE_BIN, Redis, RedisCluster, Service, redis_cli_bin
 
-RLS_DEFAULT = REPO / "tests" / "rls-server" / "target" / "release" / "rls-server"
-GLOBAL_LISTENERS = ["g_local", "g_global", "g_both", "g_lease10", "g_lease100"]
+# g_*: one service on one redis-server (cluster `ratelimit`); c_*: two services on a Redis
+# Cluster (cluster `ratelimit_cluster`, both replicas round robin). g_local is the baseline of
+# both (the "added latency" is a row's p50/p99 minus g_local's in the same round).
+GLOBAL_LISTENERS = ["g_local", "g_global", "g_both", "g_lease10", "g_lease100", "c_global", "c_lease10"]
 GLOBAL_LABELS = {
     "g_local": "local only (no `global`)",
     "g_global": "mode global",
     "g_both": "mode both",
     "g_lease10": "mode global, lease_tokens 10",
     "g_lease100": "mode global, lease_tokens 100",
+    "c_global": "mode global, 2 services + Redis Cluster",
+    "c_lease10": "mode global, lease_tokens 10, 2 services + Redis Cluster",
 }
 GLOBAL_SECTIONS = {  # the `global` section of each listener's config (None: local only)
     "g_local": None,
@@ -28,27 +35,53 @@ GLOBAL_SECTIONS = {  # the `global` section of each listener's config (None: loc
     "g_both": {"mode": "both"},
     "g_lease10": {"mode": "global", "lease_tokens": 10},
     "g_lease100": {"mode": "global", "lease_tokens": 100},
+    "c_global": {"mode": "global", "cluster": "ratelimit_cluster"},
+    "c_lease10": {"mode": "global", "lease_tokens": 10, "cluster": "ratelimit_cluster"},
 }
 GLOBAL_DOMAIN = "bench"
 GLOBAL_TIMEOUT_MS = 200
 GLOBAL_CONNS = 16
-GLOBAL_LIMIT = {"namespace": GLOBAL_DOMAIN, "max_value": HUGE, "seconds": 60, "conditions": [], "variables": ["tenant"]}
+# The service's limit: never denies during a run (10^9 tokens; a run spends a few million).
+# The refill is slow on purpose: a lease lives until the bucket would be full again
+# (duration_until_reset), so a bucket refilling at 10^9/s would make every lease expire at once.
+GLOBAL_LIMIT = {"capacity": HUGE, "refill_rate": "1000/s"}
 
 
 class GlobalSkip(Exception):
-    """The global phase cannot run here (missing rls-server or redis-server)."""
+    """The global phase cannot run here (missing service binary or redis-server)."""
 
 
-def global_prereqs() -> tuple[str, str]:
-    """(rls-server, redis-server) binaries, or GlobalSkip saying what is missing."""
-    rls = os.environ.get("RLS_SERVER") or str(RLS_DEFAULT)
-    if not (Path(rls).is_file() and os.access(rls, os.X_OK)):
-        how = "RLS_SERVER" if os.environ.get("RLS_SERVER") else "cargo build --release --manifest-path tests/rls-server/Cargo.toml, or set RLS_SERVER"
-        raise GlobalSkip(f"no rls-server binary at {rls} ({how})")
+def global_prereqs() -> tuple[str, str, str]:
+    """(tenant-ratelimit-service, redis-server, redis-cli) binaries, or GlobalSkip saying what
+    is missing."""
+    svc = os.environ.get("SERVICE") or str(SERVICE_BIN)
+    if not (Path(svc).is_file() and os.access(svc, os.X_OK)):
+        how = "SERVICE" if os.environ.get("SERVICE") else "`make service`, or set SERVICE"
+        raise GlobalSkip(f"no tenant-ratelimit-service binary at {svc} ({how})")
     redis = shutil.which("redis-server")
-    if not redis:
-        raise GlobalSkip("redis-server is not installed (apt-get install -y redis-server)")
-    return rls, redis
+    cli = redis_cli_bin()
+    if not redis or not cli:
+        raise GlobalSkip("redis-server / redis-cli are not installed (apt-get install -y redis-server)")
+    return svc, redis, cli
+
+
+def redis_commands(nodes) -> tuple[int, int]:
+    """(commands the service sent: EVALSHA + EVAL, all commands Redis ran: with the ones inside
+    the script) over `nodes`."""
+    sent = total = 0
+    for n in nodes:
+        stats = n.commandstats()
+        sent += stats.get("evalsha", 0) + stats.get("eval", 0)
+        total += sum(stats.values())
+    return sent, total
+
+
+def two_endpoint_cluster(name: str, ports: list[int]) -> dict:
+    """grpc_cluster with one endpoint per port (round robin)."""
+    c = grpc_cluster(name, ports[0])
+    c["load_assignment"]["endpoints"][0]["lb_endpoints"] = [
+        {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": p}}}} for p in ports]
+    return c
 
 
 def global_listener_config(wasm: Path, name: str) -> dict:
@@ -62,24 +95,41 @@ def global_listener_config(wasm: Path, name: str) -> dict:
 
 def phase_global(envoy_bin: str, wasm: Path, wrk: Wrk, workdir: Path, rounds: int, seconds: int, warm_s: int,
                  cpus: str | None) -> dict:
-    """One Envoy (1 worker, pinned like the perf phase), one listener per variant, a `ratelimit`
-    cluster to one rls-server on one redis-server (both unpinned). Raises GlobalSkip."""
-    rls_bin, redis_bin = global_prereqs()
+    """One Envoy (1 worker, pinned like the perf phase), one listener per variant; cluster
+    `ratelimit` to one service on one redis-server, cluster `ratelimit_cluster` to two services
+    on a Redis Cluster (all unpinned). Raises GlobalSkip."""
+    svc_bin, redis_bin, cli_bin = global_prereqs()
     gdir = workdir / "global"
     gdir.mkdir(exist_ok=True)
-    redis = Redis(gdir, redis_bin).start()
-    # No stats file (a write per call); its log gets one line per call: kept in the work dir
-    # (removed at exit), only read at start.
-    rls = RlsServer(rls_bin, gdir, redis.url, [GLOBAL_LIMIT], stats_file=False)
+    config = {"domains": {GLOBAL_DOMAIN: GLOBAL_LIMIT}}
+    started: list = []
     try:
-        rls.start()
-        service_pids = [rls.proc.pid, redis.proc.pid]
-        versions = {"redis": cmd_out([redis_bin, "--version"]), "rls_server": rls_bin}
-        log(f"global: redis-server on {redis.port}, rls-server on {rls.port}")
+        redis = Redis(gdir / "redis", redis_bin).start()
+        started.append(redis)
+        single = Service(svc_bin, gdir, ["--redis", redis.url], config, name="svc-single").start()
+        started.append(single)
+        cluster = RedisCluster(gdir / "cluster", redis_bin, cli_bin)
+        started.append(cluster)
+        cluster.start()
+        pair = []
+        for i in range(2):
+            pair.append(Service(svc_bin, gdir, ["--redis-cluster", ",".join(cluster.urls)], config,
+                                name=f"svc-cluster{i}").start())
+            started.append(pair[-1])
+        # Which processes count as "service" and "Redis" for each listener's rows.
+        # Commands are counted on the masters only: a replica also runs each replicated write.
+        masters = [n for n in cluster.nodes if "role:master" in n.cli("INFO", "replication")]
+        topo = {"g": ([single], [redis], [redis]), "c": (pair, cluster.nodes, masters)}
+        versions = {"redis": cmd_out([redis_bin, "--version"]),
+                    "service": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+                                              capture_output=True, text=True).stdout.strip()}
+        log(f"global: redis-server on {redis.port}, service on {single.port}; "
+            f"cluster {[n.port for n in cluster.nodes]}, services on {[s.port for s in pair]}")
         rows: list[dict] = []
         listeners = [listener(n, [global_listener_config(wasm, n)]) for n in GLOBAL_LISTENERS]
         envoy = start_envoy(envoy_bin, workdir, "envoy_global", listeners, 1, cpus,
-                            clusters=[grpc_cluster("ratelimit", rls.port)])
+                            clusters=[grpc_cluster("ratelimit", single.port),
+                                      two_endpoint_cluster("ratelimit_cluster", [s.port for s in pair])])
         try:
             counters = ("global_calls", "global_errors", "global_over_limit", "lease_hits")
             snap = lambda: {k: stat(envoy, STAT + k) for k in counters}  # noqa: E731
@@ -93,31 +143,49 @@ def phase_global(envoy_bin: str, wasm: Path, wrk: Wrk, workdir: Path, rounds: in
                 want = 0 if GLOBAL_SECTIONS[name] is None else 1
                 if calls != want or errs:
                     raise RuntimeError(f"listener {name}: {calls} service calls, {errs} errors (want {want}, 0)\n"
-                                       f"rls-server log tail:\n{rls.log_tail(40)}")
+                                       f"service log tail:\n{single.log_tail(40)}\n{pair[0].log_tail(20)}")
             if warm_s:
                 log(f"global warm-up: {warm_s} s per listener")
                 for name in GLOBAL_LISTENERS:
                     wrk.run(envoy.url(name), GLOBAL_CONNS, warm_s, "static")
             for rnd in range(rounds):
                 for name in rotated(GLOBAL_LISTENERS, rnd):
-                    c0, s0 = snap(), sum(cpu_ticks(p) for p in service_pids)
+                    svcs, nodes, masters = topo[name[0]]
+                    svc_ticks = lambda: sum(cpu_ticks(s.proc.pid) for s in svcs)  # noqa: E731
+                    redis_ticks = lambda: sum(cpu_ticks(n.proc.pid) for n in nodes)  # noqa: E731
+                    cmds0 = redis_commands(masters)
+                    c0, s0, r0 = snap(), svc_ticks(), redis_ticks()
                     r = measure(envoy, wrk, name, GLOBAL_CONNS, seconds)
-                    s1, c1 = sum(cpu_ticks(p) for p in service_pids), snap()
+                    s1, r1, c1 = svc_ticks(), redis_ticks(), snap()
+                    cmds1 = redis_commands(masters)
                     reqs = max(r["requests"], 1)
                     r["round"] = rnd
-                    r["service_cpu_us_per_req"] = (s1 - s0) * 1e6 / CLK_TCK / reqs
                     for k in counters:
                         r[k] = c1[k] - c0[k]
+                    calls = max(r["global_calls"], 1)
+                    svc_us, redis_us = (s1 - s0) * 1e6 / CLK_TCK, (r1 - r0) * 1e6 / CLK_TCK
+                    r["service_cpu_us_per_req"] = (svc_us + redis_us) / reqs
+                    # Per decision (one service call): the service's processes, then Redis's.
+                    r["svc_cpu_us_per_call"] = svc_us / calls
+                    r["redis_cpu_us_per_call"] = redis_us / calls
+                    r["calls_per_s"] = r["global_calls"] / max(seconds, 1)
+                    r["redis_sent_per_call"] = (cmds1[0] - cmds0[0]) / calls
+                    r["redis_cmds_per_call"] = (cmds1[1] - cmds0[1]) / calls
                     r["calls_per_req"] = r["global_calls"] / reqs
                     rows.append(r)
+                base = next(x for x in rows if x["round"] == rnd and x["listener"] == "g_local")
+                for x in rows:
+                    if x["round"] == rnd:
+                        x["added_p50_us"] = x["p50_us"] - base["p50_us"]
+                        x["added_p99_us"] = x["p99_us"] - base["p99_us"]
                 line = ", ".join(f"{x['listener']} {x['rps']:.0f}/s {x['cpu_us_per_req']:.1f}us"
                                  for x in rows if x["round"] == rnd)
                 log(f"global round {rnd + 1}/{rounds}: {line}")
         finally:
             envoy.stop()
     finally:
-        rls.stop()
-        redis.stop()
+        for p in reversed(started):
+            p.stop()
     return {"rows": rows, "rounds": rounds, "seconds": seconds, "warm": warm_s, "conns": GLOBAL_CONNS,
             "timeout_ms": GLOBAL_TIMEOUT_MS, "limit": GLOBAL_LIMIT, "versions": versions, "load": loadavg()}
 

@@ -207,6 +207,8 @@ impl RateLimitService for Service {
         let over = answer.statuses.iter().filter(|s| s.code == 2).count() as u64;
         let label = if p.domain.is_empty() { "unknown" } else { p.domain.as_str() };
         m.decisions(label, answer.statuses.len() as u64 - over, over);
+        let hits = p.debits.iter().fold(0u64, |sum, d| sum.saturating_add(d.cost));
+        m.hits.fetch_add(hits, Ordering::Relaxed);
         if answer.overall_code == 2 {
             m.calls_over_limit.fetch_add(1, Ordering::Relaxed);
         } else {

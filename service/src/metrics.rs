@@ -17,6 +17,9 @@ pub struct Metrics {
     /// Refused per config (`unmatched: "error"`, too many descriptors, ...).
     pub calls_refused: AtomicU64,
     pub calls_redis_error: AtomicU64,
+    /// Tokens asked for by the descriptors that were decided (the sum of their costs, whether
+    /// admitted or not): with `calls`, shows the `hits_addend` the clients send (a lease's size).
+    pub hits: AtomicU64,
     pub redis_errors: AtomicU64,
     pub redis_timeouts: AtomicU64,
     pub reloads: AtomicU64,
@@ -63,6 +66,9 @@ impl Metrics {
         ] {
             let _ = writeln!(s, "trl_service_calls_total{{result=\"{result}\"}} {}", g(v));
         }
+        let _ = writeln!(s, "# HELP trl_service_hits_total Tokens requested by decided descriptors.");
+        let _ = writeln!(s, "# TYPE trl_service_hits_total counter");
+        let _ = writeln!(s, "trl_service_hits_total {}", g(&self.hits));
         let _ = writeln!(s, "# HELP trl_service_decisions_total Descriptors decided, by domain and code.");
         let _ = writeln!(s, "# TYPE trl_service_decisions_total counter");
         if let Ok(m) = self.decisions.lock() {
@@ -108,6 +114,7 @@ mod tests {
     fn renders_prometheus_text() {
         let m = Metrics::default();
         m.calls_ok.fetch_add(2, Ordering::Relaxed);
+        m.hits.fetch_add(11, Ordering::Relaxed);
         m.decisions("tenants", 3, 1);
         m.redis_latency(Duration::from_micros(300));
         m.redis_latency(Duration::from_secs(5));
@@ -117,5 +124,6 @@ mod tests {
         assert!(text.contains("trl_service_redis_seconds_bucket{le=\"0.0005\"} 1\n"));
         assert!(text.contains("trl_service_redis_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains("trl_service_redis_commands_total 7\n"));
+        assert!(text.contains("trl_service_hits_total 11\n"));
     }
 }

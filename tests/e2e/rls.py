@@ -1,7 +1,9 @@
 """The rate-limit service for the `global` mode tests: pytest fixtures over
-tests/support/services.py (`Redis`, `RlsServer`, `build_rls_server`, `tenant_limit`,
-re-exported here) and `grpc_cluster(name, port)`, the Envoy cluster (STATIC, HTTP/2) for the
-filter's `global.cluster`.
+tests/support/services.py (`Redis`, `Service`, `build_service`, re-exported here) and
+`grpc_cluster(name, port)`, the Envoy cluster (STATIC, HTTP/2) for the filter's
+`global.cluster`. The service is the real tenant-ratelimit-service (service/,
+docs/service.md) on a real redis-server; tests/e2e/rls_stub.py is a Python stand-in for the
+two answers the service never gives (no statuses, a fixed delay).
 """
 
 from __future__ import annotations
@@ -12,17 +14,17 @@ import pytest
 
 from . import harness  # noqa: F401  (puts the repository root on sys.path for tests.support)
 from tests.support.envoy import grpc_cluster  # noqa: F401
-from tests.support.services import Redis, RlsServer, build_rls_server, redis_bin, tenant_limit  # noqa: F401
+from tests.support.services import Redis, Service, build_service, redis_bin  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------
-# Fixtures (import them into a test module: `from .rls import redis, rls_bin, rls_factory`)
+# Fixtures (import them into a test module: `from .rls import redis, service_bin, service_factory`)
 
 
 @pytest.fixture(scope="session")
-def rls_bin() -> str:
+def service_bin() -> str:
     try:
-        return build_rls_server()
+        return build_service()
     except (RuntimeError, subprocess.TimeoutExpired) as e:
         pytest.fail(str(e))
 
@@ -38,18 +40,37 @@ def redis(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def rls_factory(rls_bin, redis, tmp_path_factory):
-    """`make(limits, delay_ms=0, no_statuses=False)` -> a started RlsServer on the module's
-    Redis, stopped at the end of the module."""
-    started: list[RlsServer] = []
-    workdir = tmp_path_factory.mktemp("rls")
+def service_factory(service_bin, redis, tmp_path_factory):
+    """`make(domains)` -> a started Service on the module's Redis with config
+    `{"domains": domains}` (each domain: the filter's limits schema), stopped at the end of
+    the module."""
+    started: list[Service] = []
+    workdir = tmp_path_factory.mktemp("svc")
 
-    def make(limits: list[dict], *, delay_ms: int = 0, start: bool = True, no_statuses: bool = False) -> RlsServer:
-        s = RlsServer(rls_bin, workdir, redis.url, limits, delay_ms=delay_ms, name=f"rls{len(started)}",
-                      no_statuses=no_statuses)
+    def make(domains: dict[str, dict], *, start: bool = True, extra: list[str] | None = None) -> Service:
+        s = Service(service_bin, workdir, ["--redis", redis.url], {"domains": domains},
+                    name=f"svc{len(started)}", extra=extra)
         started.append(s)
         if start:
             s.start()
+        return s
+
+    yield make
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def stub_factory():
+    """`make(limits, delay_ms=0)` -> a started StubRls (tests/e2e/rls_stub.py), stopped at the
+    end of the module."""
+    from .rls_stub import StubRls  # imports grpc: only for the modules that use it
+
+    started: list[StubRls] = []
+
+    def make(limits: dict[str, int], *, delay_ms: int = 0) -> StubRls:
+        s = StubRls(limits, delay_ms=delay_ms)
+        started.append(s)
         return s
 
     yield make

@@ -1,9 +1,12 @@
-"""Issue 8: the `global` mode against a real rate-limit service (tests/rls-server: limitador
-with Redis counters behind envoy.service.ratelimit.v3), two real Envoy replicas (each
---concurrency 2) sharing it.
+"""Issue 8: the `global` mode against the real rate-limit service (tenant-ratelimit-service:
+exact GCRA token buckets in Redis behind envoy.service.ratelimit.v3, docs/service.md), two real
+Envoy replicas (each --concurrency 2) sharing it.
 
-Limits live in the service, one domain per scenario, one counter per `tenant` entry; every
-test uses fresh tenant ids, so the module's Redis and services are shared between tests."""
+Limits live in the service, one domain per scenario, one bucket per `tenant` entry; every test
+uses fresh tenant ids (buckets start full), so the module's Redis and services are shared
+between tests. The service's counters come from its `/metrics` (Service.stats()). Two cases
+need answers the product service never gives (no descriptor statuses; a fixed delay): they use
+the Python stub in rls_stub.py."""
 
 from __future__ import annotations
 
@@ -14,19 +17,25 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from .harness import Client, bootstrap, http_listener, send, statuses
-from .rls import grpc_cluster, redis, rls_bin, rls_factory, tenant_limit  # noqa: F401 (fixtures)
+from .rls import grpc_cluster, redis, service_bin, service_factory, stub_factory  # noqa: F401 (fixtures)
 
-N = 20          # the service's limit per tenant and window in the main scenarios
-WINDOW = 60     # seconds: longer than any test, so no window resets mid-test
+N = 20          # the service's bucket capacity per tenant in the main scenarios
+SLOW = "1/hour"  # their refill: no token comes back within a test
 LEASE = 5
 LOCAL_CAP = 5   # the local bucket of mode "both", smaller than N
 HDR_N = 3
+HDR_INTERVAL = 60  # seconds per token of the `hdr` bucket ("1/min"): its retry-after
 BIG_LOCAL = {"capacity": 100000, "refill_rate": "100000/s"}  # never the deciding limit
-SLOW = "1/hour"
 
 COUNT_N = 5    # the issue's "both" case: 5 tokens at the service, a large local bucket
 
-DOMAINS = {"exact": N, "lease": N, "both": N, "hdr": HDR_N, "bothcount": COUNT_N}
+DOMAINS = {
+    "exact": {"capacity": N, "refill_rate": SLOW},
+    "lease": {"capacity": N, "refill_rate": SLOW},
+    "both": {"capacity": N, "refill_rate": SLOW},
+    "hdr": {"capacity": HDR_N, "refill_rate": "1/min"},
+    "bothcount": {"capacity": COUNT_N, "refill_rate": SLOW},
+}
 
 
 def glob(domain: str, **kw) -> dict:
@@ -52,8 +61,8 @@ def envoy_with(envoy_factory, wasm, listeners: dict, clusters: list[dict], name:
 
 
 @pytest.fixture(scope="module")
-def service(rls_factory):
-    return rls_factory([tenant_limit(d, n, WINDOW) for d, n in DOMAINS.items()])
+def service(service_factory):
+    return service_factory(DOMAINS)
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +107,12 @@ def disturbed(before, after, calls_before, calls_after) -> bool:
     """A call timed out or failed (this 2-core box can stall a process for seconds under a
     parallel build): the run says nothing about exactness, so the test retries."""
     return (delta(before, after, "global_errors") > 0
-            or calls_after["cancelled"] - calls_before["cancelled"] > 0
+            or calls_after.get("cancelled", 0) - calls_before.get("cancelled", 0) > 0
             or calls_after["errors"] - calls_before["errors"] > 0)
 
 
 def test_global_limit_is_exact_across_two_replicas(replicas, service, fresh):
-    """N per window in the service: of 2N+10 requests sent in parallel to both replicas
+    """A bucket of N in the service (no refill during the test): of 2N+10 requests sent in parallel to both replicas
     (4 connections each, so both workers of each), exactly N pass."""
     for _attempt in range(3):
         t = fresh("exact")
@@ -147,7 +156,7 @@ def test_lease_cuts_calls_and_never_over_admits(replicas, service, fresh):
         # of a replica find the lease empty at once).
         assert mid_calls["requests"] - calls_before["requests"] <= N // LEASE + 4, service.log_tail()
         calls = calls_after["requests"] - calls_before["requests"]
-        assert calls_after["hits"] - calls_before["hits"] == LEASE * calls  # hits_addend = lease
+        assert calls_after["hits"] - calls_before["hits"] == LEASE * calls  # hits_addend = lease (trl_service_hits_total)
         assert delta(before, after, "lease_hits") == admitted - granted
         assert outcomes(before, after) == {"allowed": admitted, "denied": 2 * N + 10 - admitted, "shadow_denied": 0}
         return
@@ -194,8 +203,9 @@ def test_both_mode_counts_each_request_once(replicas, service, fresh):
 
 
 def test_over_limit_reply_has_retry_after_and_headers(replicas, service, fresh):
-    """OVER_LIMIT -> the deny reply, retry-after from duration_until_reset (the window's
-    remaining seconds), x-ratelimit-* from the descriptor status."""
+    """OVER_LIMIT -> the deny reply, retry-after from duration_until_reset (with GCRA: until
+    the next token, HDR_INTERVAL after the first request), x-ratelimit-* from the descriptor
+    status (limit = capacity, remaining = whole tokens left)."""
     t = fresh("hdr")
     port = replicas[0].port("hdr")
     with Client(port) as c:
@@ -206,11 +216,11 @@ def test_over_limit_reply_has_retry_after_and_headers(replicas, service, fresh):
     assert all(r.headers.get("x-ratelimit-limit", "").split(",")[0].strip() == str(HDR_N) for r in ok), ok[0].headers
     assert denied.status == 429
     retry = int(denied.headers["retry-after"])
-    assert WINDOW - 10 <= retry <= WINDOW, denied.headers
+    assert HDR_INTERVAL - 10 <= retry <= HDR_INTERVAL, denied.headers
     assert denied.headers.get("x-ratelimit-remaining") == "0", denied.headers
     assert denied.headers.get("x-ratelimit-limit", "").split(",")[0].strip() == str(HDR_N), denied.headers
     if "x-ratelimit-reset" in denied.headers:
-        assert 0 < int(denied.headers["x-ratelimit-reset"]) <= WINDOW
+        assert 0 < int(denied.headers["x-ratelimit-reset"]) <= HDR_INTERVAL
     # The other replica sees the same exhausted counter.
     with Client(replicas[1].port("hdr")) as c:
         assert c.request(headers=tenant(t)).status == 429
@@ -220,18 +230,23 @@ def test_over_limit_reply_has_retry_after_and_headers(replicas, service, fresh):
 # Failures: service down, service too slow
 
 
+TIMEOUT_MS = 100
+
+
 @pytest.fixture(scope="module")
-def failing(envoy_factory, wasm, rls_factory):
-    """One Envoy; cluster `slow`: a service answering after 200 ms (timeout_ms 20); cluster
-    `down`: a service that the test stops."""
-    slow = rls_factory([tenant_limit("f", 1000, WINDOW)], delay_ms=200)
-    down = rls_factory([tenant_limit("f", 1000, WINDOW)])
+def failing(envoy_factory, wasm, service_factory, stub_factory):
+    """One Envoy; cluster `slow`: the stub answering after 500 ms (timeout_ms 100; the real
+    service has no delay knob); cluster `down`: the real service, which the test stops.
+    timeout_ms is 100, not 20: grpcio never runs the handler of a call that Envoy reset before
+    a server thread picked it up, so on a loaded box a 20 ms reset could go uncounted."""
+    slow = stub_factory({"f": 1000}, delay_ms=500)
+    down = service_factory({"f": {"capacity": 1000, "refill_rate": "1000/min"}})
     listeners = {}
     for cluster in ("slow", "down"):
         for mode in ("allow", "deny"):
             listeners[f"{cluster}_{mode}"] = {
                 **BIG_LOCAL,
-                "global": {"cluster": cluster, "domain": "f", "timeout_ms": 20, "failure_mode": mode},
+                "global": {"cluster": cluster, "domain": "f", "timeout_ms": TIMEOUT_MS, "failure_mode": mode},
             }
     envoy = envoy_with(envoy_factory, wasm, listeners,
                        [grpc_cluster("slow", slow.port), grpc_cluster("down", down.port)], "failing")
@@ -254,6 +269,7 @@ def test_slow_service_times_out_by_failure_mode(failing, fresh, mode):
     envoy, slow, _ = failing
     before = envoy.counter("global_errors")
     counted = envoy.counters()
+    stub_before = slow.stats()
     resps, slowest = timed(envoy.port(f"slow_{mode}"), 5, tenant(fresh("slow")))
     assert statuses(resps) == [200 if mode == "allow" else 429] * 5
     # Each timed-out request is counted once, by failure_mode.
@@ -264,11 +280,11 @@ def test_slow_service_times_out_by_failure_mode(failing, fresh, mode):
     assert slowest < 1.0, slowest
     assert envoy.counter("global_errors") - before == 5
     # The calls reached it, and Envoy reset each stream at timeout_ms.
-    assert slow.stats()["requests"] >= 5
+    assert slow.stats()["requests"] - stub_before["requests"] == 5
     deadline = time.monotonic() + 2
-    while slow.stats()["cancelled"] < 5 and time.monotonic() < deadline:
+    while slow.stats()["cancelled"] - stub_before["cancelled"] < 5 and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert slow.stats()["cancelled"] >= 5, slow.log_tail()
+    assert slow.stats()["cancelled"] - stub_before["cancelled"] == 5, slow.stats()
 
 
 def test_service_down_follows_failure_mode(failing, fresh):
@@ -311,10 +327,10 @@ CONNS = 2
 
 
 @pytest.fixture(scope="module")
-def bare(envoy_factory, wasm, rls_factory):
+def bare(envoy_factory, wasm, stub_factory):
     """One Envoy (2 workers) with lease_tokens 5 against a service answering without
-    statuses (rls-server --no-statuses), limit 20 per hour."""
-    svc = rls_factory([tenant_limit("ns", NS_N, 3600)], no_statuses=True)
+    statuses (the Python stub: the product service always sends them), 20 per tenant."""
+    svc = stub_factory({"ns": NS_N})
     listeners = {"bare": {**BIG_LOCAL, "global": glob("ns", lease_tokens=NS_LEASE)}}
     envoy = envoy_with(envoy_factory, wasm, listeners, [grpc_cluster("ratelimit", svc.port)], "bare-")
     return envoy, svc
@@ -336,8 +352,8 @@ def test_service_without_statuses_leases_never_over_admit(bare, fresh):
         if disturbed([before], [after], calls_before, calls_after):
             continue
         admitted = statuses(resps).count(200)
-        calls = [c for c in svc.calls() if f"tenant={t}]" in c]
-        lease_calls = [c for c in calls if f"hits_addend={NS_LEASE} " in c]
+        calls = svc.tenant_calls(t)
+        lease_calls = [c for c in calls if c[1] == NS_LEASE]
         assert admitted <= NS_N, svc.log_tail()
         assert len(lease_calls) <= CONNS, lease_calls
         assert admitted >= NS_N - CONNS * (NS_LEASE - 1), (admitted, calls)

@@ -1,13 +1,11 @@
-"""The rate-limit service the `global` mode talks to: redis-server and tests/rls-server.
+"""The rate-limit service the `global` mode talks to: redis-server and tenant-ratelimit-service.
 
 * `Redis`: the Debian `redis-server` on a free loopback port, no persistence, in a work dir
   (also a Redis Cluster node, with `extra_args`); `redis_bin()`, `redis_cli_bin()`.
-* `build_rls_server()`: `cargo build --release` of tests/rls-server (its own target dir);
-  `RLS_SERVER=/path/to/rls-server` skips the build.
-* `RlsServer`: rls-server on a free loopback port with a limits list; `.stats()` reads the
-  per-call counters it writes (`requests`, `hits`, `ok`, `over_limit`, `errors`);
-  `no_statuses=True` makes it answer without descriptor statuses, as Limitador does;
-  `stats_file=False` leaves the stats file out (the bench: no file write per call).
+* `RedisCluster`: 3 masters + 3 replicas (six `Redis`), joined with `redis-cli --cluster create`.
+* `build_service()`: `$SERVICE`, else `cargo build --profile service -p tenant-ratelimit-service`.
+* `Service`: the service (service/, docs/service.md) with a config dict; `.stats()` reads its
+  call counters from `/metrics`; `.hup(config)`, `.metrics()`, `.metric(name)`.
 
 Every process gets SIGKILL if the Python process dies (parent-death signal), and `stop()` is
 SIGTERM, a bounded wait, then SIGKILL.
@@ -18,17 +16,21 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from .envoy import HOST, die_with_parent, file_tail, free_port, stop_process
 
 REPO = Path(__file__).resolve().parents[2]
-RLS_CRATE = REPO / "tests" / "rls-server"
-RLS_BIN = RLS_CRATE / "target" / "release" / "rls-server"
+# `make service` builds with the `service` profile (and copies the binary to target/release/).
+SERVICE_BIN = REPO / "target" / "service" / "tenant-ratelimit-service"
 START_TIMEOUT = 20.0
 BUILD_TIMEOUT = 1800.0
 
@@ -108,6 +110,16 @@ class Redis:
                            capture_output=True, timeout=5)
         return p.stdout.decode(errors="replace").strip()
 
+    def commandstats(self) -> dict[str, int]:
+        """Calls per command on this node (INFO commandstats: also the commands a Lua script
+        runs), without INFO itself (the probe's own)."""
+        out = {}
+        for line in self.cli("INFO", "commandstats").splitlines():
+            name, _, rest = line.partition(":")
+            if name.startswith("cmdstat_") and name != "cmdstat_info" and rest.startswith("calls="):
+                out[name.removeprefix("cmdstat_")] = int(rest.split(",", 1)[0].removeprefix("calls="))
+        return out
+
     def start(self) -> "Redis":
         fixed = self.port
         cluster = "--cluster-enabled" in self.extra_args
@@ -138,67 +150,141 @@ class Redis:
 
 
 # --------------------------------------------------------------------------------------------
-# rls-server
+# Redis Cluster
 
 
-def build_rls_server() -> str:
-    """The rls-server binary: $RLS_SERVER, else a `cargo build --release` of tests/rls-server
-    (incremental: a no-op when up to date)."""
-    given = os.environ.get("RLS_SERVER")
+class RedisCluster:
+    """3 masters + 3 replicas on loopback. `cluster-node-timeout` 1000 ms so a replica takes
+    over a failed master within a few seconds."""
+
+    def __init__(self, workdir: Path, server: str, cli: str):
+        self.dir = Path(workdir)
+        self.server = server
+        self.cli = cli
+        self.nodes: list[Redis] = []
+
+    @property
+    def urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def start(self) -> "RedisCluster":
+        for i in range(6):
+            node = Redis(self.dir / f"n{i}", self.server,
+                         ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                          "--cluster-node-timeout", "1000",
+                          # A replica may always take over (the test kills a master on purpose).
+                          "--cluster-replica-validity-factor", "0",
+                          "--repl-diskless-sync-delay", "0"])
+            self.nodes.append(node.start())
+        p = subprocess.run([self.cli, "--cluster", "create", *[f"{HOST}:{n.port}" for n in self.nodes],
+                            "--cluster-replicas", "1", "--cluster-yes"],
+                           capture_output=True, timeout=60)
+        if p.returncode != 0:
+            raise RuntimeError(f"redis-cli --cluster create failed: {p.stdout[-2000:]!r} {p.stderr[-2000:]!r}")
+        self.wait_ok()
+        # Replicas in sync (a replica without the data would come back empty on failover).
+        deadline = time.monotonic() + 30
+        for n in self.nodes:
+            while True:
+                info = n.cli("INFO", "replication")
+                if "role:master" in info or "master_link_status:up" in info:
+                    break
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"replica {n.port} not in sync: {info}")
+                time.sleep(0.1)
+        return self
+
+    def info(self, node: Redis, *args: str) -> str:
+        p = subprocess.run([self.cli, "-h", HOST, "-p", str(node.port), *args], capture_output=True, timeout=5)
+        return p.stdout.decode(errors="replace")
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            live = [n for n in self.nodes if n.proc is not None and n.proc.poll() is None]
+            states = [self.info(n, "cluster", "info") for n in live]
+            if all("cluster_state:ok" in s for s in states):
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"cluster not ok: {states}")
+            time.sleep(0.2)
+
+    def master_of(self, key: str) -> Redis:
+        slot = int(self.info(self.nodes[0], "cluster", "keyslot", key).strip())
+        for line in self.info(self.nodes[0], "cluster", "nodes").splitlines():
+            parts = line.split()
+            if "master" in parts[2] and "fail" not in parts[2]:
+                for rng in parts[8:]:
+                    lo, _, hi = rng.partition("-")
+                    if lo.isdigit() and int(lo) <= slot <= int(hi or lo):
+                        port = int(re.split("[:@]", parts[1])[1])
+                        return next(n for n in self.nodes if n.port == port)
+        raise RuntimeError(f"no master for slot {slot}")
+
+    def stop(self) -> None:
+        for n in self.nodes:
+            n.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# tenant-ratelimit-service
+
+
+def build_service() -> str:
+    """The service binary: $SERVICE, else `cargo build --profile service` (incremental: a
+    no-op when up to date)."""
+    given = os.environ.get("SERVICE")
     if given:
         return given
     cargo = shutil.which("cargo")
     if cargo is None:
-        if RLS_BIN.exists():
-            return str(RLS_BIN)
-        raise RuntimeError("no cargo to build tests/rls-server (set RLS_SERVER)")
-    p = subprocess.run([cargo, "build", "--quiet", "--release", "--manifest-path", str(RLS_CRATE / "Cargo.toml")],
-                       capture_output=True, timeout=BUILD_TIMEOUT)
+        if SERVICE_BIN.exists():
+            return str(SERVICE_BIN)
+        raise RuntimeError("no cargo to build the service (set SERVICE)")
+    p = subprocess.run([cargo, "build", "--quiet", "--profile", "service", "-p", "tenant-ratelimit-service"],
+                       cwd=REPO, capture_output=True, timeout=BUILD_TIMEOUT)
     if p.returncode != 0:
-        raise RuntimeError(f"building rls-server failed:\n{p.stderr.decode(errors='replace')[-4000:]}")
-    return str(RLS_BIN)
+        raise RuntimeError(f"building the service failed:\n{p.stderr.decode(errors='replace')[-4000:]}")
+    return str(SERVICE_BIN)
 
 
-def tenant_limit(domain: str, max_value: int, seconds: int = 60, key: str = "tenant",
-                 conditions: list[str] | None = None, name: str | None = None) -> dict:
-    """One limitador limit: `max_value` per `seconds`, one counter per value of `key`."""
-    limit = {"namespace": domain, "max_value": max_value, "seconds": seconds,
-             "conditions": conditions or [], "variables": [key]}
-    if name:
-        limit["name"] = name
-    return limit
+class Service:
+    """tenant-ratelimit-service with a config dict (`{"domains": {...}}`, docs/service.md) on
+    free loopback ports (gRPC `port`, `/metrics` on `metrics_port`)."""
 
-
-class RlsServer:
-    def __init__(self, binary: str, workdir: Path, redis_url: str, limits: list[dict], *,
-                 delay_ms: int = 0, name: str = "rls", no_statuses: bool = False, stats_file: bool = True):
+    def __init__(self, binary: str, workdir: Path, redis_args: list[str], config: dict, *,
+                 name: str = "svc", extra: list[str] | None = None):
         self.binary = binary
         self.dir = Path(workdir)
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.redis_url = redis_url
-        self.limits = limits
-        self.delay_ms = delay_ms
-        self.no_statuses = no_statuses
+        self.redis_args = redis_args
+        self.config = config
         self.name = name
+        self.extra = extra or []
         self.port = 0
+        self.metrics_port = 0
         self.proc: subprocess.Popen | None = None
-        self.limits_path = self.dir / f"{name}.limits.json"
-        self.stats_path: Path | None = self.dir / f"{name}.stats.json" if stats_file else None
+        self.config_path = self.dir / f"{name}.json"
         self.log_path = self.dir / f"{name}.log"
 
-    def start(self, port: int | None = None) -> "RlsServer":
-        """Starts on `port` (default: the previous one if restarting, else a free one)."""
-        self.limits_path.write_text(json.dumps(self.limits))
-        if self.stats_path is not None:
-            self.stats_path.unlink(missing_ok=True)
+    def write_config(self, config: dict | None = None) -> None:
+        if config is not None:
+            self.config = config
+        tmp = self.config_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.config))
+        tmp.replace(self.config_path)
+
+    def start(self) -> "Service":
+        """Starts on free ports, or on the previous ones when restarting (the Envoy cluster
+        keeps pointing at them)."""
+        self.write_config()
+        fixed = (self.port, self.metrics_port) if self.port else None
         for _attempt in range(3):
-            self.port = port or self.port or free_port()
+            self.port, self.metrics_port = fixed or (free_port(), free_port())
             start_at = self.log_path.stat().st_size if self.log_path.exists() else 0
             self.proc = spawn_logged(
-                [self.binary, "--listen", f"{HOST}:{self.port}", "--redis", self.redis_url,
-                 "--limits", str(self.limits_path), "--delay-ms", str(self.delay_ms)]
-                + (["--stats-file", str(self.stats_path)] if self.stats_path is not None else [])
-                + (["--no-statuses"] if self.no_statuses else []),
+                [self.binary, "--listen", f"{HOST}:{self.port}", *self.redis_args, "--config", str(self.config_path),
+                 "--metrics", f"{HOST}:{self.metrics_port}", "--log-level", "info", *self.extra],
                 self.dir, self.log_path)
             deadline = time.monotonic() + START_TIMEOUT
             while time.monotonic() < deadline and self.proc.poll() is None:
@@ -208,34 +294,67 @@ class RlsServer:
                         return self
                 time.sleep(0.05)
             stop_process(self.proc)
-            if port is not None:
-                break
-            self.port = 0
-        raise RuntimeError(f"rls-server did not start\n{file_tail(self.log_path)}")
+        raise RuntimeError(f"{self.name} did not start\n{file_tail(self.log_path)}")
 
-    def stop(self) -> None:
-        stop_process(self.proc)
+    def stop(self) -> int | None:
+        return stop_process(self.proc)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def stats(self) -> dict[str, int]:
-        """Calls since this process started: requests (counted on arrival), hits, ok,
-        over_limit, errors, cancelled (the client reset the stream before the answer)."""
-        try:
-            assert self.stats_path is not None, "started with stats_file=False"
-            return json.loads(self.stats_path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {"requests": 0, "hits": 0, "ok": 0, "over_limit": 0, "errors": 0, "cancelled": 0}
+    def hup(self, config: dict) -> None:
+        """Rewrites the config and sends SIGHUP; returns once the reload is logged."""
+        before = self.log_text().count("config reload")
+        self.write_config(config)
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while self.log_text().count("config reload") == before:
+            assert time.monotonic() < deadline, f"no reload logged\n{file_tail(self.log_path)}"
+            time.sleep(0.02)
 
-    def calls(self) -> list[str]:
-        """The per-call log lines (`call N domain=... descriptors=[tenant=x] -> OK/remaining=...`,
-        `call N -> CANCELLED ...`)."""
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except FileNotFoundError:
-            return []
-        return [l for l in text.splitlines() if l.startswith("call ")]
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
 
     def log_tail(self, n: int = 30) -> str:
         return file_tail(self.log_path, n)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def metric(self, line_prefix: str) -> float:
+        for line in self.metrics().splitlines():
+            if line.startswith(line_prefix + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def stats(self) -> dict[str, int]:
+        """Calls since this process started, from `/metrics`: `requests` (all answered calls),
+        `ok`, `over_limit`, `errors` (`redis_error` + `refused`), `hits` (tokens requested:
+        the sum of the decided descriptors' costs), `redis_commands`."""
+        calls: dict[str, int] = {}
+        hits = commands = 0
+        for line in self.metrics().splitlines():
+            if line.startswith("trl_service_calls_total{result=\""):
+                result = line.split('"', 2)[1]
+                calls[result] = int(float(line.rsplit(" ", 1)[1]))
+            elif line.startswith("trl_service_hits_total "):
+                hits += int(float(line.rsplit(" ", 1)[1]))
+            elif line.startswith("trl_service_redis_commands_total "):
+                commands = int(float(line.rsplit(" ", 1)[1]))
+        return {"requests": sum(calls.values()), "ok": calls.get("ok", 0), "over_limit": calls.get("over_limit", 0),
+                "errors": calls.get("redis_error", 0) + calls.get("refused", 0), "hits": hits,
+                "redis_commands": commands}
+
+    def http(self, path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://{HOST}:{self.metrics_port}{path}", timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
