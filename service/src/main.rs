@@ -220,9 +220,9 @@ impl RateLimitService for Service {
 
 /// `/metrics` (Prometheus text), `/healthz` (the process runs) and `/ready` (Redis answers a
 /// PING within the Redis timeout): a minimal HTTP/1.0 responder, one request per connection.
-async fn serve_metrics(addr: SocketAddr, svc: Arc<Service>) -> Result<(), String> {
-    let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--metrics {addr}: {e}"))?;
-    log!(INFO, "metrics on http://{}/metrics", listener.local_addr().map_err(|e| e.to_string())?);
+/// The listener is bound by the caller before `listening on` is printed, so the probes answer
+/// from the moment the service says it serves (and a port in use is a startup error).
+async fn serve_metrics(listener: tokio::net::TcpListener, svc: Arc<Service>) {
     loop {
         let Ok((mut sock, _)) = listener.accept().await else { continue };
         let svc = svc.clone();
@@ -288,12 +288,9 @@ async fn run(args: Args) -> Result<(), String> {
     });
 
     if let Some(addr) = args.metrics {
-        let svc = svc.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_metrics(addr, svc).await {
-                log!(ERROR, "{e}");
-            }
-        });
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("--metrics {addr}: {e}"))?;
+        log!(INFO, "metrics on http://{}/metrics", listener.local_addr().map_err(|e| e.to_string())?);
+        tokio::spawn(serve_metrics(listener, svc.clone()));
     }
 
     // SIGHUP: reload the config; the buckets live in Redis and keep their state.
