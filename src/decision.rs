@@ -73,7 +73,7 @@ pub fn decide(
     if let (Some(leases), Outcome::Decided { verdict, .. }) = (leases, debit.outcome) {
         if debit.extra > 0 {
             let quota = Quota::new(&limit, &verdict);
-            leases.keep(store, ns, Lease { owner, home, limit, tokens: debit.extra, quota }, now_ns);
+            leases.keep(store, ns, Lease { owner, home, limit, tokens: debit.extra, taken_ns: now_ns, quota }, now_ns);
         }
     }
     // The request's own view: the lease tokens are the worker's, not spent yet.
@@ -360,8 +360,8 @@ mod tests {
 
     mod worker_leases {
         use super::*;
-        use crate::store::give_back;
         use crate::store::Home;
+        use crate::store::{give_back, Unspent};
         use proptest::prelude::*;
 
         proptest! {
@@ -390,7 +390,8 @@ mod tests {
                 let limit = c.default_policy.limit;
                 for w in &mut workers {
                     for e in w.drain() {
-                        prop_assert!(give_back(&mut s, &ns, owner, e.home, &limit, e.tokens, T0));
+                        let unspent = Unspent { owner, home: e.home, limit, tokens: e.tokens, taken_ns: T0 };
+                        prop_assert!(give_back(&mut s, &ns, &unspent, T0));
                     }
                 }
                 let before = admitted;
@@ -401,6 +402,34 @@ mod tests {
                     prop_assert!(cap - before <= 4 * lease, "under-admitted {} with lease {}", cap - before, lease);
                 }
             }
+        }
+
+        /// A lease held while the bucket (without it) would have been full must not hand out the
+        /// refill that bucket lost: capacity 400 at 100/s, lease 100. W1 leases at t=0 and sees
+        /// no more requests; W2 leases at t=0.9 and spends it; W1 gives back at t=1.0. Within
+        /// [0.9 s, 1.0 s] at most capacity + rate x 0.1 s = 410 may be admitted.
+        #[test]
+        fn a_late_give_back_never_returns_refill_the_bucket_lost() {
+            let c = cfg(r#"{"capacity":400,"refill_rate":100,"worker_lease":100}"#);
+            let ns = Namespace::new("t");
+            let mut s = FakeStore::default();
+            let t = id("hot");
+            let (mut w1, mut w2) = (WorkerLeases::default(), WorkerLeases::default());
+            assert!(!decide(&c, &ns, &mut s, Some(&mut w1), &req(&c, &t, None, 1), T0).deny);
+            let t09 = T0 + 900_000_000;
+            assert!(!decide(&c, &ns, &mut s, Some(&mut w2), &req(&c, &t, None, 1), t09).deny);
+            let mut admitted = 1;
+            while from_lease(&c, &mut w2, &req(&c, &t, None, 1)).is_some() {
+                admitted += 1;
+            }
+            assert_eq!(admitted, 101);
+            let t10 = T0 + 1_000_000_000;
+            w1.settle(&mut s, &ns, t10);
+            while !decide(&c, &ns, &mut s, None, &req(&c, &t, None, 1), t10).deny {
+                admitted += 1;
+            }
+            // Without the deduction the give-back made 398 available here (499 in all).
+            assert!(admitted <= 410, "admitted {admitted} in 0.1 s, bound 410");
         }
 
         #[test]
@@ -418,7 +447,12 @@ mod tests {
             assert_eq!(leased.len(), 1);
             let e = leased[0];
             assert!(matches!(e.home, Home::Reserved(_)));
-            assert!(give_back(&mut s, &ns, e.owner, e.home, &e.limit, e.tokens, T0));
+            assert!(give_back(
+                &mut s,
+                &ns,
+                &Unspent { owner: e.owner, home: e.home, limit: e.limit, tokens: e.tokens, taken_ns: T0 },
+                T0
+            ));
             assert_eq!(run(&c, &mut s, "vip", 30).0, 19);
         }
 

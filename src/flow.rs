@@ -134,9 +134,10 @@ pub fn on_request(
     }
     let Some(service) = service else { return Step::go(Headers::default(), events) };
 
-    let mut call = Call { tenant, cost, hits: 0, pending };
+    let asked_ns = now();
+    let mut call = Call { tenant, cost, hits: 0, pending, asked_ns };
     let off = worker.as_deref().map_or(0, |w| w.grants_off_until);
-    call.hits = match service.plan(store, &call, off, now(), &mut events) {
+    call.hits = match service.plan(store, &call, off, asked_ns, &mut events) {
         Plan::Admit => return Step::go(Headers::default(), events),
         Plan::Ask { hits } => hits,
     };

@@ -111,7 +111,9 @@ pub struct Answer {
     pub remaining: Option<u64>,
     /// Whole seconds until the service's window resets, rounded up.
     pub reset_seconds: Option<u64>,
-    /// Nanoseconds until reset (the lifetime of a token lease).
+    /// A lower bound on the nanoseconds until reset (the longest a grant may live). A
+    /// duration in whole seconds is taken as rounded up (envoyproxy/ratelimit sends
+    /// `unit - now % unit` in whole seconds), so one second comes off it.
     pub reset_ns: Option<u64>,
     /// Seconds in the limit's unit (`w` of RateLimit-Policy), when the service said.
     pub window_seconds: Option<u64>,
@@ -128,10 +130,13 @@ pub fn decode_response(bytes: &[u8]) -> Option<Answer> {
         _ => return None,
     };
     let status = r.statuses.first();
-    let reset = status.and_then(|s| s.duration_until_reset.as_ref()).and_then(|d| {
-        let secs = u64::try_from(d.seconds).ok()?;
-        let nanos = u64::try_from(d.nanos).ok()?;
-        Some(secs.saturating_mul(1_000_000_000).saturating_add(nanos))
+    let duration = status
+        .and_then(|s| s.duration_until_reset.as_ref())
+        .and_then(|d| Some((u64::try_from(d.seconds).ok()?, u64::try_from(d.nanos).ok()?)));
+    let reset = duration.map(|(secs, nanos)| secs.saturating_mul(1_000_000_000).saturating_add(nanos));
+    let reset_floor = duration.map(|(secs, nanos)| match nanos {
+        0 => secs.saturating_sub(1).saturating_mul(1_000_000_000),
+        _ => secs.saturating_mul(1_000_000_000).saturating_add(nanos),
     });
     let headers = r
         .response_headers_to_add
@@ -148,7 +153,7 @@ pub fn decode_response(bytes: &[u8]) -> Option<Answer> {
         window_seconds: status.and_then(|s| s.current_limit.as_ref()).and_then(|l| unit_seconds(l.unit)),
         remaining: status.map(|s| u64::from(s.limit_remaining)),
         reset_seconds: reset.map(|ns| ns.div_ceil(1_000_000_000)),
-        reset_ns: reset,
+        reset_ns: reset_floor,
         headers,
     })
 }
@@ -218,6 +223,15 @@ mod tests {
         assert_eq!(a.remaining, Some(0));
         assert_eq!(a.reset_seconds, Some(42));
         assert_eq!(a.reset_ns, Some(41_500_000_000));
+        // Whole seconds are taken as rounded up (envoyproxy/ratelimit): a grant may live at
+        // most one second less, and none at all on a 1 s answer.
+        let whole = |seconds| {
+            let mut r = response.clone();
+            r.statuses[0].duration_until_reset = Some(PubDuration { seconds, nanos: 0 });
+            decode_response(&r.encode_to_vec()).unwrap()
+        };
+        assert_eq!((whole(42).reset_ns, whole(42).reset_seconds), (Some(41_000_000_000), Some(42)));
+        assert_eq!(whole(1).reset_ns, Some(0));
         assert_eq!(a.window_seconds, Some(60));
         assert_eq!(a.headers, vec![("x-quota".to_string(), "gold".to_string())]);
         let ok = published::RateLimitResponse { overall_code: 1, ..Default::default() };

@@ -14,7 +14,7 @@
 
 use crate::bucket::Limit;
 use crate::response::Quota;
-use crate::store::{give_back, Extra, Home, Namespace, SharedStore};
+use crate::store::{give_back, Extra, Home, Namespace, SharedStore, Unspent};
 
 /// Tenants a worker keeps leases for; more go the normal way.
 pub const MAX_LEASES: usize = 64;
@@ -26,8 +26,16 @@ pub struct Lease {
     pub home: Home,
     pub limit: Limit,
     pub tokens: u64,
+    /// When the (oldest of the merged) tokens were taken: give-back deducts the time since.
+    pub taken_ns: u64,
     /// The bucket as seen when the lease was taken, lease tokens excluded.
     pub quota: Quota,
+}
+
+impl Lease {
+    fn unspent(&self) -> Unspent {
+        Unspent { owner: self.owner, home: self.home, limit: self.limit, tokens: self.tokens, taken_ns: self.taken_ns }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -63,7 +71,7 @@ impl WorkerLeases {
     /// Keeps tokens just leased; a lease of the owner under another limit goes back.
     pub fn keep(&mut self, store: &mut impl SharedStore, ns: &Namespace, entry: Lease, now_ns: u64) {
         if let Some(old) = self.add(entry) {
-            give_back(store, ns, old.owner, old.home, &old.limit, old.tokens, now_ns);
+            give_back(store, ns, &old.unspent(), now_ns);
         }
     }
 
@@ -71,7 +79,7 @@ impl WorkerLeases {
     /// reconfiguration replaces the config).
     pub fn settle(&mut self, store: &mut impl SharedStore, ns: &Namespace, now_ns: u64) {
         for e in self.drain() {
-            give_back(store, ns, e.owner, e.home, &e.limit, e.tokens, now_ns);
+            give_back(store, ns, &e.unspent(), now_ns);
         }
     }
 
@@ -80,7 +88,10 @@ impl WorkerLeases {
     pub fn add(&mut self, entry: Lease) -> Option<Lease> {
         if let Some(existing) = self.entries.iter_mut().find(|e| e.owner == entry.owner) {
             if existing.limit == entry.limit {
+                // Merged tokens keep the older taken time: give-back then deducts more
+                // (under-admission), never less.
                 existing.tokens = existing.tokens.saturating_add(entry.tokens);
+                existing.taken_ns = existing.taken_ns.min(entry.taken_ns);
                 existing.quota = entry.quota;
                 return None;
             }
@@ -110,6 +121,7 @@ mod tests {
             home: Home::Slots(10),
             limit: Limit::new(100, 1.0).unwrap(),
             tokens,
+            taken_ns: 0,
             quota: Quota { capacity: 100, remaining: 60, reset_seconds: 40, next_seconds: 1, window_seconds: 100 },
         }
     }

@@ -19,6 +19,9 @@ local written = {}
 local out = {now}
 local all = true
 local before = {}
+-- Keys whose stored state was carried over to a changed limit (the value carried): written
+-- back even when the request is denied, so the carried state refills from now on.
+local carried = {}
 
 -- Whole tokens in `spare` U: floor(spare / interval), exact (fmod is exact on doubles).
 local function tokens(spare, interval)
@@ -53,6 +56,12 @@ for i = 1, #KEYS do
           if math.fmod(d, si) > 0 then spent = spent + 1 end
           if spent > cap then spent = cap end
           d = spent * interval
+          carried[key] = d
+        end
+        -- Same rate, smaller capacity (the key holds no capacity): at most the new one.
+        if d > tau then
+          d = tau
+          carried[key] = d
         end
       end
     end
@@ -99,6 +108,16 @@ if refund or all then
     end
   end
 else
+  -- A state carried over to a changed limit is written as it is now (no debit), so it
+  -- refills from here; left unwritten, the old debt would be clamped again on every call.
+  for _, kw in ipairs(written) do
+    local key, interval = kw[1], kw[2]
+    local d = carried[key]
+    if d and d > 0 then
+      local ms = (d - math.fmod(d, 1024000)) / 1024000 + 1
+      redis.call('SET', key, string.format('%.0f %.0f %.0f', d, now, interval), 'PX', string.format('%.0f', ms))
+    end
+  end
   -- Someone was denied: nothing is debited, so report every admitted descriptor as it was.
   for i = 1, #KEYS do
     local o = 1 + 4 * (i - 1) + 1

@@ -91,7 +91,8 @@ pub fn debt_now(limit: &BucketLimit, state: Option<State>, now_us: u64) -> u64 {
         let spent = d.div_ceil(s.interval).min(limit.capacity);
         return spent * limit.interval;
     }
-    d
+    // Same rate, smaller capacity: the debt never exceeds the new capacity.
+    d.min(limit.tau())
 }
 
 #[cfg(test)] // part of the model of gcra.lua
@@ -165,6 +166,16 @@ mod tests {
             }
         }
         n
+    }
+
+    #[test]
+    fn a_smaller_capacity_at_the_same_rate_clamps_the_debt() {
+        let (_, big) = lim(100, 1.0);
+        let (_, small) = lim(2, 1.0);
+        let spent = debit(&big, 0, 100);
+        assert!(spent.allowed);
+        let state = Some(State { debt: spent.debt_after, written_us: T0_US, interval: big.interval });
+        assert_eq!(debt_now(&small, state, T0_US), small.tau());
     }
 
     #[test]

@@ -55,6 +55,9 @@ pub struct Call {
     pub hits: u32,
     /// The local bucket's verdict in mode `both` (`shadow_denied: false` otherwise).
     pub pending: Pending,
+    /// When the call was planned: a grant's lifetime counts from here, not from the answer,
+    /// so the round trip cannot stretch it past the service's window.
+    pub asked_ns: u64,
 }
 
 /// The rate-limit service as one plugin uses it.
@@ -161,9 +164,13 @@ impl<'a> Service<'a> {
                 // The grant lives until the service's window resets, capped: its tokens are
                 // never spent in a later window (no over-admission).
                 Some(reset) => {
-                    let expires = now_ns.saturating_add(reset.min(MAX_GRANT_NS));
-                    let new = Grant { owner: grant::owner(&call.tenant), tokens: spare, expires_ns: expires };
-                    grant::add(store, self.table, new, now_ns);
+                    let expires = call.asked_ns.saturating_add(reset.min(MAX_GRANT_NS));
+                    // A window that may already have ended (a whole-second reset of 1 s, a
+                    // slow answer) leaves nothing to keep: the spare tokens are dropped.
+                    if expires > now_ns {
+                        let new = Grant { owner: grant::owner(&call.tenant), tokens: spare, expires_ns: expires };
+                        grant::add(store, self.table, new, now_ns);
+                    }
                 }
                 // No reset time (e.g. Limitador, which sends no statuses): no lifetime can be
                 // proven safe, so the spare tokens are dropped and grants pause on this worker.
@@ -207,7 +214,7 @@ mod tests {
     }
 
     fn call(tenant: &TenantId, cost: u64, hits: u32, pending: Pending) -> Call {
-        Call { tenant: *tenant, cost, hits, pending }
+        Call { tenant: *tenant, cost, hits, pending, asked_ns: T0 }
     }
 
     fn ok(reset_s: u64) -> Answer {

@@ -11,7 +11,8 @@ pub mod slots;
 
 pub use record::{hash128, Key, Namespace, Record};
 pub use slots::{
-    candidates, debit, debit_named, give_back, Debit, Extra, Home, Location, Outcome, SlotTable, SlotUse, Withdrawal,
+    candidates, debit, debit_named, give_back, Debit, Extra, Home, Location, Outcome, SlotTable, SlotUse, Unspent,
+    Withdrawal,
 };
 
 /// The cas used to create a key. Envoy creates a missing key whatever cas is passed, but a

@@ -389,19 +389,28 @@ fn stored_state(bytes: &[u8], w: &Withdrawal) -> (u128, bool) {
     }
 }
 
-/// Returns `tokens` a worker leased but did not spend to `owner`'s bucket: `t_full` moves
-/// back by that many intervals, never before `now` (a bucket cannot be more than full). If
-/// the bucket was reconfigured or its slot reused meanwhile, the tokens are dropped, which
-/// can only under-admit. Returns whether they went back.
-pub fn give_back(
-    store: &mut impl SharedStore,
-    ns: &Namespace,
-    owner: u128,
-    home: Home,
-    limit: &Limit,
-    tokens: u64,
-    now_ns: u64,
-) -> bool {
+/// Tokens a worker took from `owner`'s bucket at `taken_ns` and did not spend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unspent {
+    pub owner: u128,
+    pub home: Home,
+    pub limit: Limit,
+    pub tokens: u64,
+    pub taken_ns: u64,
+}
+
+/// Returns unspent lease tokens to their bucket: `t_full` moves back by `tokens` intervals
+/// **less the time since they were taken**, never before `now`. Why the deduction: while the
+/// tokens sat in the lease, the bucket without them might have been full, and a full bucket
+/// loses refill; the tokens' debt went on refilling instead. Moving `t_full` back by the full
+/// amount would hand that lost refill out again (over-admission). Refill lost while full is
+/// at most the time elapsed, so deducting it never returns more than the bucket would hold
+/// had the lease never been taken. If the bucket was reconfigured or its slot reused
+/// meanwhile, the tokens are dropped. Both only under-admit. Returns whether a record was
+/// updated (or needed no update).
+pub fn give_back(store: &mut impl SharedStore, ns: &Namespace, unspent: &Unspent, now_ns: u64) -> bool {
+    let Unspent { owner, home, limit, tokens, taken_ns } = *unspent;
+    let limit = &limit;
     retry(&mut 0, || {
         let found = match home {
             Home::Reserved(_) => {
@@ -421,7 +430,8 @@ pub fn give_back(
             Some(r) if r.owner == owner && r.limit == *limit => r,
             _ => return Attempt::Failed,
         };
-        let back = limit.interval.saturating_mul(u128::from(tokens));
+        let elapsed = bucket::now_ticks(now_ns).saturating_sub(bucket::now_ticks(taken_ns));
+        let back = limit.interval.saturating_mul(u128::from(tokens)).saturating_sub(elapsed);
         let t_full = record.t_full.saturating_sub(back).max(bucket::now_ticks(now_ns));
         if t_full >= record.t_full {
             return Attempt::Done(()); // already full: nothing to give back
@@ -668,11 +678,21 @@ mod tests {
         let l = lim(10, 0.001);
         let d = debit(&mut s, &ns, Home::Reserved(4), &w(9, &l, 1, 4, T0));
         assert_eq!(d.extra, 4);
-        assert!(give_back(&mut s, &ns, 9, Home::Reserved(4), &l, 4, T0));
+        assert!(give_back(
+            &mut s,
+            &ns,
+            &Unspent { owner: 9, home: Home::Reserved(4), limit: l, tokens: 4, taken_ns: T0 },
+            T0
+        ));
         let n = (0..20).filter(|_| allowed(&debit(&mut s, &ns, Home::Reserved(4), &w(9, &l, 1, 0, T0)))).count();
         assert_eq!(n, 9);
         // A slot-table give-back never touches the reserved key.
-        assert!(!give_back(&mut s, &ns, 9, Home::Slots(4), &l, 4, T0));
+        assert!(!give_back(
+            &mut s,
+            &ns,
+            &Unspent { owner: 9, home: Home::Slots(4), limit: l, tokens: 4, taken_ns: T0 },
+            T0
+        ));
     }
 
     /// A store that runs `other` (another worker's whole request) just before the first set

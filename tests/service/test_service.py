@@ -180,6 +180,23 @@ def test_sighup_reload_keeps_bucket_state(svc_factory, redis, fresh):
     assert s.metric('trl_service_config_reloads_total{result="error"}') == 1
 
 
+def test_a_smaller_capacity_at_the_same_rate_clamps_the_debt(svc_factory, redis, fresh):
+    """1 token/s, capacity 100, all spent; reloaded with capacity 2 at the same rate: the debt
+    is at most the new capacity (as in the filter), so a token comes back within about 1 s,
+    not after the old 100 s."""
+    config = {"domains": {"d": {"capacity": 100, "refill_rate": 1}}}
+    s = svc_factory(["--redis", redis.url], config)
+    t = fresh()
+    with Client(s.port) as c:
+        assert c.ask("d", [[("tenant", t)]], hits=100).code == OK
+        s.hup({"domains": {"d": {"capacity": 2, "refill_rate": 1}}})
+        assert c.ask("d", [[("tenant", t)]]).code == OVER_LIMIT
+        deadline = time.monotonic() + 4
+        while c.ask("d", [[("tenant", t)]]).code != OK:
+            assert time.monotonic() < deadline, "no token 4 s after shrinking the capacity"
+            time.sleep(0.1)
+
+
 def test_config_errors_name_the_field(service_bin, tmp_path, redis):
     path = tmp_path / "bad.json"
     path.write_text('{"domains": {"acme": {"capacity": 5, "refill_rate": 1, "tenants": {"x": {"capacity": -1}}}}}')
