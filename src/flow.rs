@@ -135,7 +135,8 @@ pub fn on_request(
     let Some(service) = service else { return Step::go(Headers::default(), events) };
 
     let asked_ns = now();
-    let mut call = Call { tenant, cost, hits: 0, pending, asked_ns };
+    let listed = config.tenant_index(tenant.as_bytes()).is_some();
+    let mut call = Call { tenant, cost, hits: 0, pending, asked_ns, listed };
     let off = worker.as_deref().map_or(0, |w| w.grants_off_until);
     call.hits = match service.plan(store, &call, off, asked_ns, &mut events) {
         Plan::Admit => return Step::go(Headers::default(), events),

@@ -58,6 +58,8 @@ pub struct Call {
     /// When the call was planned: a grant's lifetime counts from here, not from the answer,
     /// so the round trip cannot stretch it past the service's window.
     pub asked_ns: u64,
+    /// The tenant is listed in the config: its grant has a key of its own.
+    pub listed: bool,
 }
 
 /// The rate-limit service as one plugin uses it.
@@ -97,7 +99,7 @@ impl<'a> Service<'a> {
         if now_ns < grants_off_until {
             return Plan::Ask { hits: cost32 };
         }
-        match grant::take(store, self.table, grant::owner(&call.tenant), call.cost, now_ns) {
+        match grant::take(store, self.table, grant::owner(&call.tenant), call.listed, call.cost, now_ns) {
             grant::Take::Taken { .. } => {
                 events.bump(Counter::GrantHits, 1);
                 events.settle(call.pending, Final::Allowed);
@@ -169,7 +171,7 @@ impl<'a> Service<'a> {
                     // slow answer) leaves nothing to keep: the spare tokens are dropped.
                     if expires > now_ns {
                         let new = Grant { owner: grant::owner(&call.tenant), tokens: spare, expires_ns: expires };
-                        grant::add(store, self.table, new, now_ns);
+                        grant::add(store, self.table, call.listed, new, now_ns);
                     }
                 }
                 // No reset time (e.g. Limitador, which sends no statuses): no lifetime can be
@@ -214,7 +216,7 @@ mod tests {
     }
 
     fn call(tenant: &TenantId, cost: u64, hits: u32, pending: Pending) -> Call {
-        Call { tenant: *tenant, cost, hits, pending, asked_ns: T0 }
+        Call { tenant: *tenant, cost, hits, pending, asked_ns: T0, listed: false }
     }
 
     fn ok(reset_s: u64) -> Answer {
