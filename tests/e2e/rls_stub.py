@@ -1,5 +1,5 @@
-"""A tiny in-process RLS v3 service (grpcio, messages hand-encoded as in
-tests/service/rlsproto.py) for the two `global` cases the real service must not offer:
+"""A tiny in-process RLS v3 service (grpcio, messages hand-encoded with
+tests/support/rlsproto.py) for the two `global` cases the real service must not offer:
 
 * answers **without descriptor statuses** (as Limitador does), so the filter has no reset time
   to bound a lease by;
@@ -25,57 +25,27 @@ os.environ["GRPC_ENABLE_FORK_SUPPORT"] = "0"
 import grpc  # noqa: E402
 
 from .harness import HOST  # noqa: E402
+from tests.support.rlsproto import fields  # noqa: E402
 
 SERVICE, METHOD = "envoy.service.ratelimit.v3.RateLimitService", "ShouldRateLimit"
 OK, OVER_LIMIT = 1, 2
 
 
-def _varint(data: bytes, i: int) -> tuple[int, int]:
-    shift = n = 0
-    while True:
-        b = data[i]
-        i += 1
-        n |= (b & 0x7F) << shift
-        shift += 7
-        if not b & 0x80:
-            return n, i
-
-
-def _fields(data: bytes):
-    """(field number, value) pairs of one message: ints for varints, bytes for the rest."""
-    i = 0
-    while i < len(data):
-        key, i = _varint(data, i)
-        tag, wire = key >> 3, key & 7
-        if wire == 0:
-            v, i = _varint(data, i)
-        elif wire == 2:
-            n, i = _varint(data, i)
-            v, i = data[i:i + n], i + n
-        elif wire == 5:
-            v, i = data[i:i + 4], i + 4
-        elif wire == 1:
-            v, i = data[i:i + 8], i + 8
-        else:
-            raise ValueError(f"wire type {wire}")
-        yield tag, v
-
-
 def parse(body: bytes, tenant_key: str = "tenant") -> tuple[str, list[tuple[str | None, int | None]], int]:
     """RateLimitRequest -> (domain, [(tenant entry value, descriptor hits_addend)], hits_addend)."""
     domain, descriptors, hits = "", [], 0
-    for tag, v in _fields(body):
+    for tag, v in fields(body):
         if tag == 1:
             domain = v.decode()
         elif tag == 2:
             tenant, dhits = None, None
-            for t, x in _fields(v):
+            for t, x in fields(v):
                 if t == 1:  # entry {key = 1, value = 2}
-                    kv = dict(_fields(x))
+                    kv = dict(fields(x))
                     if kv.get(1, b"").decode() == tenant_key:
                         tenant = kv.get(2, b"").decode()
                 elif t == 3:  # google.protobuf.UInt64Value hits_addend
-                    dhits = dict(_fields(x)).get(1, 0)
+                    dhits = dict(fields(x)).get(1, 0)
             descriptors.append((tenant, dhits))
         elif tag == 3:
             hits = v

@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from service.rlsproto import METHOD, request  # noqa: E402
+from tests.support.rlsproto import METHOD, request  # noqa: E402
 from service.svc import Redis, Service, build_service, redis_server  # noqa: E402
 
 import grpc  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 from e2e.conftest import envoy_bin, envoy_factory, wasm  # noqa: F401 (fixtures)
 from e2e.rls import redis  # noqa: F401 (fixture: one redis-server per module)
 
-from .rlsproto import Client
+from tests.support.rlsproto import Client
 from .svc import RedisCluster, Service, build_service, redis_cli, redis_server
 
 _ids = itertools.count()

@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from .rlsproto import OK, OVER_LIMIT
+from tests.support.rlsproto import OK, OVER_LIMIT
 
 SLOW = "1/hour"
 CONFIG = {

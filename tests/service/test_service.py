@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from .rlsproto import OK, OVER_LIMIT, Client, descriptor
+from tests.support.rlsproto import OK, OVER_LIMIT, Client, descriptor
 
 SLOW = "1/hour"
 CONFIG = {

@@ -49,7 +49,8 @@ def request(domain: str, descriptors: list, hits: int = 0) -> bytes:
     return out + _uint(3, hits)
 
 
-def _fields(data: bytes):
+def fields(data: bytes):
+    """(field number, value) pairs of one message: ints for varints, bytes for the rest."""
     i = 0
     while i < len(data):
         key, i = _read_varint(data, i)
@@ -100,16 +101,16 @@ class Answer:
 
 def decode(data: bytes) -> Answer:
     a = Answer()
-    for tag, v in _fields(data):
+    for tag, v in fields(data):
         if tag == 1:
             a.code = v
         elif tag == 2:
             s = Status()
-            for t, x in _fields(v):
+            for t, x in fields(v):
                 if t == 1:
                     s.code = x
                 elif t == 2:
-                    for t2, y in _fields(x):
+                    for t2, y in fields(x):
                         if t2 == 1:
                             s.limit = y
                         elif t2 == 2:
@@ -119,7 +120,7 @@ def decode(data: bytes) -> Answer:
                     s.remaining = x
                 elif t == 4:
                     secs = nanos = 0
-                    for t2, y in _fields(x):
+                    for t2, y in fields(x):
                         if t2 == 1:
                             secs = y
                         elif t2 == 2:
