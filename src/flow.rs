@@ -81,8 +81,9 @@ impl Step {
     }
 }
 
-/// Decides a request from its facts. `now` reads the clock; it is called only when a
-/// decision needs the time (a worker-lease admission does not).
+/// Decides a request from its facts. `now` reads the clock; it is called at most once, and
+/// only when a decision needs the time (a worker-lease admission and a service call without
+/// grants do not).
 pub fn on_request(
     plugin: &Plugin,
     mut worker: Option<&mut Worker>,
@@ -90,6 +91,13 @@ pub fn on_request(
     store: &mut impl SharedStore,
     now: impl Fn() -> u64,
 ) -> Step {
+    // Mode both needs the time for the local bucket and again for a grant: one host call.
+    let read = std::cell::Cell::new(None);
+    let now = || {
+        let t = read.get().unwrap_or_else(&now);
+        read.set(Some(t));
+        t
+    };
     let config = &plugin.config;
     let service = Service::of(config, &plugin.ns);
     let mut events = Events::default();
@@ -134,7 +142,8 @@ pub fn on_request(
     }
     let Some(service) = service else { return Step::go(Headers::default(), events) };
 
-    let asked_ns = now();
+    // Only grants (`lease_tokens`) need the time: a plain call makes no clock read.
+    let asked_ns = if service.global.lease_tokens.is_some() { now() } else { 0 };
     let listed = config.tenant_index(tenant.as_bytes()).is_some();
     let mut call = Call { tenant, cost, hits: 0, pending, asked_ns, listed };
     let off = worker.as_deref().map_or(0, |w| w.grants_off_until);
@@ -326,6 +335,30 @@ mod tests {
 
     fn no_service() -> Option<Answer> {
         None
+    }
+
+    /// The clock is a host call: at most one per request, none where nothing needs it.
+    #[test]
+    fn the_clock_is_read_at_most_once_and_only_when_needed() {
+        let reads = |json: &str| {
+            let r = Run::new(json);
+            let count = std::cell::Cell::new(0);
+            let mut store = FakeStore::default();
+            let mut worker = Worker::default();
+            let _ = on_request(&r.plugin, Some(&mut worker), &mut get("a", b"/"), &mut store, || {
+                count.set(count.get() + 1);
+                T0
+            });
+            count.get()
+        };
+        let service = |extra: &str| {
+            format!(r#"{{"capacity":5,"refill_rate":1,"global":{{"cluster":"rls","domain":"d"{extra}}}}}"#)
+        };
+        assert_eq!(reads(r#"{"capacity":5,"refill_rate":1}"#), 1);
+        assert_eq!(reads(&service("")), 0);
+        assert_eq!(reads(&service(r#","lease_tokens":5"#)), 1);
+        assert_eq!(reads(&service(r#","mode":"both""#)), 1);
+        assert_eq!(reads(&service(r#","mode":"both","lease_tokens":5"#)), 1);
     }
 
     #[test]
