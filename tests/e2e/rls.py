@@ -14,7 +14,7 @@ import pytest
 
 from . import harness  # noqa: F401  (puts the repository root on sys.path for tests.support)
 from tests.support.envoy import grpc_cluster  # noqa: F401
-from tests.support.services import Redis, Service, build_service, redis_bin  # noqa: F401
+from tests.support.services import Fleet, Redis, Service, build_service, redis_bin  # noqa: F401
 
 
 # --------------------------------------------------------------------------------------------
@@ -44,20 +44,13 @@ def service_factory(service_bin, redis, tmp_path_factory):
     """`make(domains)` -> a started Service on the module's Redis with config
     `{"domains": domains}` (each domain: the filter's limits schema), stopped at the end of
     the module."""
-    started: list[Service] = []
-    workdir = tmp_path_factory.mktemp("svc")
+    fleet = Fleet(service_bin, tmp_path_factory.mktemp("svc"))
 
     def make(domains: dict[str, dict], *, start: bool = True, extra: list[str] | None = None) -> Service:
-        s = Service(service_bin, workdir, ["--redis", redis.url], {"domains": domains},
-                    name=f"svc{len(started)}", extra=extra)
-        started.append(s)
-        if start:
-            s.start()
-        return s
+        return fleet.make(["--redis", redis.url], {"domains": domains}, start=start, extra=extra)
 
     yield make
-    for s in started:
-        s.stop()
+    fleet.stop()
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 
 from .harness import Client, bootstrap, http_listener, send, statuses
 from .rls import grpc_cluster, redis, service_bin, service_factory, stub_factory  # noqa: F401 (fixtures)
+from tests.support.services import global_section
 
 N = 20          # the service's bucket capacity per tenant in the main scenarios
 SLOW = "1/hour"  # their refill: no token comes back within a test
@@ -38,20 +39,15 @@ DOMAINS = {
 }
 
 
-def glob(domain: str, **kw) -> dict:
-    g = {"cluster": "ratelimit", "domain": domain, "timeout_ms": 2000, "failure_mode": "deny", "mode": "global"}
-    g.update(kw)
-    return g
-
 
 REPLICA_LISTENERS = {
     # timeout 2 s and failure_mode deny: a slow answer on this loaded 2-core box must not
     # turn into an extra admission (global_errors is asserted 0 as well).
-    "exact": {**BIG_LOCAL, "global": glob("exact")},
-    "lease": {**BIG_LOCAL, "global": glob("lease", lease_tokens=LEASE)},
-    "both": {"capacity": LOCAL_CAP, "refill_rate": SLOW, "global": glob("both", mode="both")},
-    "hdr": {**BIG_LOCAL, "global": glob("hdr")},
-    "bothcount": {**BIG_LOCAL, "global": glob("bothcount", mode="both")},
+    "exact": {**BIG_LOCAL, "global": global_section("exact")},
+    "lease": {**BIG_LOCAL, "global": global_section("lease", lease_tokens=LEASE)},
+    "both": {"capacity": LOCAL_CAP, "refill_rate": SLOW, "global": global_section("both", mode="both")},
+    "hdr": {**BIG_LOCAL, "global": global_section("hdr")},
+    "bothcount": {**BIG_LOCAL, "global": global_section("bothcount", mode="both")},
 }
 
 
@@ -331,7 +327,7 @@ def bare(envoy_factory, wasm, stub_factory):
     """One Envoy (2 workers) with lease_tokens 5 against a service answering without
     statuses (the Python stub: the product service always sends them), 20 per tenant."""
     svc = stub_factory({"ns": NS_N})
-    listeners = {"bare": {**BIG_LOCAL, "global": glob("ns", lease_tokens=NS_LEASE)}}
+    listeners = {"bare": {**BIG_LOCAL, "global": global_section("ns", lease_tokens=NS_LEASE)}}
     envoy = envoy_with(envoy_factory, wasm, listeners, [grpc_cluster("ratelimit", svc.port)], "bare-")
     return envoy, svc
 

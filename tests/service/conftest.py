@@ -13,7 +13,8 @@ from e2e.conftest import envoy_bin, envoy_factory, wasm  # noqa: F401 (fixtures)
 from e2e.rls import redis  # noqa: F401 (fixture: one redis-server per module)
 
 from tests.support.rlsproto import Client
-from .svc import RedisCluster, Service, build_service, redis_cli, redis_server
+from tests.support.services import Fleet
+from .svc import RedisCluster, build_service, redis_cli, redis_server
 
 _ids = itertools.count()
 
@@ -42,19 +43,9 @@ def redis_cluster(tmp_path_factory):
 @pytest.fixture(scope="module")
 def svc_factory(service_bin, tmp_path_factory):
     """`make(redis_args, config, start=True, extra=None)` -> a Service, stopped at module end."""
-    started: list[Service] = []
-    workdir = tmp_path_factory.mktemp("svc")
-
-    def make(redis_args: list[str], config: dict, *, start: bool = True, extra: list[str] | None = None) -> Service:
-        s = Service(service_bin, workdir, redis_args, config, name=f"svc{len(started)}", extra=extra)
-        started.append(s)
-        if start:
-            s.start()
-        return s
-
-    yield make
-    for s in started:
-        s.stop()
+    fleet = Fleet(service_bin, tmp_path_factory.mktemp("svc"))
+    yield fleet.make
+    fleet.stop()
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 from e2e.harness import HOST, ROUTER, bootstrap, http_listener, request, send, statuses
+from tests.support.services import global_section
 
 N = 20
 SLOW = "1/hour"
@@ -30,21 +31,14 @@ CONFIG = {
 BIG_LOCAL = {"capacity": 100000, "refill_rate": "100000/s"}  # never the deciding limit
 
 
-def glob(domain: str, **kw) -> dict:
-    # timeout 2 s and failure_mode deny: a slow answer on a loaded box never turns into an
-    # extra admission.
-    g = {"cluster": "ratelimit", "domain": domain, "timeout_ms": 2000, "failure_mode": "deny", "mode": "global"}
-    g.update(kw)
-    return g
-
 
 LISTENERS = {
-    "exact": {**BIG_LOCAL, "global": glob("exact")},
-    "lease": {**BIG_LOCAL, "global": glob("lease", lease_tokens=5)},
-    "kill": {**BIG_LOCAL, "global": glob("kill")},
-    "gcra": {**BIG_LOCAL, "global": glob("gcra")},
-    "down_deny": {**BIG_LOCAL, "global": glob("exact", timeout_ms=300)},
-    "down_allow": {**BIG_LOCAL, "global": glob("exact", timeout_ms=300, failure_mode="allow")},
+    "exact": {**BIG_LOCAL, "global": global_section("exact")},
+    "lease": {**BIG_LOCAL, "global": global_section("lease", lease_tokens=5)},
+    "kill": {**BIG_LOCAL, "global": global_section("kill")},
+    "gcra": {**BIG_LOCAL, "global": global_section("gcra")},
+    "down_deny": {**BIG_LOCAL, "global": global_section("exact", timeout_ms=300)},
+    "down_allow": {**BIG_LOCAL, "global": global_section("exact", timeout_ms=300, failure_mode="allow")},
 }
 
 

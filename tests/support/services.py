@@ -248,6 +248,36 @@ def build_service() -> str:
     return str(SERVICE_BIN)
 
 
+class Fleet:
+    """Service processes started in one work dir and stopped together: the body of a
+    module-scoped factory fixture (`yield fleet.make`, then `fleet.stop()`)."""
+
+    def __init__(self, binary: str, workdir: Path):
+        self.binary = binary
+        self.workdir = Path(workdir)
+        self.started: list[Service] = []
+
+    def make(self, redis_args: list[str], config: dict, *, start: bool = True,
+             extra: list[str] | None = None) -> "Service":
+        s = Service(self.binary, self.workdir, redis_args, config, name=f"svc{len(self.started)}", extra=extra)
+        self.started.append(s)
+        if start:
+            s.start()
+        return s
+
+    def stop(self) -> None:
+        for s in self.started:
+            s.stop()
+
+
+def global_section(domain: str, **kw) -> dict:
+    """The filter's `global` config for the test services: timeout 2 s and failure_mode deny,
+    so a slow answer on a loaded box never turns into an extra admission."""
+    g = {"cluster": "ratelimit", "domain": domain, "timeout_ms": 2000, "failure_mode": "deny", "mode": "global"}
+    g.update(kw)
+    return g
+
+
 class Service:
     """tenant-ratelimit-service with a config dict (`{"domains": {...}}`, docs/service.md) on
     free loopback ports (gRPC `port`, `/metrics` on `metrics_port`)."""
