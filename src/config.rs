@@ -126,6 +126,15 @@ pub struct Policy {
     pub limit: Limit,
     /// Per-entry mode; `None` follows the top-level `mode`.
     pub mode: Option<Mode>,
+    /// Per-entry `enforce_percent` (0 to 100); `None` follows `mode`, else the top level.
+    /// An entry sets at most one of the two.
+    pub enforce_percent: Option<u8>,
+    /// A listed tenant's named plan (`"plan"`), an index into `Config::plans`.
+    pub plan: Option<usize>,
+    /// A listed tenant without a named plan, when `tenant.plan_from` is set: its entry
+    /// resolved over each plan, by plan index, for requests whose plan comes from
+    /// `plan_from`. Empty otherwise (the entry itself was resolved over `default_plan`).
+    pub on_plans: Vec<Policy>,
     /// Tokens per second as written: what a tenant or rule without its own `refill_rate`
     /// inherits, and what the checker prints (the bucket math uses `limit`).
     pub rate_per_second: f64,
@@ -191,6 +200,12 @@ pub struct Config {
     pub default_policy: Policy,
     pub tenant_sources: Vec<TenantSource>,
     pub default_tenant: String,
+    /// Named policies (tiers), sorted by name; see [`Config::plan_index`].
+    pub plans: Vec<Policy>,
+    /// `tenant.plan_from`: where a request's plan name comes from (first present wins).
+    pub plan_sources: Vec<TenantSource>,
+    /// `tenant.default_plan`: the plan of requests with no plan or an unknown plan name.
+    pub default_plan: Option<usize>,
     /// Listed tenants, sorted by name for binary search (no hashing, no randomness).
     pub tenants: Vec<Policy>,
     /// Empty means: every request is metered at cost 1.
@@ -208,6 +223,14 @@ pub struct Config {
     pub global: Option<Global>,
     /// Tokens a worker may lease from a rich bucket (0 = off); see worker_lease.rs.
     pub worker_lease: u64,
+    /// The share of local denials enforced (0 to 100; the rest pass as shadow denials).
+    pub enforce_percent: u8,
+    /// `shadow_header`: a request header telling the upstream which policy would have denied
+    /// a request that passed as a shadow denial.
+    pub shadow_header: Option<String>,
+    /// `filter_state`: publish each decision as filter state `wasm.tenant_ratelimit` (for
+    /// access logs).
+    pub filter_state: bool,
 }
 
 impl Config {
@@ -224,14 +247,35 @@ impl Config {
         let rate_field = obj.path("refill_rate");
         let rate = rate(&rate_field, obj.required("refill_rate")?)?;
         let default_limit = limit(&rate_field, capacity, rate)?;
-        let default_policy = Policy { name: "default".into(), limit: default_limit, mode: None, rate_per_second: rate };
-
-        let (tenant_sources, default_tenant) = match obj.get("tenant") {
-            Some(v) => tenant_section(v)?,
-            None => (default_sources(), "default".to_string()),
+        let default_policy = Policy {
+            name: "default".into(),
+            limit: default_limit,
+            mode: None,
+            enforce_percent: None,
+            plan: None,
+            on_plans: Vec::new(),
+            rate_per_second: rate,
         };
+
+        let plans = match obj.get("plans") {
+            Some(v) => plans_section(v, &default_policy)?,
+            None => Vec::new(),
+        };
+        let TenantSection { sources: tenant_sources, default: default_tenant, plan_sources, default_plan } =
+            match obj.get("tenant") {
+                Some(v) => tenant_section(v, &plans)?,
+                None => TenantSection {
+                    sources: default_sources(),
+                    default: "default".to_string(),
+                    plan_sources: Vec::new(),
+                    default_plan: None,
+                },
+            };
         let tenants = match obj.get("tenants") {
-            Some(v) => tenants_section(v, &default_policy)?,
+            Some(v) => {
+                let plans = Plans { list: &plans, default: default_plan, dynamic: !plan_sources.is_empty() };
+                tenants_section(v, &default_policy, &plans)?
+            }
             None => Vec::new(),
         };
         let rules = match obj.get("rules") {
@@ -293,12 +337,40 @@ impl Config {
             None => 0,
             Some(v) => int_in("worker_lease", v, 0, 1_000_000)?,
         };
+        let enforce_percent = match obj.get("enforce_percent") {
+            None => 100,
+            Some(_) if obj.get("mode").is_some() => {
+                return err("enforce_percent", "set either `mode` or `enforce_percent`, not both")
+            }
+            Some(v) => percent("enforce_percent", v)?,
+        };
+        let shadow_header = match obj.get("shadow_header") {
+            None => None,
+            Some(v) => {
+                let name = string("shadow_header", v)?;
+                if !is_header_name(name) || name.bytes().any(|b| b.is_ascii_uppercase()) {
+                    return err("shadow_header", "must be a lower-case header name, e.g. \"x-ratelimit-would-deny\"");
+                }
+                Some(name.to_string())
+            }
+        };
+        let filter_state = match obj.get("filter_state") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(v) => return err("filter_state", format!("must be true or false, got {}", shown(v))),
+        };
         Ok(Config {
             worker_lease,
+            enforce_percent,
+            shadow_header,
+            filter_state,
             global,
             default_policy,
             tenant_sources,
             default_tenant,
+            plans,
+            plan_sources,
+            default_plan,
             tenants,
             rules,
             deny,
@@ -326,6 +398,15 @@ impl Config {
     pub fn tenant_index(&self, tenant: &[u8]) -> Option<usize> {
         self.tenants.binary_search_by(|p| p.name.as_bytes().cmp(tenant)).ok()
     }
+
+    /// The index in `plans` of a plan name.
+    pub fn plan_index(&self, name: &[u8]) -> Option<usize> {
+        plan_index(&self.plans, name)
+    }
+}
+
+fn plan_index(plans: &[Policy], name: &[u8]) -> Option<usize> {
+    plans.binary_search_by(|p| p.name.as_bytes().cmp(name)).ok()
 }
 
 const TOP_FIELDS: &[&str] = &[
@@ -333,6 +414,7 @@ const TOP_FIELDS: &[&str] = &[
     "refill_rate",
     "tenant",
     "tenants",
+    "plans",
     "rules",
     "deny",
     "rate_limit_headers",
@@ -344,6 +426,9 @@ const TOP_FIELDS: &[&str] = &[
     "near_limit_fraction",
     "global",
     "worker_lease",
+    "enforce_percent",
+    "shadow_header",
+    "filter_state",
 ];
 
 /// An object whose keys were checked against the allowed list, with its path for messages.
@@ -495,22 +580,38 @@ fn mode(field: &str, v: &Value) -> Result<Mode, ConfigError> {
     })
 }
 
+fn percent(field: &str, v: &Value) -> Result<u8, ConfigError> {
+    Ok(int_in(field, v, 0, 100)? as u8)
+}
+
 fn default_sources() -> Vec<TenantSource> {
     vec![TenantSource::Header(DEFAULT_TENANT_HEADER.into()), TenantSource::Query(DEFAULT_TENANT_QUERY.into())]
 }
 
-fn tenant_section(v: &Value) -> Result<(Vec<TenantSource>, String), ConfigError> {
-    let obj = Fields::new("tenant", v, &["from", "default"])?;
+/// The `tenant` section: where tenant ids and plan names come from.
+struct TenantSection {
+    sources: Vec<TenantSource>,
+    default: String,
+    plan_sources: Vec<TenantSource>,
+    default_plan: Option<usize>,
+}
+
+fn sources_list(field: &str, v: &Value) -> Result<Vec<TenantSource>, ConfigError> {
+    let Value::Array(items) = v else {
+        return err(field, format!("must be an array of sources, got {}", kind(v)));
+    };
+    let mut out = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        out.push(tenant_source(&format!("{field}[{i}]"), item)?);
+    }
+    Ok(out)
+}
+
+fn tenant_section(v: &Value, plans: &[Policy]) -> Result<TenantSection, ConfigError> {
+    let obj = Fields::new("tenant", v, &["from", "default", "plan_from", "default_plan"])?;
     let sources = match obj.get("from") {
         None => default_sources(),
-        Some(Value::Array(items)) => {
-            let mut out = Vec::with_capacity(items.len());
-            for (i, item) in items.iter().enumerate() {
-                out.push(tenant_source(&format!("tenant.from[{i}]"), item)?);
-            }
-            out
-        }
-        Some(other) => return err("tenant.from", format!("must be an array of sources, got {}", kind(other))),
+        Some(v) => sources_list("tenant.from", v)?,
     };
     let default = match obj.get("default") {
         None => "default".to_string(),
@@ -525,7 +626,26 @@ fn tenant_section(v: &Value) -> Result<(Vec<TenantSource>, String), ConfigError>
             s.to_string()
         }
     };
-    Ok((sources, default))
+    let plan_sources = match obj.get("plan_from") {
+        None => Vec::new(),
+        Some(_) if plans.is_empty() => return err("tenant.plan_from", "needs a `plans` section to choose from"),
+        Some(v) => sources_list("tenant.plan_from", v)?,
+    };
+    let default_plan = match obj.get("default_plan") {
+        None => None,
+        Some(v) => Some(named_plan("tenant.default_plan", v, plans)?),
+    };
+    Ok(TenantSection { sources, default, plan_sources, default_plan })
+}
+
+/// A plan name in the config (`tenant.default_plan`, a tenant's `plan`): it must exist.
+fn named_plan(field: &str, v: &Value, plans: &[Policy]) -> Result<usize, ConfigError> {
+    let name = string(field, v)?;
+    plan_index(plans, name.as_bytes()).ok_or_else(|| {
+        let known: Vec<&str> = plans.iter().map(|p| p.name.as_str()).collect();
+        let known = if known.is_empty() { "none: add a `plans` section".to_string() } else { quoted(&known) };
+        ConfigError { field: field.into(), reason: format!("unknown plan \"{name}\"; the plans are {known}") }
+    })
 }
 
 const SOURCE_KINDS: &[&str] = &["header", "query", "source_ip", "xff", "peer_principal", "jwt_claim"];
@@ -616,41 +736,114 @@ fn is_header_name(s: &str) -> bool {
     !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn tenants_section(v: &Value, default: &Policy) -> Result<Vec<Policy>, ConfigError> {
-    let Some(map) = v.as_object() else {
-        return err("tenants", format!("must be an object of tenant name -> limits, got {}", kind(v)));
+/// What listed tenants resolve their fields over: their named plan, else `default_plan`,
+/// else the top level; with `plan_from` (`dynamic`), also each plan.
+struct Plans<'p> {
+    list: &'p [Policy],
+    default: Option<usize>,
+    dynamic: bool,
+}
+
+/// The policy fields a tenant or plan entry may set; an unset field comes from `base`.
+const ENTRY_FIELDS: &[&str] = &["capacity", "refill_rate", "mode", "enforce_percent"];
+
+/// Resolves one tenant or plan entry over `base` (the precedence in README "Plans").
+fn policy_entry(obj: &Fields, name: &str, base: &Policy) -> Result<Policy, ConfigError> {
+    let cap = match obj.get("capacity") {
+        Some(c) => capacity(&obj.path("capacity"), c)?,
+        None => base.limit.capacity,
     };
+    let per_second = match obj.get("refill_rate") {
+        Some(r) => rate(&obj.path("refill_rate"), r)?,
+        None => base.rate_per_second,
+    };
+    let (mode, enforce_percent) = enforcement(obj)?;
+    // An entry's own `mode` or `enforce_percent` replaces both inherited ones.
+    let (mode, enforce_percent) = if mode.is_none() && enforce_percent.is_none() {
+        (base.mode, base.enforce_percent)
+    } else {
+        (mode, enforce_percent)
+    };
+    Ok(Policy {
+        name: name.to_string(),
+        limit: limit(&obj.prefix, cap, per_second)?,
+        mode,
+        enforce_percent,
+        plan: None,
+        on_plans: Vec::new(),
+        rate_per_second: per_second,
+    })
+}
+
+/// An entry's `mode` and `enforce_percent`: at most one of them.
+fn enforcement(obj: &Fields) -> Result<(Option<Mode>, Option<u8>), ConfigError> {
+    let mode = obj.get("mode").map(|m| mode(&obj.path("mode"), m)).transpose()?;
+    let enforce_percent = obj.get("enforce_percent").map(|p| percent(&obj.path("enforce_percent"), p)).transpose()?;
+    if mode.is_some() && enforce_percent.is_some() {
+        return err(&obj.path("enforce_percent"), "set either `mode` or `enforce_percent`, not both");
+    }
+    Ok((mode, enforce_percent))
+}
+
+fn valid_name(field: &str, name: &str, what: &str) -> Result<(), ConfigError> {
+    if is_valid_tenant_id(name.as_bytes()) {
+        return Ok(());
+    }
+    err(
+        field,
+        format!(
+            "{what} names must be 1 to {MAX_TENANT_LEN} visible ASCII characters (no spaces or control characters)"
+        ),
+    )
+}
+
+/// At most this many plans: each has its own counters, and a listed tenant without a named
+/// plan is resolved over every plan when `plan_from` is set.
+pub const MAX_PLANS: usize = 64;
+
+fn plans_section(v: &Value, default: &Policy) -> Result<Vec<Policy>, ConfigError> {
+    let Some(map) = v.as_object() else {
+        return err("plans", format!("must be an object of plan name -> limits, got {}", kind(v)));
+    };
+    if map.len() > MAX_PLANS {
+        return err("plans", format!("at most {MAX_PLANS} plans, got {}", map.len()));
+    }
     let mut out = Vec::with_capacity(map.len());
     for (name, entry) in map {
-        let field = format!("tenants.{name}");
-        if !is_valid_tenant_id(name.as_bytes()) {
-            return err(
-                &field,
-                format!("tenant names must be 1 to {MAX_TENANT_LEN} visible ASCII characters (no spaces or control characters)"),
-            );
-        }
-        let obj = Fields::new(&field, entry, &["capacity", "refill_rate", "mode"])?;
-        let cap = match obj.get("capacity") {
-            Some(c) => capacity(&obj.path("capacity"), c)?,
-            None => default.limit.capacity,
-        };
-        let per_second = match obj.get("refill_rate") {
-            Some(r) => rate(&obj.path("refill_rate"), r)?,
-            None => default.rate_per_second,
-        };
-        let mode = obj.get("mode").map(|m| mode(&obj.path("mode"), m)).transpose()?;
-        out.push(Policy {
-            name: name.clone(),
-            limit: limit(&field, cap, per_second)?,
-            mode,
-            rate_per_second: per_second,
-        });
+        let field = format!("plans.{name}");
+        valid_name(&field, name, "plan")?;
+        let obj = Fields::new(&field, entry, ENTRY_FIELDS)?;
+        out.push(policy_entry(&obj, name, default)?);
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
-const RULE_FIELDS: &[&str] = &["name", "methods", "path_prefix", "cost", "capacity", "refill_rate", "mode"];
+fn tenants_section(v: &Value, default: &Policy, plans: &Plans) -> Result<Vec<Policy>, ConfigError> {
+    let Some(map) = v.as_object() else {
+        return err("tenants", format!("must be an object of tenant name -> limits, got {}", kind(v)));
+    };
+    let fields: Vec<&str> = ENTRY_FIELDS.iter().copied().chain(["plan"]).collect();
+    let mut out = Vec::with_capacity(map.len());
+    for (name, entry) in map {
+        let field = format!("tenants.{name}");
+        valid_name(&field, name, "tenant")?;
+        let obj = Fields::new(&field, entry, &fields)?;
+        let named = obj.get("plan").map(|p| named_plan(&obj.path("plan"), p, plans.list)).transpose()?;
+        let base = named.or(plans.default).and_then(|i| plans.list.get(i)).unwrap_or(default);
+        let mut policy = policy_entry(&obj, name, base)?;
+        policy.plan = named;
+        if named.is_none() && plans.dynamic {
+            policy.on_plans = plans.list.iter().map(|plan| policy_entry(&obj, name, plan)).collect::<Result<_, _>>()?;
+        }
+        out.push(policy);
+    }
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(out)
+}
+
+const RULE_FIELDS: &[&str] =
+    &["name", "methods", "path_prefix", "cost", "capacity", "refill_rate", "mode", "enforce_percent"];
 
 fn rules_section(v: &Value) -> Result<Vec<Rule>, ConfigError> {
     let Some(items) = v.as_array() else {
@@ -714,11 +907,17 @@ fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
         None => 1,
         Some(c) => int_in(&obj.path("cost"), c, 0, MAX_CAPACITY)?,
     };
-    let mode_override = obj.get("mode").map(|m| mode(&obj.path("mode"), m)).transpose()?;
+    let (mode_override, enforce_percent) = enforcement(&obj)?;
     let policy = match (obj.get("capacity"), obj.get("refill_rate")) {
         (None, None) => {
             if mode_override.is_some() {
                 return err(&obj.path("mode"), "only a rule with its own capacity and refill_rate can have a mode");
+            }
+            if enforce_percent.is_some() {
+                return err(
+                    &obj.path("enforce_percent"),
+                    "only a rule with its own capacity and refill_rate can have an enforce_percent",
+                );
             }
             None
         }
@@ -735,6 +934,9 @@ fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
                 name,
                 limit: limit(field, cap, per_second)?,
                 mode: mode_override,
+                enforce_percent,
+                plan: None,
+                on_plans: Vec::new(),
                 rate_per_second: per_second,
             })
         }
@@ -1215,5 +1417,36 @@ mod tests {
         fn valid_fixture_parses() {
             Config::from_json_bytes(VALID.as_bytes()).unwrap();
         }
+    }
+
+    #[test]
+    fn plan_errors_name_the_field() {
+        let e = |json: &str| Config::from_json_bytes(json.as_bytes()).unwrap_err().to_string();
+        let base = r#""capacity":5,"refill_rate":1"#;
+        assert!(e(&format!(r#"{{{base},"tenant":{{"default_plan":"gold"}}}}"#)).contains("tenant.default_plan"));
+        let msg = e(&format!(r#"{{{base},"plans":{{"free":{{}}}},"tenants":{{"acme":{{"plan":"pro"}}}}}}"#));
+        assert!(
+            msg.contains("tenants.acme.plan") && msg.contains("unknown plan \"pro\"") && msg.contains("\"free\""),
+            "{msg}"
+        );
+        assert!(
+            e(&format!(r#"{{{base},"tenant":{{"plan_from":[{{"header":"x-plan"}}]}}}}"#)).contains("tenant.plan_from")
+        );
+        assert!(e(&format!(r#"{{{base},"plans":{{"free":{{"capacity":0}}}}}}"#)).contains("plans.free.capacity"));
+        assert!(e(&format!(r#"{{{base},"plans":{{"free":{{"plan":"x"}}}}}}"#)).contains("plans.free"));
+        assert!(e(&format!(r#"{{{base},"plans":{{"a b":{{}}}}}}"#)).contains("plans.a b"));
+        assert!(e(&format!(r#"{{{base},"plans":[]}}"#)).contains("plans"));
+        let many: Vec<String> = (0..=MAX_PLANS).map(|i| format!(r#""p{i}":{{}}"#)).collect();
+        assert!(e(&format!(r#"{{{base},"plans":{{{}}}}}"#, many.join(","))).contains("at most 64 plans"));
+    }
+
+    #[test]
+    fn a_plan_resolves_its_unset_fields_over_the_top_level() {
+        let c = Config::from_json_bytes(br#"{"capacity":5,"refill_rate":"60/min","plans":{"pro":{"capacity":50}}}"#)
+            .unwrap();
+        let pro = &c.plans[0];
+        assert_eq!((pro.name.as_str(), pro.limit.capacity, pro.rate_per_second), ("pro", 50, 1.0));
+        assert_eq!(c.plan_index(b"pro"), Some(0));
+        assert_eq!(c.plan_index(b"free"), None);
     }
 }

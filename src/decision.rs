@@ -3,7 +3,7 @@
 //! headers, which counters. Pure: the host is only the [`SharedStore`] passed in, so this
 //! runs the same in Envoy and in unit tests.
 
-use crate::config::{Config, FailurePolicy, Mode, Overflow};
+use crate::config::{Config, FailurePolicy, Overflow};
 use crate::metrics::{Counter, Events, Final};
 use crate::policy::{PolicyId, OVERFLOW_OWNER};
 use crate::response::{retry_after_seconds, Quota};
@@ -33,8 +33,14 @@ pub struct Metered {
 }
 
 impl Metered {
-    pub fn new(config: &Config, tenant: TenantId, rule: Option<(usize, &crate::config::Rule)>, cost: u64) -> Metered {
-        Metered { policy: PolicyId::of(config, &tenant, rule), tenant, cost }
+    pub fn new(
+        config: &Config,
+        tenant: TenantId,
+        plan: Option<usize>,
+        rule: Option<(usize, &crate::config::Rule)>,
+        cost: u64,
+    ) -> Metered {
+        Metered { policy: PolicyId::of(config, &tenant, plan, rule), tenant, cost }
     }
 }
 
@@ -65,7 +71,7 @@ pub fn decide(
     let Metered { tenant, policy: id, cost } = *request;
     let policy = id.policy(config);
     let (owner, home) = id.bucket(config, &tenant);
-    let shadow = policy.mode.unwrap_or(config.mode) == Mode::Shadow;
+    let shadow = !crate::policy::enforces(config, policy, &tenant, now_ns);
     let mut events = Events::default();
     let limit = policy.limit;
     let extra = leases.as_deref().map_or(Extra::default(), |l| l.extra(config.worker_lease, owner, &limit));
@@ -159,7 +165,7 @@ mod tests {
     }
 
     fn req(c: &Config, tenant: &TenantId, rule: Option<(usize, &crate::config::Rule)>, cost: u64) -> Metered {
-        Metered::new(c, *tenant, rule, cost)
+        Metered::new(c, *tenant, None, rule, cost)
     }
 
     fn id(s: &str) -> TenantId {
@@ -318,8 +324,8 @@ mod tests {
         assert_eq!(second.settle(pending, Final::Allowed), Final::ShadowDenied);
         assert_eq!(second.counters[Counter::ShadowDenied as usize], 1);
         assert_eq!(second.counters[Counter::Allowed as usize], 0);
-        assert_eq!(PolicyId::of(&c, &id("vip"), None), PolicyId::Tenant(0));
-        assert_eq!(PolicyId::of(&c, &id("other"), None), PolicyId::Default);
+        assert_eq!(PolicyId::of(&c, &id("vip"), None, None), PolicyId::Tenant(0));
+        assert_eq!(PolicyId::of(&c, &id("other"), None, None), PolicyId::Default);
     }
 
     #[test]

@@ -38,6 +38,8 @@ pub struct Worker {
 pub struct Step {
     pub next: Next,
     pub events: Events,
+    /// With `filter_state` on: the decision for the access log.
+    pub decided: Option<Decided>,
     /// The request was admitted from a worker lease without touching shared data: its
     /// counters may wait for the next flush (see `filter/mod.rs`).
     pub batch: bool,
@@ -61,6 +63,9 @@ pub struct Headers {
     pub quota: Option<(Option<PolicyId>, Quota)>,
     /// The service's `response_headers_to_add`.
     pub service: Vec<(String, String)>,
+    /// With `shadow_header` set: the request passed as a shadow denial of this policy; tell
+    /// the upstream in that request header.
+    pub would_deny: Option<PolicyId>,
 }
 
 /// A denial to answer.
@@ -77,7 +82,110 @@ pub struct Deny {
 
 impl Step {
     fn go(headers: Headers, events: Events) -> Step {
-        Step { next: Next::Continue(headers), events, batch: false }
+        Step { next: Next::Continue(headers), events, batch: false, decided: None }
+    }
+
+    /// Records the decision (`filter_state`) and marks a shadow denial for the upstream.
+    fn finish(self, config: &Config, who: Who) -> Step {
+        let mut step = self.mark_shadow(config, who.policy);
+        if config.filter_state {
+            step.decided = Some(Decided { who, outcome: Outcome::of(&step) });
+        }
+        step
+    }
+
+    /// Marks a request that passed as a shadow denial of `policy` for the upstream
+    /// (`shadow_header`).
+    fn mark_shadow(mut self, config: &Config, policy: PolicyId) -> Step {
+        let shadow = Outcome::of(&self) == Outcome::ShadowDenied;
+        if let (Next::Continue(headers), true, Some(_)) = (&mut self.next, shadow, &config.shadow_header) {
+            headers.would_deny = Some(policy);
+        }
+        self
+    }
+}
+
+/// Who a metered request is: tenant, plan, matching rule, and the policy it met.
+#[derive(Debug, Clone, Copy)]
+pub struct Who {
+    pub tenant: TenantId,
+    pub plan: Option<usize>,
+    pub rule: Option<usize>,
+    pub policy: PolicyId,
+}
+
+/// How a request ended, as the access log shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    Denied,
+    ShadowDenied,
+    Unmetered,
+    /// Waiting for the rate-limit service; its answer's step has the final outcome.
+    Asking,
+}
+
+impl Outcome {
+    fn of(step: &Step) -> Outcome {
+        let count = |c| step.events.count(c) > 0;
+        match &step.next {
+            Next::AskService { .. } => Outcome::Asking,
+            _ if count(Counter::Denied) || matches!(step.next, Next::Deny(_)) => Outcome::Denied,
+            _ if count(Counter::ShadowDenied) => Outcome::ShadowDenied,
+            _ if count(Counter::Allowed) => Outcome::Allowed,
+            _ => Outcome::Unmetered,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::Denied => "denied",
+            Outcome::ShadowDenied => "shadow_denied",
+            Outcome::Unmetered => "unmetered",
+            Outcome::Asking => "asking",
+        }
+    }
+}
+
+/// A decision for the access log (`filter_state`); `who` is `None` for an unmetered request
+/// (no tenant is resolved for it).
+#[derive(Debug, Clone, Copy)]
+pub struct Decided {
+    pub who: Who,
+    pub outcome: Outcome,
+}
+
+impl Decided {
+    /// This decision once the rate-limit service's answer (`answer`, the step
+    /// [`on_service_answer`] returned) settled it.
+    pub fn settled(self, answer: &Step) -> Decided {
+        Decided { outcome: Outcome::of(answer), ..self }
+    }
+
+    /// The filter-state value: space-separated `key=value` pairs (logfmt), `-` for none,
+    /// e.g. `tenant=acme plan=pro rule=login policy=login outcome=denied`.
+    pub fn render(&self, config: &Config) -> String {
+        let Who { tenant, plan, rule, policy } = self.who;
+        let plan = plan.and_then(|p| config.plans.get(p)).map_or("-", |p| p.name.as_str());
+        let rule = rule.and_then(|r| config.rules.get(r)).and_then(|r| r.name.as_deref()).unwrap_or("-");
+        let mut out = String::with_capacity(96);
+        for (key, value) in [
+            ("tenant", tenant.as_str()),
+            ("plan", plan),
+            ("rule", rule),
+            ("policy", policy.name(config)),
+            ("outcome", self.outcome.name()),
+        ] {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(key);
+            out.push('=');
+            // Names are visible ASCII; a space (a rule name may have one) would split the pair.
+            out.extend(value.chars().map(|c| if c == ' ' { '_' } else { c }));
+        }
+        out
     }
 }
 
@@ -86,7 +194,7 @@ impl Step {
 /// grants do not).
 pub fn on_request(
     plugin: &Plugin,
-    mut worker: Option<&mut Worker>,
+    worker: Option<&mut Worker>,
     facts: &mut impl RequestFacts,
     store: &mut impl SharedStore,
     now: impl Fn() -> u64,
@@ -111,10 +219,34 @@ pub fn on_request(
     };
     let Metering::Charge { cost, rule } = metering else {
         events.bump(Counter::Unmetered, 1);
-        return Step::go(Headers::default(), events);
+        let mut step = Step::go(Headers::default(), events);
+        if config.filter_state {
+            let who = Who { tenant: plugin.default_tenant, plan: None, rule: None, policy: PolicyId::Default };
+            step.decided = Some(Decided { who, outcome: Outcome::Unmetered });
+        }
+        return step;
     };
     let tenant = tenant::resolve(&config.tenant_sources, &plugin.default_tenant, facts);
-    let request = Metered::new(config, tenant, rule, cost);
+    let plan = crate::policy::plan_of(config, &tenant, facts);
+    let request = Metered::new(config, tenant, plan, rule, cost);
+    let who = Who { tenant, plan, rule: rule.map(|(i, _)| i), policy: request.policy };
+    metered(plugin, worker, facts, store, &now, &method, request).finish(config, who)
+}
+
+/// [`on_request`] for a metered request.
+fn metered(
+    plugin: &Plugin,
+    mut worker: Option<&mut Worker>,
+    facts: &mut impl RequestFacts,
+    store: &mut impl SharedStore,
+    now: &impl Fn() -> u64,
+    method: &[u8],
+    request: Metered,
+) -> Step {
+    let config = &plugin.config;
+    let service = Service::of(config, &plugin.ns);
+    let Metered { tenant, cost, .. } = request;
+    let mut events = Events::default();
 
     let mut pending = Pending { shadow_denied: false, policy: request.policy };
     if service.is_none_or(|s| s.global.mode == GlobalMode::Both) {
@@ -129,12 +261,12 @@ pub fn on_request(
                 quota: decision.quota,
                 headers: Vec::new(),
             };
-            return Step { next: Next::Deny(deny), events, batch };
+            return Step { next: Next::Deny(deny), events, batch, decided: None };
         }
         if service.is_none() {
             let quota = decision.quota.filter(|_| config.headers != HeaderStyle::Off);
-            let headers = Headers { quota: quota.map(|q| (Some(decision.policy), q)), service: Vec::new() };
-            return Step { next: Next::Continue(headers), events, batch };
+            let headers = Headers { quota: quota.map(|q| (Some(decision.policy), q)), ..Headers::default() };
+            return Step { next: Next::Continue(headers), events, batch, decided: None };
         }
         // Mode both: a request the local bucket lets through is not final; the service (or a
         // grant) decides, and its outcome is counted then, once.
@@ -151,7 +283,7 @@ pub fn on_request(
         Plan::Admit => return Step::go(Headers::default(), events),
         Plan::Ask { hits } => hits,
     };
-    let method = std::str::from_utf8(&method).unwrap_or("");
+    let method = std::str::from_utf8(method).unwrap_or("");
     let path = facts.path().map(|p| {
         let end = p.iter().position(|&b| b == b'?').unwrap_or(p.len());
         std::str::from_utf8(p.get(..end).unwrap_or_default()).unwrap_or("")
@@ -166,7 +298,7 @@ pub fn on_request(
     let body = rls::encode_request(&global.domain, &input, call.hits);
     events.bump(Counter::ServiceCalls, 1);
     // A lease-admitted local verdict has no counters left after `defer`: nothing to batch.
-    Step { next: Next::AskService { body, call }, events, batch: false }
+    Step { next: Next::AskService { body, call }, events, batch: false, decided: None }
 }
 
 /// The local bucket's verdict: from this worker's lease if it has one, else from shared data
@@ -211,10 +343,10 @@ pub fn on_service_answer(
             quota: verdict.quota,
             headers: verdict.headers,
         };
-        return Step { next: Next::Deny(deny), events, batch: false };
+        return Step { next: Next::Deny(deny), events, batch: false, decided: None };
     }
-    let headers = Headers { quota: verdict.quota.map(|q| (None, q)), service: verdict.headers };
-    Step::go(headers, events)
+    let headers = Headers { quota: verdict.quota.map(|q| (None, q)), service: verdict.headers, would_deny: None };
+    Step::go(headers, events).mark_shadow(&plugin.config, call.pending.policy)
 }
 
 #[cfg(test)]
@@ -521,5 +653,47 @@ mod tests {
                 _ => None,
             }
         }
+    }
+
+    #[test]
+    fn a_shadow_denial_names_its_policy_to_the_upstream_and_every_decision_is_recorded() {
+        let plugin = plugin(
+            r#"{"capacity":1,"refill_rate":0.001,"shadow_header":"x-ratelimit-would-deny","filter_state":true,
+            "plans":{"pro":{"capacity":1,"mode":"shadow"}},"tenant":{"plan_from":[{"header":"x-plan"}]},
+            "rules":[{"path_prefix":"/healthz","cost":0},{"path_prefix":"/"}]}"#,
+        );
+        struct Planned(Facts);
+        impl RequestFacts for Planned {
+            fn header(&mut self, name: &str) -> Option<Vec<u8>> {
+                if name == "x-plan" {
+                    return Some(b"pro".to_vec());
+                }
+                self.0.header(name)
+            }
+            fn path(&mut self) -> Option<&[u8]> {
+                self.0.path()
+            }
+            fn property(&mut self, p: &[&str]) -> Option<Vec<u8>> {
+                self.0.property(p)
+            }
+        }
+        let mut store = FakeStore::default();
+        let mut send = |facts: &mut dyn FnMut() -> Step| facts();
+        let mut pro = || on_request(&plugin, None, &mut Planned(get("a", b"/x")), &mut store, || T0);
+        let (first, second) = (send(&mut pro), send(&mut pro));
+        let render = |s: &Step| s.decided.map(|d| d.render(&plugin.config)).unwrap_or_default();
+        assert_eq!(render(&first), "tenant=a plan=pro rule=- policy=pro outcome=allowed");
+        assert_eq!(render(&second), "tenant=a plan=pro rule=- policy=pro outcome=shadow_denied");
+        let Next::Continue(h) = second.next else { panic!("a shadow denial passes") };
+        assert_eq!(h.would_deny.map(|p| p.name(&plugin.config)), Some("pro"));
+        let Next::Continue(h) = first.next else { panic!() };
+        assert_eq!(h.would_deny, None);
+        // Enforced: no header (the request is denied); unmetered: recorded as such.
+        let mut store = FakeStore::default();
+        let mut free = |path: &'static [u8]| on_request(&plugin, None, &mut get("b", path), &mut store, || T0);
+        let (_, denied, health) = (free(b"/x"), free(b"/x"), free(b"/healthz"));
+        assert!(matches!(denied.next, Next::Deny(_)));
+        assert!(render(&denied).ends_with("policy=default outcome=denied"), "{}", render(&denied));
+        assert!(render(&health).ends_with("outcome=unmetered"));
     }
 }

@@ -166,14 +166,20 @@ pub const JWT_DEFAULT_KEYS: [&str; 2] = ["payload", "jwt_payload"];
 
 /// Tries each source in order; the first present and valid id wins, else `default`.
 pub fn resolve(sources: &[TenantSource], default: &TenantId, facts: &mut impl RequestFacts) -> TenantId {
+    first_present(sources, facts).unwrap_or(*default)
+}
+
+/// The first present and valid value of `sources`; `None` when none is, or when a source
+/// applies but its value came from the client (see [`Found::Untrusted`]).
+pub fn first_present(sources: &[TenantSource], facts: &mut impl RequestFacts) -> Option<TenantId> {
     for source in sources {
         match from_source(source, facts) {
-            Found::Id(id) => return id,
+            Found::Id(id) => return Some(id),
             Found::Nothing => {}
-            Found::Untrusted => return *default,
+            Found::Untrusted => return None,
         }
     }
-    *default
+    None
 }
 
 /// What one source yields for a request.

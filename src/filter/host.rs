@@ -19,6 +19,7 @@ pub struct MetricIds {
     live_slots: u32,
     tenants: Vec<[u32; Final::ALL.len()]>,
     rules: Vec<Option<[u32; Final::ALL.len()]>>,
+    plans: Vec<[u32; Final::ALL.len()]>,
 }
 
 pub fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
@@ -41,7 +42,8 @@ pub fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
         .iter()
         .map(|r| r.name.as_deref().map(|n| scoped("rule", n)).transpose())
         .collect::<Result<_, _>>()?;
-    Ok(MetricIds { plugin, live_slots, tenants, rules })
+    let plans = config.plans.iter().map(|p| scoped("plan", &p.name)).collect::<Result<_, _>>()?;
+    Ok(MetricIds { plugin, live_slots, tenants, rules, plans })
 }
 
 fn increment(id: u32, by: u32) {
@@ -58,8 +60,9 @@ pub fn record(ids: &MetricIds, events: &Events) {
     if let Some((policy, outcome)) = events.named {
         let set = match policy {
             PolicyId::Default => None,
-            PolicyId::Tenant(i) => ids.tenants.get(i),
+            PolicyId::Tenant(i) | PolicyId::TenantOnPlan(i, _) => ids.tenants.get(i),
             PolicyId::Rule(i) => ids.rules.get(i).and_then(Option::as_ref),
+            PolicyId::Plan(i) => ids.plans.get(i),
         };
         if let Some(id) = set.and_then(|s| s.get(outcome as usize)) {
             increment(*id, 1);
@@ -156,6 +159,19 @@ impl SharedStore for HostStore {
             _ => Err(SetError::Failed),
         }
     }
+}
+
+/// The filter-state key of a decision (`filter_state`): Envoy stores it as
+/// `wasm.tenant_ratelimit`, which access logs read with `%FILTER_STATE(wasm.tenant_ratelimit:PLAIN)%`.
+const DECISION_PROPERTY: &str = "tenant_ratelimit";
+
+pub fn publish_decision(value: &str) {
+    let _ = hostcalls::set_property(vec![DECISION_PROPERTY], Some(value.as_bytes()));
+}
+
+/// Adds a header to the request the upstream gets.
+pub fn add_request_header(name: &str, value: &str) {
+    let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value);
 }
 
 pub fn now_ns() -> u64 {

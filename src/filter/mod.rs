@@ -7,7 +7,7 @@
 mod host;
 
 use crate::config::Config;
-use crate::flow::{self, Headers, Next, Plugin, Step, Worker};
+use crate::flow::{self, Decided, Headers, Next, Outcome, Plugin, Step, Worker};
 use crate::global::Call;
 use crate::metrics::Events;
 use crate::policy::PolicyId;
@@ -15,7 +15,9 @@ use crate::response;
 use crate::rls;
 use crate::store::Namespace;
 use crate::tenant::TenantId;
-use host::{define_metrics, now_ns, record, send_deny, HostFacts, HostStore, MetricIds};
+use host::{
+    add_request_header, define_metrics, now_ns, publish_decision, record, send_deny, HostFacts, HostStore, MetricIds,
+};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MapType};
@@ -139,7 +141,9 @@ impl RootContext for Root {
         // Without an accepted config Envoy does not use the plugin; if a stream comes anyway
         // it passes through (returning None would make the SDK abort the VM).
         match self.active.clone() {
-            Some(active) => Some(Box::new(Filter { active, headers: Headers::default(), waiting: None })),
+            Some(active) => {
+                Some(Box::new(Filter { active, headers: Headers::default(), waiting: None, decided: None }))
+            }
             None => Some(Box::new(PassThrough)),
         }
     }
@@ -165,6 +169,8 @@ struct Filter {
     headers: Headers,
     /// A rate-limit service call in flight: its gRPC token and the call.
     waiting: Option<(u32, Call)>,
+    /// The decision waiting for the service's answer (`filter_state`).
+    decided: Option<Decided>,
 }
 
 impl Filter {
@@ -172,8 +178,19 @@ impl Filter {
     fn apply(&mut self, step: Step) -> Action {
         let active = Rc::clone(&self.active);
         active.count(&step);
+        let config = &active.plugin.config;
+        // A service answer settles the decision its call left waiting.
+        let decided = step.decided.or_else(|| self.decided.take().map(|d| d.settled(&step)));
+        match decided {
+            Some(d) if d.outcome == Outcome::Asking => self.decided = Some(d),
+            Some(d) => publish_decision(&d.render(config)),
+            None => {}
+        }
         match step.next {
             Next::Continue(headers) => {
+                if let (Some(policy), Some(name)) = (headers.would_deny, &config.shadow_header) {
+                    add_request_header(name, policy.name(config));
+                }
                 self.headers = headers;
                 Action::Continue
             }
@@ -240,7 +257,7 @@ impl HttpContext for Filter {
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
         let config = &self.active.plugin.config;
-        let Headers { quota, service } = std::mem::take(&mut self.headers);
+        let Headers { quota, service, .. } = std::mem::take(&mut self.headers);
         if let Some((policy, quota)) = quota {
             let name = policy.map_or("global", |id| id.name(config));
             response::rate_limit_headers(config.headers, name, &quota, |n, v| {

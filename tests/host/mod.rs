@@ -266,9 +266,27 @@ pub struct Reply {
     pub added_response_headers: Vec<(String, String)>,
     pub continue_calls: u32,
     pub close_calls: u32,
+    /// The request headers after the filter (what the upstream gets).
+    pub request_headers: Vec<(Vec<u8>, Vec<u8>)>,
+    /// The stream's properties after the filter, with what it set (`proxy_set_property`,
+    /// Envoy's filter state `wasm.<path>`), keyed by NUL-joined path.
+    pub properties: BTreeMap<Vec<u8>, Vec<u8>>,
 }
 
 impl Reply {
+    /// A request header as the upstream gets it, as text.
+    pub fn upstream_header(&self, name: &str) -> Option<String> {
+        self.request_headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name.as_bytes()))
+            .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+    }
+
+    /// A property the filter set on the stream, as text.
+    pub fn property(&self, path: &[&str]) -> Option<String> {
+        self.properties.get(&property_key(path)).map(|v| String::from_utf8_lossy(v).into_owned())
+    }
+
     /// Continued to the upstream with no local reply.
     pub fn allowed(&self) -> bool {
         self.request_action == Action::Continue && self.local_reply.is_none()
@@ -647,6 +665,8 @@ impl VmCore {
             added_response_headers: stream.added_response_headers,
             continue_calls: stream.continue_calls,
             close_calls: stream.close_calls,
+            request_headers: stream.request_headers,
+            properties: stream.properties,
         };
         let world = self.store.data().world.clone();
         let mut shared = world.shared();
