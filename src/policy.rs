@@ -120,18 +120,18 @@ pub fn enforces(config: &Config, policy: &Policy, tenant: &TenantId, now_ns: u64
     }
 }
 
-/// The plan of a request of `tenant`: from `tenant.plan_from` (the first source present
-/// decides; an unknown name, or a value the client could forge, means `default_plan`), else
-/// `default_plan`. Sources are read only when the plan can matter: for an unlisted tenant, or
-/// a listed one without a named plan.
+/// The plan a request of `tenant` is on: a listed tenant's named plan; else from
+/// `tenant.plan_from` (the first source present decides; an unknown name, or a value the
+/// client could forge, means `default_plan`); else `default_plan`. The sources are read only
+/// when they can matter.
 pub fn plan_of(config: &Config, tenant: &TenantId, facts: &mut impl RequestFacts) -> Option<usize> {
+    if let Some(entry) = config.tenant_index(tenant.as_bytes()).and_then(|t| config.tenants.get(t)) {
+        if entry.plan.is_some() || entry.on_plans.is_empty() {
+            return entry.plan.or(config.default_plan);
+        }
+    }
     if config.plan_sources.is_empty() {
         return config.default_plan;
-    }
-    if let Some(entry) = config.tenant_index(tenant.as_bytes()).and_then(|t| config.tenants.get(t)) {
-        if entry.on_plans.is_empty() {
-            return None;
-        }
     }
     match tenant::first_present(&config.plan_sources, facts) {
         Some(name) => config.plan_index(name.as_bytes()).or(config.default_plan),

@@ -56,7 +56,7 @@ fn the_decision_is_filter_state_for_the_access_log() {
     let reply = vm.request(&on_plan("acme", None)).unwrap();
     assert_eq!(
         reply.property(&["tenant_ratelimit"]).as_deref(),
-        Some("tenant=acme plan=- rule=- policy=acme outcome=allowed")
+        Some("tenant=acme plan=pro rule=- policy=acme outcome=allowed")
     );
     let reply = vm.request(&on_plan("zed", Some("pro"))).unwrap();
     assert_eq!(

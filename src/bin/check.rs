@@ -121,18 +121,26 @@ mod native {
 
     fn print_limits(c: &Config) {
         let line = |kind: &str, p: &Policy| {
-            let mode = p.mode.unwrap_or(c.mode);
+            let enforced = match tenant_ratelimit::policy::enforced_percent(c, p) {
+                0 => "shadow".to_string(),
+                100 => "enforce".to_string(),
+                n => format!("enforce {n}%"),
+            };
+            let plan =
+                p.plan.and_then(|i| c.plans.get(i)).map(|plan| format!("  plan {}", plan.name)).unwrap_or_default();
             println!(
-                "  {kind:<8} {:<24} capacity {:>10}  rate {:>12}/s {:>12}/min  window {}s  mode {:?}",
+                "  {kind:<8} {:<24} capacity {:>10}  rate {:>12}/s {:>12}/min  window {}s  {enforced}{plan}",
                 p.name,
                 p.limit.capacity,
                 fmt(p.rate_per_second),
                 fmt(p.rate_per_second * 60.0),
                 p.limit.window_seconds(),
-                mode
             );
         };
         line("default", &c.default_policy);
+        for p in &c.plans {
+            line("plan", p);
+        }
         for t in &c.tenants {
             line("tenant", t);
         }
@@ -153,6 +161,18 @@ mod native {
         }
         let sources: Vec<String> = c.tenant_sources.iter().map(|s| format!("{s:?}")).collect();
         println!("  tenant from [{}], default \"{}\"", sources.join(", "), c.default_tenant);
+        if !c.plans.is_empty() {
+            let from: Vec<String> = c.plan_sources.iter().map(|s| format!("{s:?}")).collect();
+            let default = c.default_plan.and_then(|i| c.plans.get(i)).map_or("none (top level)", |p| p.name.as_str());
+            println!("  plan from [{}], default plan {default}", from.join(", "));
+        }
+        if c.shadow_header.is_some() || c.filter_state {
+            println!(
+                "  shadow header {} | filter state {}",
+                c.shadow_header.as_deref().unwrap_or("off"),
+                if c.filter_state { "wasm.tenant_ratelimit" } else { "off" }
+            );
+        }
         let headers = match c.headers {
             HeaderStyle::Off => "off",
             HeaderStyle::XRateLimit => "x-ratelimit",
