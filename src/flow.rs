@@ -678,9 +678,8 @@ mod tests {
             }
         }
         let mut store = FakeStore::default();
-        let mut send = |facts: &mut dyn FnMut() -> Step| facts();
         let mut pro = || on_request(&plugin, None, &mut Planned(get("a", b"/x")), &mut store, || T0);
-        let (first, second) = (send(&mut pro), send(&mut pro));
+        let (first, second) = (pro(), pro());
         let render = |s: &Step| s.decided.map(|d| d.render(&plugin.config)).unwrap_or_default();
         assert_eq!(render(&first), "tenant=a plan=pro rule=- policy=pro outcome=allowed");
         assert_eq!(render(&second), "tenant=a plan=pro rule=- policy=pro outcome=shadow_denied");

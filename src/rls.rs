@@ -4,84 +4,122 @@
 //! (envoy/service/ratelimit/v3/rls.proto, envoy/extensions/common/ratelimit/v3/ratelimit.proto,
 //! envoy/config/core/v3/base.proto); the tests check them against the `envoy-types` crate.
 
-use prost::Message;
-
 pub const SERVICE: &str = "envoy.service.ratelimit.v3.RateLimitService";
 pub const METHOD: &str = "ShouldRateLimit";
 
-#[derive(Clone, PartialEq, Message)]
-pub struct RateLimitRequest {
-    #[prost(string, tag = "1")]
-    pub domain: String,
-    #[prost(message, repeated, tag = "2")]
-    pub descriptors: Vec<RateLimitDescriptor>,
-    #[prost(uint32, tag = "3")]
-    pub hits_addend: u32,
+pub const CODE_OK: u64 = 1;
+pub const CODE_OVER_LIMIT: u64 = 2;
+
+/// Protobuf wire types.
+const VARINT: u8 = 0;
+const FIXED64: u8 = 1;
+const LEN: u8 = 2;
+const FIXED32: u8 = 5;
+
+/// Protobuf output: just the three field kinds the request has.
+struct Out(Vec<u8>);
+
+impl Out {
+    fn varint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+
+    fn key(&mut self, field: u32, wire: u8) {
+        self.varint(u64::from(field) << 3 | u64::from(wire));
+    }
+
+    fn bytes(&mut self, field: u32, b: &[u8]) {
+        self.key(field, LEN);
+        self.varint(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+
+    /// A nested message written by `write` into its own buffer first (its length goes first).
+    fn message(&mut self, field: u32, write: impl FnOnce(&mut Out)) {
+        let mut inner = Out(Vec::new());
+        write(&mut inner);
+        self.bytes(field, &inner.0);
+    }
 }
 
-#[derive(Clone, PartialEq, Message)]
-pub struct RateLimitDescriptor {
-    #[prost(message, repeated, tag = "1")]
-    pub entries: Vec<Entry>,
+/// Protobuf input: the fields of one message, in order, unknown ones included.
+struct Fields<'a> {
+    rest: &'a [u8],
 }
 
-#[derive(Clone, PartialEq, Message)]
-pub struct Entry {
-    #[prost(string, tag = "1")]
-    pub key: String,
-    #[prost(string, tag = "2")]
-    pub value: String,
+/// One field's value.
+enum Value<'a> {
+    Int(u64),
+    Bytes(&'a [u8]),
 }
 
-pub const CODE_OK: i32 = 1;
-pub const CODE_OVER_LIMIT: i32 = 2;
+impl<'a> Fields<'a> {
+    fn varint(&mut self) -> Option<u64> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = self.rest.split_first()?;
+            self.rest = rest;
+            v |= u64::from(b & 0x7f) << shift;
+            if b < 0x80 {
+                return Some(v);
+            }
+        }
+        None
+    }
 
-#[derive(Clone, PartialEq, Message)]
-pub struct RateLimitResponse {
-    #[prost(int32, tag = "1")]
-    pub overall_code: i32,
-    #[prost(message, repeated, tag = "2")]
-    pub statuses: Vec<DescriptorStatus>,
-    #[prost(message, repeated, tag = "3")]
-    pub response_headers_to_add: Vec<HeaderValue>,
+    fn take(&mut self, n: usize) -> Option<&'a [u8]> {
+        if n > self.rest.len() {
+            return None;
+        }
+        let (head, rest) = self.rest.split_at(n);
+        self.rest = rest;
+        Some(head)
+    }
+
+    /// The next (field number, value); `Some(Err)`-like garbage ends the walk as `None` from
+    /// [`fields`].
+    fn next_field(&mut self) -> Option<(u64, Value<'a>)> {
+        let key = self.varint()?;
+        let value = match (key & 7) as u8 {
+            VARINT => Value::Int(self.varint()?),
+            FIXED64 => Value::Bytes(self.take(8)?),
+            LEN => {
+                let n = usize::try_from(self.varint()?).ok()?;
+                Value::Bytes(self.take(n)?)
+            }
+            FIXED32 => Value::Bytes(self.take(4)?),
+            _ => return None, // groups (deprecated) and invalid wire types
+        };
+        Some((key >> 3, value))
+    }
 }
 
-#[derive(Clone, PartialEq, Message)]
-pub struct DescriptorStatus {
-    #[prost(int32, tag = "1")]
-    pub code: i32,
-    #[prost(message, optional, tag = "2")]
-    pub current_limit: Option<CurrentLimit>,
-    #[prost(uint32, tag = "3")]
-    pub limit_remaining: u32,
-    #[prost(message, optional, tag = "4")]
-    pub duration_until_reset: Option<Duration>,
+/// Calls `each` with every field of `msg`; `None` if the bytes are not a valid message.
+fn fields<'a>(msg: &'a [u8], mut each: impl FnMut(u64, Value<'a>) -> Option<()>) -> Option<()> {
+    let mut f = Fields { rest: msg };
+    while !f.rest.is_empty() {
+        let (number, value) = f.next_field()?;
+        each(number, value)?;
+    }
+    Some(())
 }
 
-#[derive(Clone, PartialEq, Message)]
-pub struct CurrentLimit {
-    #[prost(uint32, tag = "1")]
-    pub requests_per_unit: u32,
-    #[prost(int32, tag = "2")]
-    pub unit: i32,
+fn int(v: &Value) -> Option<u64> {
+    match v {
+        Value::Int(n) => Some(*n),
+        Value::Bytes(_) => None,
+    }
 }
 
-#[derive(Clone, PartialEq, Message)]
-pub struct Duration {
-    #[prost(int64, tag = "1")]
-    pub seconds: i64,
-    #[prost(int32, tag = "2")]
-    pub nanos: i32,
-}
-
-#[derive(Clone, PartialEq, Message)]
-pub struct HeaderValue {
-    #[prost(string, tag = "1")]
-    pub key: String,
-    #[prost(string, tag = "2")]
-    pub value: String,
-    #[prost(bytes = "vec", tag = "3")]
-    pub raw_value: Vec<u8>,
+fn bytes<'a>(v: &Value<'a>) -> Option<&'a [u8]> {
+    match v {
+        Value::Bytes(b) => Some(b),
+        Value::Int(_) => None,
+    }
 }
 
 /// The descriptor entries of one request, in a fixed order.
@@ -92,14 +130,25 @@ pub struct DescriptorInput<'a> {
     pub path: Option<(&'a str, &'a str)>,
 }
 
-/// Encodes a `RateLimitRequest` for one descriptor.
+/// Encodes a `RateLimitRequest` (domain 1, descriptors 2, hits_addend 3) for one descriptor
+/// (entries 1: key 1, value 2).
 pub fn encode_request(domain: &str, input: &DescriptorInput<'_>, hits: u32) -> Vec<u8> {
-    let mut entries = vec![Entry { key: input.tenant_key.into(), value: input.tenant.into() }];
-    for (key, value) in [input.method, input.path].into_iter().flatten() {
-        entries.push(Entry { key: key.into(), value: value.into() });
+    let mut out = Out(Vec::with_capacity(64 + domain.len() + input.tenant.len()));
+    out.bytes(1, domain.as_bytes());
+    out.message(2, |d| {
+        let entries = [Some((input.tenant_key, input.tenant)), input.method, input.path];
+        for (key, value) in entries.into_iter().flatten() {
+            d.message(1, |e| {
+                e.bytes(1, key.as_bytes());
+                e.bytes(2, value.as_bytes());
+            });
+        }
+    });
+    if hits != 0 {
+        out.key(3, VARINT);
+        out.varint(u64::from(hits));
     }
-    RateLimitRequest { domain: domain.into(), descriptors: vec![RateLimitDescriptor { entries }], hits_addend: hits }
-        .encode_to_vec()
+    out.0
 }
 
 /// What the service said, reduced to what the filter acts on.
@@ -120,38 +169,96 @@ pub struct Answer {
     pub headers: Vec<(String, String)>,
 }
 
-/// Decodes a `RateLimitResponse`; `None` if it is not one, or its code is neither OK nor
-/// OVER_LIMIT (UNKNOWN is a service error, handled by `failure_mode`).
+/// The first `DescriptorStatus` of an answer: code 1, current_limit 2 (requests_per_unit 1,
+/// unit 2), limit_remaining 3, duration_until_reset 4 (seconds 1, nanos 2).
+#[derive(Default)]
+struct Status {
+    limit: Option<(u64, u64)>,
+    remaining: u64,
+    reset: Option<(u64, u64)>,
+}
+
+fn status(msg: &[u8]) -> Option<Status> {
+    let mut s = Status::default();
+    let pair = |msg: &[u8]| {
+        let (mut a, mut b) = (0, 0);
+        fields(msg, |n, v| {
+            match n {
+                1 => a = int(&v)?,
+                2 => b = int(&v)?,
+                _ => {}
+            }
+            Some(())
+        })
+        .map(|()| (a, b))
+    };
+    fields(msg, |n, v| {
+        match n {
+            2 => s.limit = Some(pair(bytes(&v)?)?),
+            3 => s.remaining = int(&v)?,
+            4 => s.reset = Some(pair(bytes(&v)?)?),
+            _ => {}
+        }
+        Some(())
+    })?;
+    Some(s)
+}
+
+/// A `response_headers_to_add` entry (key 1, value 2, raw_value 3), if it is safe to add.
+fn header(msg: &[u8]) -> Option<Option<(String, String)>> {
+    let (mut key, mut value, mut raw): (&[u8], &[u8], &[u8]) = (b"", b"", b"");
+    fields(msg, |n, v| {
+        match n {
+            1 => key = bytes(&v)?,
+            2 => value = bytes(&v)?,
+            3 => raw = bytes(&v)?,
+            _ => {}
+        }
+        Some(())
+    })?;
+    let value = if value.is_empty() { raw } else { value };
+    let (Ok(key), Ok(value)) = (std::str::from_utf8(key), std::str::from_utf8(value)) else { return Some(None) };
+    // A control character (CR, LF) would let the service inject headers.
+    let safe = !key.is_empty() && !key.bytes().chain(value.bytes()).any(|b| b.is_ascii_control());
+    Some(safe.then(|| (key.to_ascii_lowercase(), value.to_string())))
+}
+
+/// Decodes a `RateLimitResponse` (overall_code 1, statuses 2, response_headers_to_add 3);
+/// `None` if it is not one, or its code is neither OK nor OVER_LIMIT (UNKNOWN is a service
+/// error, handled by `failure_mode`).
 pub fn decode_response(bytes: &[u8]) -> Option<Answer> {
-    let r = RateLimitResponse::decode(bytes).ok()?;
-    let over_limit = match r.overall_code {
+    let (mut code, mut first, mut headers) = (0, None, Vec::new());
+    fields(bytes, |n, v| {
+        match n {
+            1 => code = int(&v)?,
+            2 if first.is_none() => first = Some(status(self::bytes(&v)?)?),
+            3 => headers.extend(header(self::bytes(&v)?)?),
+            _ => {}
+        }
+        Some(())
+    })?;
+    let over_limit = match code {
         CODE_OK => false,
         CODE_OVER_LIMIT => true,
         _ => return None,
     };
-    let status = r.statuses.first();
-    let duration = status
-        .and_then(|s| s.duration_until_reset.as_ref())
-        .and_then(|d| Some((u64::try_from(d.seconds).ok()?, u64::try_from(d.nanos).ok()?)));
+    // int64 seconds and int32 nanos arrive as two's complement varints: negative ones are
+    // huge here and refused by the conversions below.
+    let duration = first
+        .as_ref()
+        .and_then(|s| s.reset)
+        .and_then(|(secs, nanos)| (i64::try_from(secs).is_ok() && nanos < 1_000_000_000).then_some((secs, nanos)));
     let reset = duration.map(|(secs, nanos)| secs.saturating_mul(1_000_000_000).saturating_add(nanos));
     let reset_floor = duration.map(|(secs, nanos)| match nanos {
         0 => secs.saturating_sub(1).saturating_mul(1_000_000_000),
         _ => secs.saturating_mul(1_000_000_000).saturating_add(nanos),
     });
-    let headers = r
-        .response_headers_to_add
-        .into_iter()
-        .filter_map(|h| {
-            let value = if h.value.is_empty() { String::from_utf8(h.raw_value).ok()? } else { h.value };
-            let safe = |s: &str| !s.is_empty() && !s.bytes().any(|b| b.is_ascii_control());
-            (safe(&h.key) && !value.bytes().any(|b| b.is_ascii_control())).then(|| (h.key.to_ascii_lowercase(), value))
-        })
-        .collect();
+    let limit = first.as_ref().and_then(|s| s.limit);
     Some(Answer {
         over_limit,
-        limit: status.and_then(|s| s.current_limit.as_ref()).map(|l| u64::from(l.requests_per_unit)),
-        window_seconds: status.and_then(|s| s.current_limit.as_ref()).and_then(|l| unit_seconds(l.unit)),
-        remaining: status.map(|s| u64::from(s.limit_remaining)),
+        limit: limit.map(|(per_unit, _)| per_unit & u64::from(u32::MAX)),
+        window_seconds: limit.and_then(|(_, unit)| unit_seconds(unit)),
+        remaining: first.as_ref().map(|s| s.remaining & u64::from(u32::MAX)),
         reset_seconds: reset.map(|ns| ns.div_ceil(1_000_000_000)),
         reset_ns: reset_floor,
         headers,
@@ -159,7 +266,7 @@ pub fn decode_response(bytes: &[u8]) -> Option<Answer> {
 }
 
 /// Seconds of `RateLimit.Unit` (SECOND=1, MINUTE=2, HOUR=3, DAY=4, MONTH=5, YEAR=6, WEEK=7).
-fn unit_seconds(unit: i32) -> Option<u64> {
+fn unit_seconds(unit: u64) -> Option<u64> {
     match unit {
         1 => Some(1),
         2 => Some(60),
@@ -176,6 +283,7 @@ fn unit_seconds(unit: i32) -> Option<u64> {
 mod tests {
     use super::*;
     use envoy_types::pb::envoy::service::ratelimit::v3 as published;
+    use prost::Message;
 
     fn input() -> DescriptorInput<'static> {
         DescriptorInput { tenant_key: "tenant", tenant: "acme", method: Some(("method", "GET")), path: None }
@@ -249,16 +357,55 @@ mod tests {
 
     #[test]
     fn header_injection_is_dropped() {
-        let r = RateLimitResponse {
-            overall_code: CODE_OK,
-            statuses: vec![],
-            response_headers_to_add: vec![
-                HeaderValue { key: "x-a".into(), value: "ok".into(), raw_value: vec![] },
-                HeaderValue { key: "x-b".into(), value: "bad\r\nx-evil: 1".into(), raw_value: vec![] },
-                HeaderValue { key: "".into(), value: "v".into(), raw_value: vec![] },
-            ],
+        use envoy_types::pb::envoy::config::core::v3::HeaderValue as PubHeader;
+        let h = |key: &str, value: &str| PubHeader { key: key.into(), value: value.into(), ..Default::default() };
+        let r = published::RateLimitResponse {
+            overall_code: 1,
+            response_headers_to_add: vec![h("x-a", "ok"), h("x-b", "bad\r\nx-evil: 1"), h("", "v")],
+            ..Default::default()
         };
         let a = decode_response(&r.encode_to_vec()).unwrap();
         assert_eq!(a.headers, vec![("x-a".to_string(), "ok".to_string())]);
+    }
+
+    #[test]
+    fn raw_value_unknown_fields_and_negative_durations() {
+        use envoy_types::pb::envoy::config::core::v3::HeaderValue as PubHeader;
+        use envoy_types::pb::google::protobuf::Duration as PubDuration;
+        let r = published::RateLimitResponse {
+            overall_code: 2,
+            statuses: vec![published::rate_limit_response::DescriptorStatus {
+                duration_until_reset: Some(PubDuration { seconds: -5, nanos: 0 }),
+                limit_remaining: 3,
+                ..Default::default()
+            }],
+            response_headers_to_add: vec![PubHeader {
+                key: "x-raw".into(),
+                raw_value: b"v".to_vec(),
+                ..Default::default()
+            }],
+            raw_body: b"ignored".to_vec(),
+            ..Default::default()
+        };
+        let a = decode_response(&r.encode_to_vec()).unwrap();
+        assert!(a.over_limit);
+        assert_eq!((a.remaining, a.reset_ns, a.reset_seconds), (Some(3), None, None));
+        assert_eq!(a.headers, vec![("x-raw".to_string(), "v".to_string())]);
+        // Truncated anywhere: not an answer.
+        let bytes = r.encode_to_vec();
+        for cut in 1..bytes.len() {
+            let _ = decode_response(&bytes[..cut]); // never panics
+        }
+        assert_eq!(decode_response(&bytes[..bytes.len() - 1]), None);
+    }
+
+    #[test]
+    fn request_without_hits_and_with_every_entry() {
+        let input =
+            DescriptorInput { tenant_key: "t", tenant: "a", method: Some(("m", "GET")), path: Some(("p", "/x")) };
+        let r = published::RateLimitRequest::decode(encode_request("d", &input, 0).as_slice()).unwrap();
+        assert_eq!(r.hits_addend, 0);
+        let pairs: Vec<_> = r.descriptors[0].entries.iter().map(|e| (e.key.as_str(), e.value.as_str())).collect();
+        assert_eq!(pairs, [("t", "a"), ("m", "GET"), ("p", "/x")]);
     }
 }
