@@ -1,15 +1,15 @@
 //! The plugin configuration: JSON in, a checked [`Config`] or a [`ConfigError`] naming the
 //! field out.
 //!
-//! We walk `serde_json::Value` by hand instead of deriving `Deserialize` because serde's
-//! messages point at a line and column, not at the field path (`tenants.acme.capacity`), and
+//! We walk a JSON [`Value`] (our small reader, `json.rs`) by hand instead of deriving a
+//! deserializer because such messages point at a line and column, not at the field path (`tenants.acme.capacity`), and
 //! operators read these errors in an Envoy log without the JSON in front of them.
 //! Unknown fields are errors everywhere: a typo must never silently disable a limit.
 
 use crate::bucket::{Limit, MAX_CAPACITY, MAX_RATE, MIN_RATE};
+use crate::json::{Map, Value};
 use crate::rate::parse_rate;
 use crate::tenant::{is_valid_tenant_id, TenantSource, MAX_TENANT_LEN};
-use serde_json::{Map, Value};
 use std::fmt;
 
 /// The default tenant source list: header `x-tenant-id`, then query parameter `tenant`.
@@ -236,7 +236,7 @@ pub struct Config {
 impl Config {
     /// Parses and validates the plugin configuration bytes.
     pub fn from_json_bytes(bytes: &[u8]) -> Result<Config, ConfigError> {
-        let value: Value = serde_json::from_slice(bytes)
+        let value: Value = crate::json::parse(bytes)
             .map_err(|e| ConfigError { field: String::new(), reason: format!("not valid JSON: {e}") })?;
         Config::from_value(&value)
     }
@@ -1083,13 +1083,12 @@ mod tests {
 
     #[test]
     fn nested_config_errors_carry_the_prefix() {
-        let v: Value =
-            serde_json::from_str(r#"{"capacity":5,"refill_rate":1,"tenants":{"x":{"capacity":0}}}"#).unwrap();
+        let v = crate::json::parse(br#"{"capacity":5,"refill_rate":1,"tenants":{"x":{"capacity":0}}}"#).unwrap();
         let e = Config::from_value_at("domains.acme", &v).unwrap_err();
         assert_eq!(e.field, "domains.acme.tenants.x.capacity");
-        let v: Value = serde_json::from_str(r#"{"refill_rate":1}"#).unwrap();
+        let v = crate::json::parse(br#"{"refill_rate":1}"#).unwrap();
         assert_eq!(Config::from_value_at("domains.d", &v).unwrap_err().field, "domains.d.capacity");
-        let v: Value = serde_json::from_str(r#"{"capacity":5,"refill_rate":1}"#).unwrap();
+        let v = crate::json::parse(br#"{"capacity":5,"refill_rate":1}"#).unwrap();
         assert_eq!(Config::from_value_at("domains.d", &v), Config::from_value(&v));
     }
 
@@ -1321,9 +1320,9 @@ mod tests {
     }
 
     mod fuzz {
-        use super::super::*;
+        use super::super::Config;
         use proptest::prelude::*;
-        use serde_json::json;
+        use serde_json::{json, Value};
 
         fn any_json() -> impl Strategy<Value = Value> {
             let leaf = prop_oneof![
@@ -1370,7 +1369,7 @@ mod tests {
             "deny":{"status":429},"rate_limit_headers":"ietf","max_tenants":100,"overflow":"deny"}"#;
 
         fn check(v: &Value) -> Result<(), TestCaseError> {
-            if let Err(e) = Config::from_value(v) {
+            if let Err(e) = Config::from_value(&crate::json::Value::from(v)) {
                 let line = e.to_string();
                 prop_assert!(!line.contains('\n'));
                 if v.is_object() {

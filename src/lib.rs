@@ -9,6 +9,7 @@ pub mod config;
 pub mod decision;
 pub mod flow;
 pub mod global;
+pub mod json;
 pub mod metrics;
 pub mod policy;
 pub mod rate;

@@ -97,7 +97,8 @@ impl Settings {
         for (domain, limits) in domain_map {
             let field = format!("domains.{domain}");
             name(&field, &Value::String(domain.clone()))?;
-            let config = Config::from_value_at(&field, limits).map_err(SettingsError)?;
+            let limits = tenant_ratelimit::json::Value::from(limits);
+            let config = Config::from_value_at(&field, &limits).map_err(SettingsError)?;
             domains.insert(domain.clone(), Domain::new(&field, config)?);
         }
         let tenant_key = match top.get("tenant_key") {

@@ -49,7 +49,7 @@ mod native {
                 .into());
         }
         for (place, json) in &configs {
-            match Config::from_value(json) {
+            match Config::from_value(&tenant_ratelimit::json::Value::from(json)) {
                 Ok(config) => {
                     println!("{file}: {place}:");
                     print_limits(&config);
