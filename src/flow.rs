@@ -11,7 +11,7 @@ use crate::metrics::{Counter, Events, Pending};
 use crate::policy::PolicyId;
 use crate::response::{Denial, Quota};
 use crate::rls::{self, Answer};
-use crate::rules::{classify, Metering};
+use crate::rules::{self, Lookup, Metering};
 use crate::store::{Namespace, SharedStore};
 use crate::tenant::{self, RequestFacts, TenantId};
 use crate::worker_lease::WorkerLeases;
@@ -102,18 +102,13 @@ pub fn on_request(
     let service = Service::of(config, &plugin.ns);
     let mut events = Events::default();
 
-    let needs_method = !config.rules.is_empty() || service.is_some_and(|s| s.global.method_key.is_some());
-    let method = if needs_method { facts.header(":method").unwrap_or_default() } else { Vec::new() };
-    let metering = if config.rules.is_empty() {
-        classify(&[], b"", b"")
-    } else {
-        classify(&config.rules, &method, facts.path().unwrap_or_default())
-    };
+    let mut req = Lookup::new(facts);
+    let (metering, tenant) = rules::meter(config, &plugin.default_tenant, &mut req);
     let Metering::Charge { cost, rule } = metering else {
         events.bump(Counter::Unmetered, 1);
         return Step::go(Headers::default(), events);
     };
-    let tenant = tenant::resolve(&config.tenant_sources, &plugin.default_tenant, facts);
+    let tenant = tenant.unwrap_or_else(|| tenant::resolve(&config.tenant_sources, &plugin.default_tenant, &mut req));
     let request = Metered::new(config, tenant, rule, cost);
 
     let mut pending = Pending { shadow_denied: false, policy: request.policy };
@@ -151,12 +146,13 @@ pub fn on_request(
         Plan::Admit => return Step::go(Headers::default(), events),
         Plan::Ask { hits } => hits,
     };
-    let method = std::str::from_utf8(&method).unwrap_or("");
-    let path = facts.path().map(|p| {
+    let global = service.global;
+    let (method, path) = req.method_and_path(global.method_key.is_some(), global.path_key.is_some());
+    let method = std::str::from_utf8(method.unwrap_or_default()).unwrap_or("");
+    let path = path.map(|p| {
         let end = p.iter().position(|&b| b == b'?').unwrap_or(p.len());
         std::str::from_utf8(p.get(..end).unwrap_or_default()).unwrap_or("")
     });
-    let global = service.global;
     let input = rls::DescriptorInput {
         tenant_key: &global.tenant_key,
         tenant: tenant.as_str(),

@@ -147,11 +147,19 @@ pub fn xff_client(xff: &[u8], trusted_hops: u32) -> Option<&[u8]> {
     }
 }
 
-/// What the host can tell about a request, asked lazily and only for configured sources.
+/// What the host can tell about a request, asked lazily and only for configured sources and
+/// rules (`rules::Lookup` asks each at most once per request).
 pub trait RequestFacts {
     fn header(&mut self, name: &str) -> Option<Vec<u8>>;
     fn path(&mut self) -> Option<&[u8]>;
     fn property(&mut self, path: &[&str]) -> Option<Vec<u8>>;
+
+    /// The name of the Envoy route the request matched: Envoy (1.40) answers `xds.route_name`
+    /// with `route()->routeName()`, set before any HTTP filter runs (empty for a route without
+    /// a name; absent when no route matched).
+    fn route_name(&mut self) -> Option<Vec<u8>> {
+        self.property(&["xds", "route_name"])
+    }
 }
 
 /// The dynamic-metadata namespace Envoy's `jwt_authn` filter writes verified payloads to.
@@ -166,14 +174,30 @@ pub const JWT_DEFAULT_KEYS: [&str; 2] = ["payload", "jwt_payload"];
 
 /// Tries each source in order; the first present and valid id wins, else `default`.
 pub fn resolve(sources: &[TenantSource], default: &TenantId, facts: &mut impl RequestFacts) -> TenantId {
-    for source in sources {
+    resolve_from(sources, default, facts).0
+}
+
+/// Where a resolved tenant id came from (the checker's `--explain` prints it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `tenant.from[i]`.
+    Source(usize),
+    /// No source gave a valid id: `tenant.default`.
+    Default,
+    /// `tenant.from[i]` is a header-derived address under `{"source_ip": true}`: `tenant.default`.
+    Refused(usize),
+}
+
+/// [`resolve`], also saying which source decided.
+pub fn resolve_from(sources: &[TenantSource], default: &TenantId, facts: &mut impl RequestFacts) -> (TenantId, Origin) {
+    for (i, source) in sources.iter().enumerate() {
         match from_source(source, facts) {
-            Found::Id(id) => return id,
+            Found::Id(id) => return (id, Origin::Source(i)),
             Found::Nothing => {}
-            Found::Untrusted => return *default,
+            Found::Untrusted => return (*default, Origin::Refused(i)),
         }
     }
-    *default
+    (*default, Origin::Default)
 }
 
 /// What one source yields for a request.
