@@ -388,5 +388,95 @@ mod native {
         fn lines(out: &[(&str, String)]) -> String {
             out.iter().map(|(label, text)| format!("  {label:<8} {text}\n")).collect()
         }
+
+        #[cfg(test)]
+        mod tests {
+            #![allow(clippy::unwrap_used, clippy::panic, clippy::indexing_slicing)]
+            use super::*;
+
+            const CONFIG: &str = r#"{"capacity":60,"refill_rate":"60/min",
+                "tenant":{"from":[{"header":"x-tenant-id"},{"source_ip":true}]},
+                "tenants":{"acme":{"capacity":120,"refill_rate":"120/min",
+                    "rules":[{"name":"acme-export","path_separated_prefix":"/export","capacity":2,"refill_rate":"2/min"}]}},
+                "rules":[{"path_separated_prefix":"/healthz","cost":0},
+                         {"name":"eu","host":"*.eu.example.com","capacity":30,"refill_rate":"30/min"},
+                         {"headers":[{"name":"x-debug","exact":"1"}],"cost":10},
+                         {"name":"reviews","route":"reviews-v2","cost":2},
+                         {"methods":["GET"]}]}"#;
+
+            fn run(args: &[&str]) -> String {
+                let mut all = vec!["f.json".to_string(), "--explain".into()];
+                all.extend(args.iter().map(|a| a.to_string()));
+                let (_, req) = parse_args(&all).unwrap();
+                explain(&Config::from_json_bytes(CONFIG.as_bytes()).unwrap(), &req)
+            }
+
+            fn line<'a>(out: &'a str, label: &str) -> &'a str {
+                out.lines().find_map(|l| l.trim_start().strip_prefix(label)).map_or("", str::trim)
+            }
+
+            #[test]
+            fn health_check_exempt_and_lookalike_metered() {
+                let out = run(&["GET /healthz/live"]);
+                assert_eq!(line(&out, "rule"), "rules[0]: ANY /healthz[/*] cost 0");
+                assert_eq!(line(&out, "cost"), "0: unmetered (no bucket is debited)");
+                assert_eq!(line(&out, "policy"), "");
+                let out = run(&["GET /healthzfoo"]);
+                assert_eq!(line(&out, "rule"), "rules[4]: GET /* cost 1");
+                assert_eq!(
+                    line(&out, "tenant"),
+                    "default (not listed; from tenant.default: no source gave a valid id)"
+                );
+                assert_eq!(line(&out, "policy"), "default (the top-level limit: a bucket per tenant), mode Enforce");
+                assert_eq!(line(&out, "limit"), "capacity 60, rate 1/s (60/min), refills from empty in 60s");
+                assert_eq!(line(&run(&["POST /x"]), "rule"), "no rule matches: unmetered");
+            }
+
+            #[test]
+            fn tenant_rule_host_header_and_route() {
+                let out = run(&["GET /export/a.csv", "-H", "X-Tenant-Id: acme"]);
+                assert_eq!(line(&out, "tenant"), "acme (listed; from tenant.from[0]: header x-tenant-id)");
+                assert_eq!(line(&out, "rule"), "tenants.acme.rules[0] \"acme-export\": ANY /export[/*] cost 1");
+                assert!(line(&out, "policy").starts_with("acme-export (the rule's own limit"), "{out}");
+                assert_eq!(line(&out, "limit"), "capacity 2, rate 0.033333/s (2/min), refills from empty in 60s");
+                let out = run(&["GET /x", "-H", "Host: A.eu.example.com:8443", "-H", "x-tenant-id: globex"]);
+                assert_eq!(line(&out, "rule"), "rules[1] \"eu\": ANY /* host *.eu.example.com cost 1");
+                let out = run(&["GET /x", "-H", "x-debug: 1", "-H", "x-tenant-id: acme"]);
+                assert_eq!(
+                    (line(&out, "cost"), line(&out, "policy")),
+                    ("10", "acme (the listed tenant's limit), mode Enforce")
+                );
+                let out = run(&["GET /r", "--route", "reviews-v2"]);
+                assert_eq!(line(&out, "rule"), "rules[3] \"reviews\": ANY /* route reviews-v2 cost 2");
+                assert_eq!(line(&run(&["GET /r", "--route", "other"]), "rule"), "rules[4]: GET /* cost 1");
+            }
+
+            #[test]
+            fn peer_address_and_refused_header_derived_address() {
+                let out = run(&["GET /", "--peer", "10.1.2.3:4000"]);
+                assert_eq!(
+                    line(&out, "tenant"),
+                    "10.1.2.3 (not listed; from tenant.from[1]: source_ip (Envoy's source.address))"
+                );
+                let out = run(&["GET /", "--peer", "7.7.7.7:0"]);
+                assert!(line(&out, "tenant")
+                    .starts_with("default (not listed; from tenant.default: tenant.from[1] source_ip refuses"));
+            }
+
+            #[test]
+            fn bad_arguments() {
+                let parse = |args: &[&str]| parse_args(&args.iter().map(|a| a.to_string()).collect::<Vec<_>>());
+                assert!(parse(&["f", "--explain"]).is_err());
+                assert!(parse(&["f", "--explain", "GET"]).is_err());
+                assert!(parse(&["f", "--explain", "GET /", "-H", "novalue"]).is_err());
+                assert!(parse(&["f", "--explain", "GET /", "--what"]).is_err());
+                assert!(parse(&["f", "g", "--explain", "GET /"]).is_err());
+                assert!(parse(&["--explain", "GET /"]).is_err());
+                let (file, req) = parse(&["--explain", "GET /a?b", "f", "-H", "Host: h", "--route", "r"]).unwrap();
+                assert_eq!((file.as_str(), req.method.as_str(), req.path.as_str()), ("f", "GET", "/a?b"));
+                assert_eq!(req.headers, vec![(":authority".to_string(), "h".to_string())]);
+                assert_eq!(req.route.as_deref(), Some("r"));
+            }
+        }
     }
 }
