@@ -108,7 +108,7 @@ pub fn on_request(
         events.bump(Counter::Unmetered, 1);
         return Step::go(Headers::default(), events);
     };
-    let tenant = tenant.unwrap_or_else(|| tenant::resolve(&config.tenant_sources, &plugin.default_tenant, &mut req));
+    let tenant = tenant.unwrap_or_else(|| tenant::resolve(&config.tenant_sources, &plugin.default_tenant, req.facts()));
     let request = Metered::new(config, tenant, rule, cost);
 
     let mut pending = Pending { shadow_denied: false, policy: request.policy };

@@ -154,7 +154,7 @@ pub fn meter<'c, F: RequestFacts>(
 ) -> (Metering<'c>, Option<TenantId>) {
     let tenant = match config.tenant_rules.is_empty() {
         true => None,
-        false => Some(tenant::resolve(&config.tenant_sources, default_tenant, req)),
+        false => Some(tenant::resolve(&config.tenant_sources, default_tenant, req.facts())),
     };
     let metering = match first_rule(config, tenant.as_ref(), req) {
         Some(rule) => Metering::of(rule),
@@ -293,8 +293,7 @@ impl HeaderTest {
 const CACHED_HEADERS: usize = 8;
 
 /// One request's facts as rules see them: each read from the host only when a rule asks, and
-/// at most once (header values are kept for up to [`CACHED_HEADERS`] names). It is also the
-/// [`RequestFacts`] tenant resolution reads, so a header both need is read once.
+/// at most once (header values are kept for up to [`CACHED_HEADERS`] names).
 pub struct Lookup<'c, 'f, F> {
     facts: &'f mut F,
     method: Option<Option<Vec<u8>>>,
@@ -319,6 +318,11 @@ impl<'c, 'f, F: RequestFacts> Lookup<'c, 'f, F> {
 
     pub fn path(&mut self) -> Option<&[u8]> {
         self.facts.path()
+    }
+
+    /// The facts themselves, for tenant resolution (which reads its own sources).
+    pub fn facts(&mut self) -> &mut F {
+        self.facts
     }
 
     pub fn host(&mut self) -> Option<&[u8]> {
@@ -358,24 +362,6 @@ impl<'c, 'f, F: RequestFacts> Lookup<'c, 'f, F> {
         let m = self.method.as_ref().and_then(|m| m.as_deref()).filter(|_| method);
         let p = if path { self.facts.path() } else { None };
         (m, p)
-    }
-}
-
-impl<F: RequestFacts> RequestFacts for Lookup<'_, '_, F> {
-    fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        let used = self.cached.min(CACHED_HEADERS);
-        match self.headers.iter().take(used).find(|(n, _)| *n == name) {
-            Some((_, value)) => value.clone(),
-            None => self.facts.header(name),
-        }
-    }
-
-    fn path(&mut self) -> Option<&[u8]> {
-        self.facts.path()
-    }
-
-    fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
-        self.facts.property(path)
     }
 }
 

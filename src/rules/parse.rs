@@ -30,8 +30,8 @@ const RULE_FIELDS: &[&str] = &[
 ];
 
 impl RuleSet {
-    /// One rule list at `field` (e.g. `rules`); its rules get ids from `first_id` on. Rule
-    /// names are unique within the list; [`sections`] checks them across lists.
+    /// One rule list at `field` (e.g. `rules`); its rules get ids from `first_id` on. Whoever
+    /// parses lists checks that rule names are unique across all of them ([`sections`] does).
     pub fn parse(field: &str, v: &Value, first_id: usize) -> Result<RuleSet, ConfigError> {
         let Some(items) = v.as_array().filter(|items| items.len() <= MAX_RULES) else {
             return err(field, format!("must be an array of at most {MAX_RULES} rules"));
@@ -40,9 +40,7 @@ impl RuleSet {
         for (i, item) in items.iter().enumerate() {
             rules.push(rule(&format!("{field}[{i}]"), item, first_id + i)?);
         }
-        let set = RuleSet { rules, first_id };
-        unique_names(std::iter::once(&set), |_| field.to_string())?;
-        Ok(set)
+        Ok(RuleSet { rules, first_id })
     }
 
     fn next_id(&self) -> usize {
@@ -65,6 +63,7 @@ pub(crate) fn sections(
     let entries = tenants.and_then(Value::as_object);
     let own_rules = |name: &str| entries.and_then(|m| m.get(name)).and_then(|e| e.get("rules"));
     if !listed.iter().any(|t| own_rules(&t.name).is_some()) {
+        unique_names(std::iter::once(&top), |_| "rules".to_string())?;
         return Ok((top, Vec::new()));
     }
     let field = |t: &Policy| format!("tenants.{}.rules", t.name);
