@@ -1084,7 +1084,8 @@ mod tests {
                     "rate_limit_headers", "mode", "on_store_error", "max_tenants", "overflow",
                     "unknown_tenants", "near_limit_fraction", "header", "query", "source_ip", "xff",
                     "trusted_hops", "peer_principal", "jwt_claim", "claim", "metadata_key",
-                    "trusted_client_address",
+                    "trusted_client_address", "path", "path_separated_prefix", "host", "headers", "route",
+                    "exact", "prefix", "present", "absent",
                 ]).prop_map(String::from),
                 1 => ".{0,8}",
             ]

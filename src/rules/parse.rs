@@ -373,6 +373,64 @@ mod tests {
         assert_eq!(field_of(r#""tenants":{"a":{"rules":[{"name":"x"},{"name":"x"}]}}"#), "tenants.a.rules[1].name");
     }
 
+    mod fuzz {
+        use super::parse;
+        use proptest::prelude::*;
+        use serde_json::{json, Value};
+
+        fn value() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(|n| json!(n)),
+                prop::sample::select(vec![
+                    "/", "/a", "/a/", "a", "/a?b", "*.x.com", "*", "x.com:80", "[::1]", "x-d", ":path", "", "GET"
+                ])
+                .prop_map(|s| Value::String(s.into())),
+                ".{0,6}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..3).prop_map(Value::Array),
+                    prop::collection::vec((key(), inner), 0..4).prop_map(|kv| Value::Object(kv.into_iter().collect())),
+                ]
+            })
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            prop::sample::select(vec![
+                "name",
+                "methods",
+                "path_prefix",
+                "path",
+                "path_separated_prefix",
+                "host",
+                "headers",
+                "route",
+                "cost",
+                "exact",
+                "prefix",
+                "present",
+                "absent",
+                "rules",
+                "acme",
+            ])
+            .prop_map(String::from)
+        }
+
+        proptest! {
+            /// Any rule list, top-level or a tenant's, parses or fails naming a field under it.
+            #[test]
+            fn any_rules_parse_or_name_the_field(rules in prop::collection::vec(value(), 0..4), own in value()) {
+                let extra = format!(r#""rules":{},"tenants":{{"acme":{{"rules":{own}}}}}"#, Value::Array(rules));
+                if let Err(e) = parse(&extra) {
+                    prop_assert!(e.field.starts_with("rules") || e.field.starts_with("tenants.acme.rules"), "{}", e);
+                    prop_assert!(!e.to_string().contains('\n'));
+                }
+            }
+        }
+    }
+
     #[test]
     fn old_rules_keep_their_meaning() {
         let c = parse(r#""rules":[{"methods":["get"],"path_prefix":"/api","cost":2},{"name":"login","path_prefix":"/login","capacity":5,"refill_rate":"5/min"}]"#).unwrap();
