@@ -27,7 +27,6 @@ const DEFAULT_GRPC_MESSAGE: &str = "Too Many Requests";
 /// A `grpc-message` travels in a header; keep it well under Envoy's header size limits.
 const MAX_GRPC_MESSAGE: usize = 1024;
 const MAX_XFF_HOPS: u64 = 64;
-const MAX_RULES: usize = 256;
 
 /// A config problem: which field, and why. Displayed as one line for Envoy's log.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,7 +47,7 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
-fn err<T>(field: &str, reason: impl Into<String>) -> Result<T, ConfigError> {
+pub(crate) fn err<T>(field: &str, reason: impl Into<String>) -> Result<T, ConfigError> {
     Err(ConfigError { field: field.to_string(), reason: reason.into() })
 }
 
@@ -140,16 +139,7 @@ pub struct Policy {
     pub rate_per_second: f64,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct Rule {
-    pub name: Option<String>,
-    /// Upper-case method names; empty matches every method.
-    pub methods: Vec<String>,
-    pub path_prefix: String,
-    pub cost: u64,
-    /// A rule with its own limit meters a separate bucket per (tenant, rule).
-    pub policy: Option<Policy>,
-}
+pub use crate::rules::{Rule, RuleSet};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Deny {
@@ -209,7 +199,11 @@ pub struct Config {
     /// Listed tenants, sorted by name for binary search (no hashing, no randomness).
     pub tenants: Vec<Policy>,
     /// Empty means: every request is metered at cost 1.
-    pub rules: Vec<Rule>,
+    pub rules: RuleSet,
+    /// The listed tenants' own rules, by index in `tenants`; empty when no tenant has any.
+    pub tenant_rules: Vec<RuleSet>,
+    /// Each plan's own rules, by index in `plans`; empty when no plan has rules.
+    pub plan_rules: Vec<RuleSet>,
     pub deny: Deny,
     pub headers: HeaderStyle,
     pub mode: Mode,
@@ -278,10 +272,8 @@ impl Config {
             }
             None => Vec::new(),
         };
-        let rules = match obj.get("rules") {
-            Some(v) => rules_section(v)?,
-            None => Vec::new(),
-        };
+        let crate::rules::parse::Sections { top: rules, tenants: tenant_rules, plans: plan_rules } =
+            crate::rules::parse::sections(obj.get("rules"), obj.get("tenants"), &tenants, obj.get("plans"), &plans)?;
         let deny = match obj.get("deny") {
             Some(v) => deny_section(v)?,
             None => Deny::default(),
@@ -373,6 +365,8 @@ impl Config {
             default_plan,
             tenants,
             rules,
+            tenant_rules,
+            plan_rules,
             deny,
             headers,
             mode,
@@ -432,13 +426,13 @@ const TOP_FIELDS: &[&str] = &[
 ];
 
 /// An object whose keys were checked against the allowed list, with its path for messages.
-struct Fields<'a> {
+pub(crate) struct Fields<'a> {
     prefix: String,
     map: &'a Map<String, Value>,
 }
 
 impl<'a> Fields<'a> {
-    fn new(prefix: &str, value: &'a Value, allowed: &[&str]) -> Result<Fields<'a>, ConfigError> {
+    pub(crate) fn new(prefix: &str, value: &'a Value, allowed: &[&str]) -> Result<Fields<'a>, ConfigError> {
         let Some(map) = value.as_object() else {
             let what = if prefix.is_empty() { "the config" } else { "this field" };
             return err(prefix, format!("{what} must be a JSON object, got {}", kind(value)));
@@ -453,15 +447,15 @@ impl<'a> Fields<'a> {
         Ok(Fields { prefix: prefix.to_string(), map })
     }
 
-    fn path(&self, key: &str) -> String {
+    pub(crate) fn path(&self, key: &str) -> String {
         join(&self.prefix, key)
     }
 
-    fn get(&self, key: &str) -> Option<&'a Value> {
+    pub(crate) fn get(&self, key: &str) -> Option<&'a Value> {
         self.map.get(key)
     }
 
-    fn required(&self, key: &str) -> Result<&'a Value, ConfigError> {
+    pub(crate) fn required(&self, key: &str) -> Result<&'a Value, ConfigError> {
         match self.map.get(key) {
             Some(v) => Ok(v),
             None => err(&self.path(key), "required field is missing"),
@@ -477,7 +471,7 @@ fn join(prefix: &str, key: &str) -> String {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+pub(crate) fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -509,7 +503,7 @@ fn shown(v: &Value) -> String {
     }
 }
 
-fn string<'v>(field: &str, v: &'v Value) -> Result<&'v str, ConfigError> {
+pub(crate) fn string<'v>(field: &str, v: &'v Value) -> Result<&'v str, ConfigError> {
     match v.as_str() {
         Some(s) => Ok(s),
         None => err(field, format!("must be a string, got {}", kind(v))),
@@ -540,7 +534,7 @@ fn quoted(list: &[&str]) -> String {
     list.iter().map(|s| format!("\"{s}\"")).collect::<Vec<_>>().join(", ")
 }
 
-fn int_in(field: &str, v: &Value, min: u64, max: u64) -> Result<u64, ConfigError> {
+pub(crate) fn int_in(field: &str, v: &Value, min: u64, max: u64) -> Result<u64, ConfigError> {
     match v.as_u64() {
         Some(n) if (min..=max).contains(&n) => Ok(n),
         _ => err(field, format!("must be a whole number from {min} to {max}, got {}", shown(v))),
@@ -725,7 +719,7 @@ fn source_ip(field: &str, v: &Value) -> Result<TenantSource, ConfigError> {
 }
 
 /// `{"source_ip": true}`: the value must be `true`; `false` would be a confusing no-op.
-fn flag(field: &str, v: &Value) -> Result<(), ConfigError> {
+pub(crate) fn flag(field: &str, v: &Value) -> Result<(), ConfigError> {
     match v {
         Value::Bool(true) => Ok(()),
         _ => err(field, format!("must be true (remove the entry to disable it), got {}", shown(v))),
@@ -812,7 +806,8 @@ fn plans_section(v: &Value, default: &Policy) -> Result<Vec<Policy>, ConfigError
     for (name, entry) in map {
         let field = format!("plans.{name}");
         valid_name(&field, name, "plan")?;
-        let obj = Fields::new(&field, entry, ENTRY_FIELDS)?;
+        let fields: Vec<&str> = ENTRY_FIELDS.iter().copied().chain(["rules"]).collect();
+        let obj = Fields::new(&field, entry, &fields)?;
         out.push(policy_entry(&obj, name, default)?);
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
@@ -823,7 +818,7 @@ fn tenants_section(v: &Value, default: &Policy, plans: &Plans) -> Result<Vec<Pol
     let Some(map) = v.as_object() else {
         return err("tenants", format!("must be an object of tenant name -> limits, got {}", kind(v)));
     };
-    let fields: Vec<&str> = ENTRY_FIELDS.iter().copied().chain(["plan"]).collect();
+    let fields: Vec<&str> = ENTRY_FIELDS.iter().copied().chain(["plan", "rules"]).collect();
     let mut out = Vec::with_capacity(map.len());
     for (name, entry) in map {
         let field = format!("tenants.{name}");
@@ -842,73 +837,12 @@ fn tenants_section(v: &Value, default: &Policy, plans: &Plans) -> Result<Vec<Pol
     Ok(out)
 }
 
-const RULE_FIELDS: &[&str] =
-    &["name", "methods", "path_prefix", "cost", "capacity", "refill_rate", "mode", "enforce_percent"];
-
-fn rules_section(v: &Value) -> Result<Vec<Rule>, ConfigError> {
-    let Some(items) = v.as_array() else {
-        return err("rules", format!("must be an array of rules, got {}", kind(v)));
-    };
-    if items.len() > MAX_RULES {
-        return err("rules", format!("at most {MAX_RULES} rules, got {}", items.len()));
-    }
-    let mut out: Vec<Rule> = Vec::with_capacity(items.len());
-    for (i, item) in items.iter().enumerate() {
-        let rule = rule(&format!("rules[{i}]"), item)?;
-        if let Some(name) = &rule.name {
-            if out.iter().any(|r| r.name.as_ref() == Some(name)) {
-                return err(&format!("rules[{i}].name"), format!("duplicate rule name \"{name}\""));
-            }
-        }
-        out.push(rule);
-    }
-    Ok(out)
-}
-
-fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
-    let obj = Fields::new(field, v, RULE_FIELDS)?;
-    let name = match obj.get("name") {
-        None => None,
-        Some(n) => {
-            let s = string(&obj.path("name"), n)?;
-            if !is_valid_tenant_id(s.as_bytes()) || s.len() > 64 {
-                return err(&obj.path("name"), "must be 1 to 64 visible ASCII characters");
-            }
-            Some(s.to_string())
-        }
-    };
-    let methods = match obj.get("methods") {
-        None => Vec::new(),
-        Some(Value::Array(ms)) => {
-            let mut out = Vec::with_capacity(ms.len());
-            for (j, m) in ms.iter().enumerate() {
-                let f = format!("{field}.methods[{j}]");
-                let s = string(&f, m)?;
-                if s.is_empty() || s.len() > 32 || !s.bytes().all(|b| b.is_ascii_alphabetic()) {
-                    return err(&f, format!("must be an HTTP method such as \"GET\", got \"{s}\""));
-                }
-                out.push(s.to_ascii_uppercase());
-            }
-            out
-        }
-        Some(other) => return err(&obj.path("methods"), format!("must be an array of methods, got {}", kind(other))),
-    };
-    let path_prefix = match obj.get("path_prefix") {
-        None => "/".to_string(),
-        Some(p) => {
-            let s = string(&obj.path("path_prefix"), p)?;
-            if !s.starts_with('/') {
-                return err(&obj.path("path_prefix"), format!("must start with \"/\", got \"{s}\""));
-            }
-            s.to_string()
-        }
-    };
-    let cost = match obj.get("cost") {
-        None => 1,
-        Some(c) => int_in(&obj.path("cost"), c, 0, MAX_CAPACITY)?,
-    };
-    let (mode_override, enforce_percent) = enforcement(&obj)?;
-    let policy = match (obj.get("capacity"), obj.get("refill_rate")) {
+/// A rule's own limit (`capacity`/`refill_rate`, optional `mode` or `enforce_percent`; listed in rules/parse.rs's
+/// `RULE_FIELDS`), if it has one: it then needs
+/// a `name` (its bucket, stats and headers are named after it).
+pub(crate) fn rule_policy(obj: &Fields, field: &str, name: Option<&str>) -> Result<Option<Policy>, ConfigError> {
+    let (mode_override, enforce_percent) = enforcement(obj)?;
+    match (obj.get("capacity"), obj.get("refill_rate")) {
         (None, None) => {
             if mode_override.is_some() {
                 return err(&obj.path("mode"), "only a rule with its own capacity and refill_rate can have a mode");
@@ -919,10 +853,10 @@ fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
                     "only a rule with its own capacity and refill_rate can have an enforce_percent",
                 );
             }
-            None
+            Ok(None)
         }
         (Some(c), Some(r)) => {
-            let Some(name) = name.clone() else {
+            let Some(name) = name else {
                 return err(
                     &obj.path("name"),
                     "a rule with its own capacity/refill_rate needs a name (for its bucket, stats and headers)",
@@ -930,20 +864,19 @@ fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
             };
             let cap = capacity(&obj.path("capacity"), c)?;
             let per_second = rate(&obj.path("refill_rate"), r)?;
-            Some(Policy {
-                name,
+            Ok(Some(Policy {
+                name: name.to_string(),
                 limit: limit(field, cap, per_second)?,
                 mode: mode_override,
                 enforce_percent,
                 plan: None,
                 on_plans: Vec::new(),
                 rate_per_second: per_second,
-            })
+            }))
         }
-        (Some(_), None) => return err(&obj.path("refill_rate"), "a rule with its own capacity also needs refill_rate"),
-        (None, Some(_)) => return err(&obj.path("capacity"), "a rule with its own refill_rate also needs capacity"),
-    };
-    Ok(Rule { name, methods, path_prefix, cost, policy })
+        (Some(_), None) => err(&obj.path("refill_rate"), "a rule with its own capacity also needs refill_rate"),
+        (None, Some(_)) => err(&obj.path("capacity"), "a rule with its own refill_rate also needs capacity"),
+    }
 }
 
 fn deny_section(v: &Value) -> Result<Deny, ConfigError> {
@@ -1356,7 +1289,8 @@ mod tests {
                     "rate_limit_headers", "mode", "on_store_error", "max_tenants", "overflow",
                     "unknown_tenants", "near_limit_fraction", "header", "query", "source_ip", "xff",
                     "trusted_hops", "peer_principal", "jwt_claim", "claim", "metadata_key",
-                    "trusted_client_address",
+                    "trusted_client_address", "path", "path_separated_prefix", "host", "headers", "route",
+                    "exact", "prefix", "present", "absent",
                 ]).prop_map(String::from),
                 1 => ".{0,8}",
             ]

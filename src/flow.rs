@@ -11,7 +11,7 @@ use crate::metrics::{Counter, Events, Pending};
 use crate::policy::PolicyId;
 use crate::response::{Denial, Quota};
 use crate::rls::{self, Answer};
-use crate::rules::{classify, Metering};
+use crate::rules::{self, Lookup, Metering};
 use crate::store::{Namespace, SharedStore};
 use crate::tenant::{self, RequestFacts, TenantId};
 use crate::worker_lease::WorkerLeases;
@@ -168,7 +168,7 @@ impl Decided {
     pub fn render(&self, config: &Config) -> String {
         let Who { tenant, plan, rule, policy } = self.who;
         let plan = plan.and_then(|p| config.plans.get(p)).map_or("-", |p| p.name.as_str());
-        let rule = rule.and_then(|r| config.rules.get(r)).and_then(|r| r.name.as_deref()).unwrap_or("-");
+        let rule = rule.and_then(|r| config.rule(r)).and_then(|r| r.name.as_deref()).unwrap_or("-");
         let mut out = String::with_capacity(96);
         for (key, value) in [
             ("tenant", tenant.as_str()),
@@ -207,16 +207,10 @@ pub fn on_request(
         t
     };
     let config = &plugin.config;
-    let service = Service::of(config, &plugin.ns);
     let mut events = Events::default();
 
-    let needs_method = !config.rules.is_empty() || service.is_some_and(|s| s.global.method_key.is_some());
-    let method = if needs_method { facts.header(":method").unwrap_or_default() } else { Vec::new() };
-    let metering = if config.rules.is_empty() {
-        classify(&[], b"", b"")
-    } else {
-        classify(&config.rules, &method, facts.path().unwrap_or_default())
-    };
+    let mut req = Lookup::new(facts);
+    let (metering, who) = rules::meter(config, &plugin.default_tenant, &mut req);
     let Metering::Charge { cost, rule } = metering else {
         events.bump(Counter::Unmetered, 1);
         let mut step = Step::go(Headers::default(), events);
@@ -226,21 +220,22 @@ pub fn on_request(
         }
         return step;
     };
-    let tenant = tenant::resolve(&config.tenant_sources, &plugin.default_tenant, facts);
-    let plan = crate::policy::plan_of(config, &tenant, facts);
+    let (tenant, plan) = who.unwrap_or_else(|| {
+        let tenant = tenant::resolve(&config.tenant_sources, &plugin.default_tenant, req.facts());
+        (tenant, crate::policy::plan_of(config, &tenant, req.facts()))
+    });
     let request = Metered::new(config, tenant, plan, rule, cost);
-    let who = Who { tenant, plan, rule: rule.map(|(i, _)| i), policy: request.policy };
-    metered(plugin, worker, facts, store, &now, &method, request).finish(config, who)
+    let who = Who { tenant, plan, rule: rule.map(|(id, _)| id), policy: request.policy };
+    metered(plugin, worker, &mut req, store, &now, request).finish(config, who)
 }
 
 /// [`on_request`] for a metered request.
-fn metered(
-    plugin: &Plugin,
+fn metered<'c, F: RequestFacts>(
+    plugin: &'c Plugin,
     mut worker: Option<&mut Worker>,
-    facts: &mut impl RequestFacts,
+    req: &mut Lookup<'c, '_, F>,
     store: &mut impl SharedStore,
     now: &impl Fn() -> u64,
-    method: &[u8],
     request: Metered,
 ) -> Step {
     let config = &plugin.config;
@@ -283,12 +278,13 @@ fn metered(
         Plan::Admit => return Step::go(Headers::default(), events),
         Plan::Ask { hits } => hits,
     };
-    let method = std::str::from_utf8(method).unwrap_or("");
-    let path = facts.path().map(|p| {
+    let global = service.global;
+    let (method, path) = req.method_and_path(global.method_key.is_some(), global.path_key.is_some());
+    let method = std::str::from_utf8(method.unwrap_or_default()).unwrap_or("");
+    let path = path.map(|p| {
         let end = p.iter().position(|&b| b == b'?').unwrap_or(p.len());
         std::str::from_utf8(p.get(..end).unwrap_or_default()).unwrap_or("")
     });
-    let global = service.global;
     let input = rls::DescriptorInput {
         tenant_key: &global.tenant_key,
         tenant: tenant.as_str(),

@@ -13,7 +13,7 @@ pub enum PolicyId {
     Default,
     /// `config.tenants[i]`.
     Tenant(usize),
-    /// `config.rules[i]`, a rule with its own limit.
+    /// The rule with id `i` (`config.rule(i)`: top-level or a tenant's), with its own limit.
     Rule(usize),
     /// `config.plans[i]`: an unlisted tenant on a plan.
     Plan(usize),
@@ -53,7 +53,7 @@ impl PolicyId {
         let found = match self {
             PolicyId::Default => None,
             PolicyId::Tenant(i) => config.tenants.get(i),
-            PolicyId::Rule(i) => config.rules.get(i).and_then(|r| r.policy.as_ref()),
+            PolicyId::Rule(i) => config.rule(i).and_then(|r| r.policy.as_ref()),
             PolicyId::Plan(i) => config.plans.get(i),
             PolicyId::TenantOnPlan(t, p) => config.tenants.get(t).and_then(|e| e.on_plans.get(p)),
         };

@@ -147,11 +147,19 @@ pub fn xff_client(xff: &[u8], trusted_hops: u32) -> Option<&[u8]> {
     }
 }
 
-/// What the host can tell about a request, asked lazily and only for configured sources.
+/// What the host can tell about a request, asked lazily and only for configured sources and
+/// rules (`rules::Lookup` asks each at most once per request).
 pub trait RequestFacts {
     fn header(&mut self, name: &str) -> Option<Vec<u8>>;
     fn path(&mut self) -> Option<&[u8]>;
     fn property(&mut self, path: &[&str]) -> Option<Vec<u8>>;
+
+    /// The name of the Envoy route the request matched: Envoy (1.40) answers `xds.route_name`
+    /// with `route()->routeName()`, set before any HTTP filter runs (empty for a route without
+    /// a name; absent when no route matched).
+    fn route_name(&mut self) -> Option<Vec<u8>> {
+        self.property(&["xds", "route_name"])
+    }
 }
 
 /// The dynamic-metadata namespace Envoy's `jwt_authn` filter writes verified payloads to.
@@ -166,20 +174,47 @@ pub const JWT_DEFAULT_KEYS: [&str; 2] = ["payload", "jwt_payload"];
 
 /// Tries each source in order; the first present and valid id wins, else `default`.
 pub fn resolve(sources: &[TenantSource], default: &TenantId, facts: &mut impl RequestFacts) -> TenantId {
-    first_present(sources, facts).unwrap_or(*default)
+    resolve_from(sources, default, facts).0
 }
 
-/// The first present and valid value of `sources`; `None` when none is, or when a source
-/// applies but its value came from the client (see [`Found::Untrusted`]).
+/// Where a resolved tenant id came from (the checker's `--explain` prints it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// `tenant.from[i]`.
+    Source(usize),
+    /// No source gave a valid id: `tenant.default`.
+    Default,
+    /// `tenant.from[i]` is a header-derived address under `{"source_ip": true}`: `tenant.default`.
+    Refused(usize),
+}
+
+/// [`resolve`], also saying which source decided.
+pub fn resolve_from(sources: &[TenantSource], default: &TenantId, facts: &mut impl RequestFacts) -> (TenantId, Origin) {
+    match first_source(sources, facts) {
+        Ok((id, i)) => (id, Origin::Source(i)),
+        Err(Some(i)) => (*default, Origin::Refused(i)),
+        Err(None) => (*default, Origin::Default),
+    }
+}
+
+/// The first present and valid value of `sources` (a plan name: `tenant.plan_from`); `None`
+/// when none is, or when a source applies but its value came from the client (see
+/// [`Found::Untrusted`]).
 pub fn first_present(sources: &[TenantSource], facts: &mut impl RequestFacts) -> Option<TenantId> {
-    for source in sources {
+    first_source(sources, facts).ok().map(|(id, _)| id)
+}
+
+/// The first present and valid value and its source's index; `Err(Some(i))` when source `i`
+/// applies but its value came from the client, `Err(None)` when no source gave one.
+fn first_source(sources: &[TenantSource], facts: &mut impl RequestFacts) -> Result<(TenantId, usize), Option<usize>> {
+    for (i, source) in sources.iter().enumerate() {
         match from_source(source, facts) {
-            Found::Id(id) => return Some(id),
+            Found::Id(id) => return Ok((id, i)),
             Found::Nothing => {}
-            Found::Untrusted => return None,
+            Found::Untrusted => return Err(Some(i)),
         }
     }
-    None
+    Err(None)
 }
 
 /// What one source yields for a request.

@@ -104,3 +104,27 @@ fn enforce_percent_enforces_about_that_share_and_counts_the_rest_as_shadow() {
     assert_eq!(world.counter("tenant_ratelimit.denied"), denied);
     assert_eq!(world.counter("tenant_ratelimit.shadow_denied"), 399 - denied);
 }
+
+#[test]
+fn a_plans_rules_come_after_the_tenants_own_and_before_the_top_level_ones() {
+    let world = World::new();
+    let config = r#"{"capacity": 10, "refill_rate": "10/h",
+        "plans": {"free": {"rules": [{"path_prefix": "/search", "cost": 5},
+                                     {"name": "free-export", "path": "/export", "capacity": 1, "refill_rate": "1/h"}]},
+                  "pro": {}},
+        "tenant": {"plan_from": [{"header": "x-plan"}], "default_plan": "free"},
+        "tenants": {"acme": {"rules": [{"path_prefix": "/search", "cost": 2}]}},
+        "rules": [{"path_prefix": "/"}]}"#;
+    let vms = [Vm::configured(&world, config), Vm::configured(&world, config)];
+    let search = |tenant: &str, plan: &str| Request::get("/search").tenant(tenant).header("x-plan", plan);
+    // free: /search costs 5 (the plan's rule), so 2 of 3 fit in 10 tokens.
+    assert_eq!(admitted(&vms, 3, &search("f", "free")), 2);
+    // pro has no rules: the top-level rule, cost 1.
+    assert_eq!(admitted(&vms, 12, &search("p", "pro")), 10);
+    // acme's own rule wins over its plan's (free by default): cost 2.
+    assert_eq!(admitted(&vms, 6, &search("acme", "free")), 5);
+    // The plan's rule with its own limit: a bucket per (tenant, rule), counted by name.
+    let export = Request::get("/export").tenant("g").header("x-plan", "free");
+    assert_eq!(admitted(&vms, 3, &export), 1);
+    assert_eq!(world.counter("tenant_ratelimit.rule.free-export.allowed"), 1);
+}

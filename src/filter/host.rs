@@ -38,8 +38,7 @@ pub fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
     };
     let tenants = config.tenants.iter().map(|t| scoped("tenant", &t.name)).collect::<Result<_, _>>()?;
     let rules = config
-        .rules
-        .iter()
+        .all_rules()
         .map(|r| r.name.as_deref().map(|n| scoped("rule", n)).transpose())
         .collect::<Result<_, _>>()?;
     let plans = config.plans.iter().map(|p| scoped("plan", &p.name)).collect::<Result<_, _>>()?;

@@ -226,6 +226,12 @@ impl Request {
         self.property(&["source", "address"], address)
     }
 
+    /// Envoy's `xds.route_name`: the name of the route the request matched (Envoy answers it
+    /// for every stream that matched a route, with "" for a route without a name).
+    pub fn route(self, name: &str) -> Request {
+        self.property(&["xds", "route_name"], name)
+    }
+
     pub fn property(mut self, path: &[&str], value: impl AsRef<[u8]>) -> Request {
         self.properties.push((path.iter().map(|s| s.to_string()).collect(), value.as_ref().to_vec()));
         self
