@@ -4,6 +4,7 @@
 //! ```text
 //! tenant-ratelimit-service --listen ADDR (--redis URL | --redis-cluster URL,URL,...) --config FILE
 //!                          [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N]
+//!                          [--threads N]
 //! tenant-ratelimit-service --check-config FILE
 //! ```
 //!
@@ -35,7 +36,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status};
 
 const USAGE: &str = "usage: tenant-ratelimit-service --listen ADDR (--redis URL | --redis-cluster URL,URL,...) \
---config FILE [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N]";
+--config FILE [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N] [--threads N]";
 
 static LOG_LEVEL: AtomicU8 = AtomicU8::new(2);
 
@@ -59,6 +60,7 @@ struct Args {
     config: PathBuf,
     metrics: Option<SocketAddr>,
     redis_timeout: Duration,
+    threads: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -68,6 +70,7 @@ fn parse_args() -> Result<Args, String> {
     let mut config = None;
     let mut metrics = None;
     let mut redis_timeout = Duration::from_millis(1000);
+    let mut threads = 1;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         if arg == "-h" || arg == "--help" {
@@ -94,6 +97,12 @@ fn parse_args() -> Result<Args, String> {
                 }
                 redis_timeout = Duration::from_millis(ms);
             }
+            "--threads" => {
+                threads = value.parse().map_err(|e| format!("--threads {value}: {e}"))?;
+                if !(1..=256).contains(&threads) {
+                    return Err("--threads must be 1 to 256".into());
+                }
+            }
             "--log-level" => {
                 let level = match value.as_str() {
                     "error" => ERROR,
@@ -117,6 +126,7 @@ fn parse_args() -> Result<Args, String> {
         config: config.ok_or_else(|| format!("--config is required\n{USAGE}"))?,
         metrics,
         redis_timeout,
+        threads,
     })
 }
 
@@ -204,9 +214,15 @@ impl RateLimitService for Service {
             m.redis_latency(started.elapsed());
         }
         let answer = plan::answer(&p, &results);
-        let over = answer.statuses.iter().filter(|s| s.code == 2).count() as u64;
-        let label = if p.domain.is_empty() { "unknown" } else { p.domain.as_str() };
-        m.decisions(label, answer.statuses.len() as u64 - over, over);
+        let over = results.iter().filter(|r| !r.allowed).count() as u64;
+        if !p.debits.is_empty() {
+            m.decisions(&req.domain, p.debits.len() as u64 - over, over);
+        }
+        for (counter, &n) in m.unmatched.iter().zip(&p.misses) {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
         let hits = p.debits.iter().fold(0u64, |sum, d| sum.saturating_add(d.cost));
         m.hits.fetch_add(hits, Ordering::Relaxed);
         if answer.overall_code == 2 {
@@ -368,7 +384,17 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread by default: a call is a few microseconds of work between two network
+    // waits, and with several worker threads most of its CPU went to waking and parking
+    // threads (futex) rather than to the call (docs/service.md "CPU per decision").
+    let mut builder = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(args.threads);
+        b
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tokio: {e}");

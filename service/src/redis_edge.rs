@@ -66,6 +66,28 @@ pub async fn connect_cluster(urls: &[String], timeout: Duration) -> Result<Conn,
     Ok(Conn::Cluster(client.get_async_connection().await?))
 }
 
+/// `EVALSHA sha` or `EVAL script` over `debits` (see gcra.lua for the arguments). Numbers go
+/// in as integers (redis-rs writes them into the command buffer; no string per argument).
+fn script_cmd(head: &str, script: &str, debits: &[&Debit], refund_of: Option<u64>) -> redis::Cmd {
+    let mut cmd = redis::cmd(head);
+    cmd.arg(script).arg(debits.len());
+    for d in debits {
+        cmd.arg(d.key.as_str());
+    }
+    cmd.arg(if refund_of.is_some() { "r" } else { "d" }).arg(refund_of.unwrap_or(0));
+    for d in debits {
+        cmd.arg(d.limit.interval).arg(d.limit.capacity).arg(d.cost);
+    }
+    cmd
+}
+
+async fn query(conn: &Conn, cmd: &redis::Cmd) -> Result<Value, RedisError> {
+    match conn {
+        Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+        Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+    }
+}
+
 fn int(v: Option<&Value>) -> Result<i64, EdgeError> {
     match v {
         Some(Value::Int(i)) => Ok(*i),
@@ -85,24 +107,14 @@ impl Edge {
         self.conn.clone()
     }
 
-    async fn run(&self, keys: &[&str], args: &[String]) -> Result<Value, RedisError> {
-        let mut evalsha = redis::cmd("EVALSHA");
-        evalsha.arg(&self.sha).arg(keys.len()).arg(keys).arg(args);
+    async fn run(&self, debits: &[&Debit], refund_of: Option<u64>) -> Result<Value, RedisError> {
         self.commands.fetch_add(1, Ordering::Relaxed);
         let conn = self.conn();
-        let first = match &conn {
-            Conn::Single(c) => evalsha.query_async(&mut c.clone()).await,
-            Conn::Cluster(c) => evalsha.query_async(&mut c.clone()).await,
-        };
+        let first = query(&conn, &script_cmd("EVALSHA", &self.sha, debits, refund_of)).await;
         match first {
             Err(e) if e.kind() == ErrorKind::NoScriptError => {
-                let mut eval = redis::cmd("EVAL");
-                eval.arg(SCRIPT).arg(keys.len()).arg(keys).arg(args);
                 self.commands.fetch_add(1, Ordering::Relaxed);
-                match &conn {
-                    Conn::Single(c) => eval.query_async(&mut c.clone()).await,
-                    Conn::Cluster(c) => eval.query_async(&mut c.clone()).await,
-                }
+                query(&conn, &script_cmd("EVAL", SCRIPT, debits, refund_of)).await
             }
             other => other,
         }
@@ -111,16 +123,7 @@ impl Edge {
     /// One script call over `debits` (all keys in one slot, or any keys on a single node).
     /// Returns the Redis time of the call (us) and one result per debit.
     async fn script(&self, debits: &[&Debit], refund_of: Option<u64>) -> Result<(u64, Vec<Result1>), EdgeError> {
-        let keys: Vec<&str> = debits.iter().map(|d| d.key.as_str()).collect();
-        let mut args = Vec::with_capacity(2 + 3 * debits.len());
-        args.push(if refund_of.is_some() { "r" } else { "d" }.to_string());
-        args.push(refund_of.unwrap_or(0).to_string());
-        for d in debits {
-            args.push(d.limit.interval.to_string());
-            args.push(d.limit.capacity.to_string());
-            args.push(d.cost.to_string());
-        }
-        let reply = self.run(&keys, &args).await.map_err(EdgeError::Redis)?;
+        let reply = self.run(debits, refund_of).await.map_err(EdgeError::Redis)?;
         let Value::Bulk(items) = reply else {
             return Err(EdgeError::Reply(format!("{reply:?}")));
         };
