@@ -4,7 +4,7 @@
 //! ```text
 //! tenant-ratelimit-service --listen ADDR (--redis URL | --redis-cluster URL,URL,...) --config FILE
 //!                          [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N]
-//!                          [--threads N]
+//!                          [--threads N] [--redis-wait-replicas N [--redis-wait-ms M]]
 //! tenant-ratelimit-service --check-config FILE
 //! ```
 //!
@@ -24,7 +24,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use metrics::Metrics;
-use redis_edge::{Conn, Edge, EdgeError};
+use redis_edge::{Conn, Edge, EdgeError, Wait};
 use settings::Settings;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -36,7 +36,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status};
 
 const USAGE: &str = "usage: tenant-ratelimit-service --listen ADDR (--redis URL | --redis-cluster URL,URL,...) \
---config FILE [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N] [--threads N]";
+--config FILE [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N] [--threads N] \
+[--redis-wait-replicas N [--redis-wait-ms M]]";
 
 static LOG_LEVEL: AtomicU8 = AtomicU8::new(2);
 
@@ -61,6 +62,8 @@ struct Args {
     metrics: Option<SocketAddr>,
     redis_timeout: Duration,
     threads: usize,
+    wait_replicas: u32,
+    wait_ms: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -71,6 +74,8 @@ fn parse_args() -> Result<Args, String> {
     let mut metrics = None;
     let mut redis_timeout = Duration::from_millis(1000);
     let mut threads = 1;
+    let mut wait_replicas = 0;
+    let mut wait_ms = 50;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         if arg == "-h" || arg == "--help" {
@@ -103,6 +108,19 @@ fn parse_args() -> Result<Args, String> {
                     return Err("--threads must be 1 to 256".into());
                 }
             }
+            "--redis-wait-replicas" => {
+                wait_replicas = value.parse().map_err(|e| format!("--redis-wait-replicas {value}: {e}"))?;
+                if wait_replicas > 16 {
+                    return Err("--redis-wait-replicas must be 0 (off) to 16".into());
+                }
+            }
+            "--redis-wait-ms" => {
+                wait_ms = value.parse().map_err(|e| format!("--redis-wait-ms {value}: {e}"))?;
+                // 0 would make WAIT block until the replicas answer, however long.
+                if !(1..=60_000).contains(&wait_ms) {
+                    return Err("--redis-wait-ms must be 1 to 60000".into());
+                }
+            }
             "--log-level" => {
                 let level = match value.as_str() {
                     "error" => ERROR,
@@ -127,6 +145,8 @@ fn parse_args() -> Result<Args, String> {
         metrics,
         redis_timeout,
         threads,
+        wait_replicas,
+        wait_ms,
     })
 }
 
@@ -198,7 +218,8 @@ impl RateLimitService for Service {
         let results = match tokio::time::timeout(deadline, self.edge.decide(&p.debits)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                m.redis_errors.fetch_add(1, Ordering::Relaxed);
+                let kind = if let EdgeError::Replicas { .. } = e { &m.redis_replicas } else { &m.redis_errors };
+                kind.fetch_add(1, Ordering::Relaxed);
                 m.calls_redis_error.fetch_add(1, Ordering::Relaxed);
                 log!(WARN, "{e}");
                 return Err(Status::unavailable(e.to_string()));
@@ -298,7 +319,10 @@ async fn run(args: Args) -> Result<(), String> {
     let domains = settings.domains.len();
     let svc = Arc::new(Service {
         settings: RwLock::new(Arc::new(settings)),
-        edge: Edge::new(conn),
+        edge: Edge::new(
+            conn,
+            (args.wait_replicas > 0).then_some(Wait { replicas: args.wait_replicas, ms: args.wait_ms }),
+        ),
         metrics: Arc::new(Metrics::default()),
         redis_timeout: args.redis_timeout,
     });

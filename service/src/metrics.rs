@@ -23,6 +23,8 @@ pub struct Metrics {
     pub hits: AtomicU64,
     pub redis_errors: AtomicU64,
     pub redis_timeouts: AtomicU64,
+    /// `--redis-wait-replicas`: fewer replicas acknowledged a write than required.
+    pub redis_replicas: AtomicU64,
     /// Descriptors answered OK without a limit, by `plan::Miss`.
     pub unmatched: [AtomicU64; 3],
     pub reloads: AtomicU64,
@@ -95,10 +97,14 @@ impl Metrics {
             let v = self.unmatched.get(miss as usize).map_or(0, g);
             let _ = writeln!(s, "trl_service_unmatched_total{{reason=\"{}\"}} {v}", miss.label());
         }
-        let _ = writeln!(s, "# HELP trl_service_redis_errors_total Redis calls that failed (error or timeout).");
+        let _ = writeln!(
+            s,
+            "# HELP trl_service_redis_errors_total Redis calls that failed (error, timeout, replicas: WAIT short)."
+        );
         let _ = writeln!(s, "# TYPE trl_service_redis_errors_total counter");
         let _ = writeln!(s, "trl_service_redis_errors_total{{kind=\"error\"}} {}", g(&self.redis_errors));
         let _ = writeln!(s, "trl_service_redis_errors_total{{kind=\"timeout\"}} {}", g(&self.redis_timeouts));
+        let _ = writeln!(s, "trl_service_redis_errors_total{{kind=\"replicas\"}} {}", g(&self.redis_replicas));
         let _ = writeln!(
             s,
             "# HELP trl_service_redis_commands_total Commands sent to Redis (EVALSHA, EVAL after NOSCRIPT)."

@@ -31,6 +31,12 @@ pub enum EdgeError {
     Timeout,
     /// The script answered something we cannot read (never expected).
     Reply(String),
+    /// `WAIT`: fewer replicas than required acknowledged the write in time (the debit stands
+    /// on the master, but a failover now could lose it).
+    Replicas {
+        acked: i64,
+        wanted: u32,
+    },
 }
 
 impl std::fmt::Display for EdgeError {
@@ -39,13 +45,25 @@ impl std::fmt::Display for EdgeError {
             EdgeError::Redis(e) => write!(f, "redis: {e}"),
             EdgeError::Timeout => write!(f, "redis: no answer before the deadline"),
             EdgeError::Reply(s) => write!(f, "redis: unexpected script reply: {s}"),
+            EdgeError::Replicas { acked, wanted } => {
+                write!(f, "redis: {acked} of {wanted} replicas acknowledged the write in time (WAIT)")
+            }
         }
     }
+}
+
+/// `--redis-wait-replicas N --redis-wait-ms M`: after each script call, `WAIT N M` in the
+/// same pipeline (one round trip), so an answer is sent only once N replicas hold the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    pub replicas: u32,
+    pub ms: u64,
 }
 
 pub struct Edge {
     conn: Conn,
     sha: String,
+    wait: Option<Wait>,
     /// Redis commands sent (EVALSHA, and EVAL after NOSCRIPT), for the metrics.
     pub commands: std::sync::atomic::AtomicU64,
 }
@@ -81,13 +99,6 @@ fn script_cmd(head: &str, script: &str, debits: &[&Debit], refund_of: Option<u64
     cmd
 }
 
-async fn query(conn: &Conn, cmd: &redis::Cmd) -> Result<Value, RedisError> {
-    match conn {
-        Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
-        Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
-    }
-}
-
 fn int(v: Option<&Value>) -> Result<i64, EdgeError> {
     match v {
         Some(Value::Int(i)) => Ok(*i),
@@ -96,8 +107,8 @@ fn int(v: Option<&Value>) -> Result<i64, EdgeError> {
 }
 
 impl Edge {
-    pub fn new(conn: Conn) -> Edge {
-        Edge { conn, sha: redis::Script::new(SCRIPT).get_hash().to_string(), commands: Default::default() }
+    pub fn new(conn: Conn, wait: Option<Wait>) -> Edge {
+        Edge { conn, sha: redis::Script::new(SCRIPT).get_hash().to_string(), wait, commands: Default::default() }
     }
 
     /// The connection (cheap to clone: a handle to a multiplexed connection). Both kinds
@@ -107,23 +118,51 @@ impl Edge {
         self.conn.clone()
     }
 
-    async fn run(&self, debits: &[&Debit], refund_of: Option<u64>) -> Result<Value, RedisError> {
+    async fn run(&self, debits: &[&Debit], refund_of: Option<u64>) -> Result<Value, EdgeError> {
         self.commands.fetch_add(1, Ordering::Relaxed);
         let conn = self.conn();
-        let first = query(&conn, &script_cmd("EVALSHA", &self.sha, debits, refund_of)).await;
+        let first = self.query(&conn, script_cmd("EVALSHA", &self.sha, debits, refund_of)).await;
         match first {
-            Err(e) if e.kind() == ErrorKind::NoScriptError => {
+            Err(EdgeError::Redis(e)) if e.kind() == ErrorKind::NoScriptError => {
                 self.commands.fetch_add(1, Ordering::Relaxed);
-                query(&conn, &script_cmd("EVAL", SCRIPT, debits, refund_of)).await
+                self.query(&conn, script_cmd("EVAL", SCRIPT, debits, refund_of)).await
             }
             other => other,
         }
     }
 
+    /// The script call, alone or followed by `WAIT` in one pipeline. A pipeline goes to one
+    /// node (on a cluster, the one that owns the script's keys), so `WAIT` counts the replicas
+    /// of the master that took the write.
+    async fn query(&self, conn: &Conn, cmd: redis::Cmd) -> Result<Value, EdgeError> {
+        let Some(w) = self.wait else {
+            return match conn {
+                Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+                Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            }
+            .map_err(EdgeError::Redis);
+        };
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd).cmd("WAIT").arg(w.replicas).arg(w.ms);
+        let replies: Vec<Value> = match conn {
+            Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+        }
+        .map_err(EdgeError::Redis)?;
+        let mut replies = replies.into_iter();
+        let (Some(reply), acked) = (replies.next(), int(replies.next().as_ref())?) else {
+            return Err(EdgeError::Reply("no reply to the script in the WAIT pipeline".into()));
+        };
+        if acked < i64::from(w.replicas) {
+            return Err(EdgeError::Replicas { acked, wanted: w.replicas });
+        }
+        Ok(reply)
+    }
+
     /// One script call over `debits` (all keys in one slot, or any keys on a single node).
     /// Returns the Redis time of the call (us) and one result per debit.
     async fn script(&self, debits: &[&Debit], refund_of: Option<u64>) -> Result<(u64, Vec<Result1>), EdgeError> {
-        let reply = self.run(debits, refund_of).await.map_err(EdgeError::Redis)?;
+        let reply = self.run(debits, refund_of).await?;
         let Value::Bulk(items) = reply else {
             return Err(EdgeError::Reply(format!("{reply:?}")));
         };

@@ -288,6 +288,45 @@ def test_redis_slow_or_down_is_a_prompt_grpc_error(svc_factory, tmp_path_factory
         r.stop()
 
 
+def test_wait_for_replicas(svc_factory, tmp_path_factory, fresh):
+    """`--redis-wait-replicas 1`: an answer is sent only once the replica holds the write; a
+    replica that stops acknowledging makes calls fail (UNAVAILABLE, counted) after
+    `--redis-wait-ms`, not hang, and they succeed again when it is back."""
+    from .svc import Redis, redis_server
+
+    master = Redis(tmp_path_factory.mktemp("wait-master"), redis_server()).start()
+    replica = Redis(tmp_path_factory.mktemp("wait-replica"), redis_server(),
+                    ["--replicaof", "127.0.0.1", str(master.port)])
+    try:
+        replica.start()
+        deadline = time.monotonic() + 10
+        while "master_link_status:up" not in replica.cli("INFO", "replication"):
+            assert time.monotonic() < deadline, "the replica never synced"
+            time.sleep(0.05)
+        s = svc_factory(["--redis", master.url, "--redis-wait-replicas", "1", "--redis-wait-ms", "100"], CONFIG)
+        t = fresh()
+        with Client(s.port) as c:
+            assert c.ask("gcra", [[("tenant", t)]]).code == OK
+            # Acknowledged by the replica before the answer: the key is there already.
+            (key,) = master.cli("KEYS", "trl:*").split()
+            assert replica.cli("EXISTS", key) == "1"
+            os.kill(replica.proc.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as e:
+                    c.ask("gcra", [[("tenant", t)]], timeout=2)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "WAIT" in e.value.details()
+                assert 0.1 <= time.monotonic() - started < 1.0
+            finally:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+            assert c.ask("gcra", [[("tenant", t)]]).code == OK
+        assert s.metric('trl_service_redis_errors_total{kind="replicas"}') == 1
+    finally:
+        replica.stop()
+        master.stop()
+
+
 def test_sigterm_drains_and_exits_zero(svc_factory, redis):
     s = svc_factory(["--redis", redis.url], CONFIG)
     with Client(s.port) as c:
