@@ -49,6 +49,8 @@ macro_rules! log {
         }
     };
 }
+/// Redis connections (each multiplexed) when `--redis-wait-replicas` is on; one otherwise.
+const WAIT_CONNECTIONS: usize = 8;
 const ERROR: u8 = 0;
 const WARN: u8 = 1;
 const INFO: u8 = 2;
@@ -303,24 +305,36 @@ async fn ping(conn: &Conn) -> Result<(), redis::RedisError> {
 
 async fn run(args: Args) -> Result<(), String> {
     let settings = load(&args.config)?;
-    let conn = match &args.redis {
-        Some(url) => tokio::time::timeout(Duration::from_secs(10), redis_edge::connect_single(url, args.redis_timeout))
+    // One multiplexed connection carries every call. With `WAIT`, Redis blocks the connection
+    // that sent it until the replicas answer, so calls take turns on it: a few connections,
+    // used in turn, let that many wait at once.
+    let connections = if args.wait_replicas > 0 { WAIT_CONNECTIONS } else { 1 };
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        conns.push(match &args.redis {
+            Some(url) => {
+                tokio::time::timeout(Duration::from_secs(10), redis_edge::connect_single(url, args.redis_timeout))
+                    .await
+                    .map_err(|_| format!("redis {url}: no connection within 10 s"))?
+                    .map_err(|e| format!("redis {url}: {e}"))?
+            }
+            None => tokio::time::timeout(
+                Duration::from_secs(10),
+                redis_edge::connect_cluster(&args.cluster, args.redis_timeout),
+            )
             .await
-            .map_err(|_| format!("redis {url}: no connection within 10 s"))?
-            .map_err(|e| format!("redis {url}: {e}"))?,
-        None => tokio::time::timeout(
-            Duration::from_secs(10),
-            redis_edge::connect_cluster(&args.cluster, args.redis_timeout),
-        )
-        .await
-        .map_err(|_| "redis cluster: no connection within 10 s".to_string())?
-        .map_err(|e| format!("redis cluster: {e}"))?,
-    };
+            .map_err(|_| "redis cluster: no connection within 10 s".to_string())?
+            .map_err(|e| format!("redis cluster: {e}"))?,
+        });
+    }
+    let more = conns.split_off(1);
+    let Some(conn) = conns.pop() else { return Err("redis: no connection".into()) };
     let domains = settings.domains.len();
     let svc = Arc::new(Service {
         settings: RwLock::new(Arc::new(settings)),
         edge: Edge::new(
             conn,
+            more,
             (args.wait_replicas > 0).then_some(Wait { replicas: args.wait_replicas, ms: args.wait_ms }),
         ),
         metrics: Arc::new(Metrics::default()),

@@ -62,6 +62,9 @@ pub struct Wait {
 
 pub struct Edge {
     conn: Conn,
+    /// More connections, used in turn with `conn` (only with `WAIT`, see main.rs).
+    more: Vec<Conn>,
+    next: std::sync::atomic::AtomicUsize,
     sha: String,
     wait: Option<Wait>,
     /// Redis commands sent (EVALSHA, and EVAL after NOSCRIPT), for the metrics.
@@ -107,15 +110,26 @@ fn int(v: Option<&Value>) -> Result<i64, EdgeError> {
 }
 
 impl Edge {
-    pub fn new(conn: Conn, wait: Option<Wait>) -> Edge {
-        Edge { conn, sha: redis::Script::new(SCRIPT).get_hash().to_string(), wait, commands: Default::default() }
+    pub fn new(conn: Conn, more: Vec<Conn>, wait: Option<Wait>) -> Edge {
+        Edge {
+            conn,
+            more,
+            next: Default::default(),
+            sha: redis::Script::new(SCRIPT).get_hash().to_string(),
+            wait,
+            commands: Default::default(),
+        }
     }
 
     /// The connection (cheap to clone: a handle to a multiplexed connection). Both kinds
     /// recover by themselves: a single node's ConnectionManager reconnects, and the cluster
     /// connection follows a failover to the promoted replica (tests/service/test_cluster.py).
     pub fn conn(&self) -> Conn {
-        self.conn.clone()
+        if self.more.is_empty() {
+            return self.conn.clone();
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % (self.more.len() + 1);
+        self.more.get(i).unwrap_or(&self.conn).clone()
     }
 
     async fn run(&self, debits: &[&Debit], refund_of: Option<u64>) -> Result<Value, EdgeError> {
