@@ -190,7 +190,7 @@ def test_reads_the_text_value_of_earlier_builds(clients, redis, fresh):
     assert redis.cli("SET", key, f"{3 * interval} {int(sec) * 1_000_000 + int(usec)} {interval}", "PX", "5000") == "OK"
     denied = clients[1].ask("gcra", [[("tenant", t)]])
     assert denied.code == OVER_LIMIT
-    assert 0.9 < denied.statuses[0].reset_s <= 1.0
+    assert 0.5 < denied.statuses[0].reset_s <= 1.0  # the one token refills 1 s after the SET
 
 
 def test_metrics_and_health(services):
