@@ -423,8 +423,8 @@ fn main() {
         }
     };
     // One thread by default: a call is a few microseconds of work between two network
-    // waits, and with several worker threads most of its CPU went to waking and parking
-    // threads (futex) rather than to the call (docs/service.md "CPU per decision").
+    // waits, and with several worker threads a large share of its CPU went to waking and
+    // parking threads (futex), not to the call (docs/service.md "CPU per decision, latency").
     let mut builder = if args.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
     } else {

@@ -7,6 +7,8 @@
 //! keys are grouped by hash tag (a tenant's buckets share one); the groups are debited one
 //! after another, and when a later group is denied the earlier ones are refunded with the
 //! part of the debit that cannot have refilled yet (never over-admits; see units::refundable).
+//!
+//! With `--redis-wait-replicas`, each script call is pipelined with `WAIT` (see `Wait`).
 
 use crate::plan::{Debit, Result1};
 
@@ -121,7 +123,8 @@ impl Edge {
         }
     }
 
-    /// The connection (cheap to clone: a handle to a multiplexed connection). Both kinds
+    /// A connection (cheap to clone: a handle to a multiplexed connection; with `WAIT`, the
+    /// next of several in turn). Both kinds
     /// recover by themselves: a single node's ConnectionManager reconnects, and the cluster
     /// connection follows a failover to the promoted replica (tests/service/test_cluster.py).
     pub fn conn(&self) -> Conn {
