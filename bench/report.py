@@ -355,5 +355,30 @@ def global_section(g: dict, load_start: str = "", load_end: str = "") -> str:
             f"| {med([r['redis_sent_per_call'] for r in s]):.2f} / {med([r['redis_cmds_per_call'] for r in s]):.2f} |"
         )
     lines += errors_note(rows)
+    lines += open_loop_lines(g.get("open_loop"))
     return head + "\n".join(lines) + "\n"
+
+
+def open_loop_lines(ol: dict | None) -> list[str]:
+    """The service alone at a fixed rate, open loop (bench/phases/global_.py `open_loop`)."""
+    if not ol:
+        return []
+    lines = [
+        "",
+        f"The service alone at a fixed {ol['rate']:,} calls/s, open loop (`service/examples/rls_load.rs`: each "
+        f"call sent on schedule and timed from its scheduled send, so queueing counts; one HTTP/2 connection "
+        f"per service, as an Envoy worker keeps; {ol['seconds']} s after {ol.get('warm', 0)} s of warm-up; Envoy stopped). "
+        f"Latency is what a request in mode global waits for its call, measured at the gRPC client:",
+        "",
+        "| topology | calls | errors | p50 us | p90 us | p99 us | p99.9 us | max us | service CPU us/decision "
+        "| Redis CPU us/decision | EVALSHA/call | load average |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in ol["rows"].values():
+        lines.append(
+            f"| {r['label']} | {r['calls']:,} | {r['errors']} | {r['p50_us']} | {r['p90_us']} | {r['p99_us']} "
+            f"| {r['p999_us']} | {r['max_us']} | {r['svc_cpu_us_per_call']:.1f} | {r['redis_cpu_us_per_call']:.1f} "
+            f"| {r['redis_sent_per_call']:.2f} | {r['load']} |"
+        )
+    return lines
 

@@ -4,6 +4,7 @@
 //! ```text
 //! tenant-ratelimit-service --listen ADDR (--redis URL | --redis-cluster URL,URL,...) --config FILE
 //!                          [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N]
+//!                          [--threads N] [--redis-wait-replicas N [--redis-wait-ms M]]
 //! tenant-ratelimit-service --check-config FILE
 //! ```
 //!
@@ -23,7 +24,7 @@ use envoy_types::pb::envoy::service::ratelimit::v3::rate_limit_service_server::{
 };
 use envoy_types::pb::envoy::service::ratelimit::v3::{RateLimitRequest, RateLimitResponse};
 use metrics::Metrics;
-use redis_edge::{Conn, Edge, EdgeError};
+use redis_edge::{Conn, Edge, EdgeError, Wait};
 use settings::Settings;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -35,7 +36,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::{Request, Response, Status};
 
 const USAGE: &str = "usage: tenant-ratelimit-service --listen ADDR (--redis URL | --redis-cluster URL,URL,...) \
---config FILE [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N]";
+--config FILE [--metrics ADDR] [--log-level error|warn|info|debug] [--redis-timeout-ms N] [--threads N] \
+[--redis-wait-replicas N [--redis-wait-ms M]]";
 
 static LOG_LEVEL: AtomicU8 = AtomicU8::new(2);
 
@@ -47,6 +49,8 @@ macro_rules! log {
         }
     };
 }
+/// Redis connections (each multiplexed) when `--redis-wait-replicas` is on; one otherwise.
+const WAIT_CONNECTIONS: usize = 8;
 const ERROR: u8 = 0;
 const WARN: u8 = 1;
 const INFO: u8 = 2;
@@ -59,6 +63,9 @@ struct Args {
     config: PathBuf,
     metrics: Option<SocketAddr>,
     redis_timeout: Duration,
+    threads: usize,
+    wait_replicas: u32,
+    wait_ms: u64,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -68,6 +75,9 @@ fn parse_args() -> Result<Args, String> {
     let mut config = None;
     let mut metrics = None;
     let mut redis_timeout = Duration::from_millis(1000);
+    let mut threads = 1;
+    let mut wait_replicas = 0;
+    let mut wait_ms = 50;
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         if arg == "-h" || arg == "--help" {
@@ -94,6 +104,25 @@ fn parse_args() -> Result<Args, String> {
                 }
                 redis_timeout = Duration::from_millis(ms);
             }
+            "--threads" => {
+                threads = value.parse().map_err(|e| format!("--threads {value}: {e}"))?;
+                if !(1..=256).contains(&threads) {
+                    return Err("--threads must be 1 to 256".into());
+                }
+            }
+            "--redis-wait-replicas" => {
+                wait_replicas = value.parse().map_err(|e| format!("--redis-wait-replicas {value}: {e}"))?;
+                if wait_replicas > 16 {
+                    return Err("--redis-wait-replicas must be 0 (off) to 16".into());
+                }
+            }
+            "--redis-wait-ms" => {
+                wait_ms = value.parse().map_err(|e| format!("--redis-wait-ms {value}: {e}"))?;
+                // 0 would make WAIT block until the replicas answer, however long.
+                if !(1..=60_000).contains(&wait_ms) {
+                    return Err("--redis-wait-ms must be 1 to 60000".into());
+                }
+            }
             "--log-level" => {
                 let level = match value.as_str() {
                     "error" => ERROR,
@@ -117,6 +146,9 @@ fn parse_args() -> Result<Args, String> {
         config: config.ok_or_else(|| format!("--config is required\n{USAGE}"))?,
         metrics,
         redis_timeout,
+        threads,
+        wait_replicas,
+        wait_ms,
     })
 }
 
@@ -188,7 +220,8 @@ impl RateLimitService for Service {
         let results = match tokio::time::timeout(deadline, self.edge.decide(&p.debits)).await {
             Ok(Ok(r)) => r,
             Ok(Err(e)) => {
-                m.redis_errors.fetch_add(1, Ordering::Relaxed);
+                let kind = if let EdgeError::Replicas { .. } = e { &m.redis_replicas } else { &m.redis_errors };
+                kind.fetch_add(1, Ordering::Relaxed);
                 m.calls_redis_error.fetch_add(1, Ordering::Relaxed);
                 log!(WARN, "{e}");
                 return Err(Status::unavailable(e.to_string()));
@@ -204,9 +237,15 @@ impl RateLimitService for Service {
             m.redis_latency(started.elapsed());
         }
         let answer = plan::answer(&p, &results);
-        let over = answer.statuses.iter().filter(|s| s.code == 2).count() as u64;
-        let label = if p.domain.is_empty() { "unknown" } else { p.domain.as_str() };
-        m.decisions(label, answer.statuses.len() as u64 - over, over);
+        let over = results.iter().filter(|r| !r.allowed).count() as u64;
+        if !p.debits.is_empty() {
+            m.decisions(&req.domain, p.debits.len() as u64 - over, over);
+        }
+        for (counter, &n) in m.unmatched.iter().zip(&p.misses) {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
         let hits = p.debits.iter().fold(0u64, |sum, d| sum.saturating_add(d.cost));
         m.hits.fetch_add(hits, Ordering::Relaxed);
         if answer.overall_code == 2 {
@@ -266,23 +305,38 @@ async fn ping(conn: &Conn) -> Result<(), redis::RedisError> {
 
 async fn run(args: Args) -> Result<(), String> {
     let settings = load(&args.config)?;
-    let conn = match &args.redis {
-        Some(url) => tokio::time::timeout(Duration::from_secs(10), redis_edge::connect_single(url, args.redis_timeout))
+    // One multiplexed connection carries every call. With `WAIT`, Redis blocks the connection
+    // that sent it until the replicas answer, so calls take turns on it: a few connections,
+    // used in turn, let that many wait at once.
+    let connections = if args.wait_replicas > 0 { WAIT_CONNECTIONS } else { 1 };
+    let mut conns = Vec::with_capacity(connections);
+    for _ in 0..connections {
+        conns.push(match &args.redis {
+            Some(url) => {
+                tokio::time::timeout(Duration::from_secs(10), redis_edge::connect_single(url, args.redis_timeout))
+                    .await
+                    .map_err(|_| format!("redis {url}: no connection within 10 s"))?
+                    .map_err(|e| format!("redis {url}: {e}"))?
+            }
+            None => tokio::time::timeout(
+                Duration::from_secs(10),
+                redis_edge::connect_cluster(&args.cluster, args.redis_timeout),
+            )
             .await
-            .map_err(|_| format!("redis {url}: no connection within 10 s"))?
-            .map_err(|e| format!("redis {url}: {e}"))?,
-        None => tokio::time::timeout(
-            Duration::from_secs(10),
-            redis_edge::connect_cluster(&args.cluster, args.redis_timeout),
-        )
-        .await
-        .map_err(|_| "redis cluster: no connection within 10 s".to_string())?
-        .map_err(|e| format!("redis cluster: {e}"))?,
-    };
+            .map_err(|_| "redis cluster: no connection within 10 s".to_string())?
+            .map_err(|e| format!("redis cluster: {e}"))?,
+        });
+    }
+    let more = conns.split_off(1);
+    let Some(conn) = conns.pop() else { return Err("redis: no connection".into()) };
     let domains = settings.domains.len();
     let svc = Arc::new(Service {
         settings: RwLock::new(Arc::new(settings)),
-        edge: Edge::new(conn),
+        edge: Edge::new(
+            conn,
+            more,
+            (args.wait_replicas > 0).then_some(Wait { replicas: args.wait_replicas, ms: args.wait_ms }),
+        ),
         metrics: Arc::new(Metrics::default()),
         redis_timeout: args.redis_timeout,
     });
@@ -368,7 +422,17 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // One thread by default: a call is a few microseconds of work between two network
+    // waits, and with several worker threads a large share of its CPU went to waking and
+    // parking threads (futex), not to the call (docs/service.md "CPU per decision, latency").
+    let mut builder = if args.threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(args.threads);
+        b
+    };
+    let rt = match builder.enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("tokio: {e}");

@@ -1,6 +1,7 @@
 //! Prometheus text metrics, kept with atomics (decisions per domain behind a short mutex:
 //! the domain set is the config's, plus "unknown", so the label set is bounded).
 
+use crate::plan::Miss;
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,13 +23,18 @@ pub struct Metrics {
     pub hits: AtomicU64,
     pub redis_errors: AtomicU64,
     pub redis_timeouts: AtomicU64,
+    /// `--redis-wait-replicas`: fewer replicas acknowledged a write than required.
+    pub redis_replicas: AtomicU64,
+    /// Descriptors answered OK without a limit, by `plan::Miss`.
+    pub unmatched: [AtomicU64; 3],
     pub reloads: AtomicU64,
     pub reload_errors: AtomicU64,
     latency: [AtomicU64; 13],
     latency_sum_us: AtomicU64,
     latency_count: AtomicU64,
-    /// (domain, code) -> descriptors decided.
-    decisions: Mutex<BTreeMap<(String, &'static str), u64>>,
+    /// domain -> descriptors decided [ok, over_limit]. Looked up by `&str` first, so a call
+    /// allocates nothing once its domain is known.
+    decisions: Mutex<BTreeMap<String, [u64; 2]>>,
 }
 
 impl Metrics {
@@ -44,11 +50,14 @@ impl Metrics {
 
     pub fn decisions(&self, domain: &str, ok: u64, over: u64) {
         if let Ok(mut m) = self.decisions.lock() {
-            if ok > 0 {
-                *m.entry((domain.to_string(), "ok")).or_default() += ok;
-            }
-            if over > 0 {
-                *m.entry((domain.to_string(), "over_limit")).or_default() += over;
+            match m.get_mut(domain) {
+                Some([o, v]) => {
+                    *o += ok;
+                    *v += over;
+                }
+                None => {
+                    m.insert(domain.to_string(), [ok, over]);
+                }
             }
         }
     }
@@ -72,15 +81,30 @@ impl Metrics {
         let _ = writeln!(s, "# HELP trl_service_decisions_total Descriptors decided, by domain and code.");
         let _ = writeln!(s, "# TYPE trl_service_decisions_total counter");
         if let Ok(m) = self.decisions.lock() {
-            for ((domain, code), v) in m.iter() {
+            for (domain, [ok, over]) in m.iter() {
                 let domain = domain.replace('\\', "\\\\").replace('"', "\\\"");
-                let _ = writeln!(s, "trl_service_decisions_total{{domain=\"{domain}\",code=\"{code}\"}} {v}");
+                for (code, v) in [("ok", ok), ("over_limit", over)] {
+                    let _ = writeln!(s, "trl_service_decisions_total{{domain=\"{domain}\",code=\"{code}\"}} {v}");
+                }
             }
         }
-        let _ = writeln!(s, "# HELP trl_service_redis_errors_total Redis calls that failed (error or timeout).");
+        let _ = writeln!(
+            s,
+            "# HELP trl_service_unmatched_total Descriptors answered OK with no limit (unmatched: ok), by reason."
+        );
+        let _ = writeln!(s, "# TYPE trl_service_unmatched_total counter");
+        for miss in Miss::ALL {
+            let v = self.unmatched.get(miss as usize).map_or(0, g);
+            let _ = writeln!(s, "trl_service_unmatched_total{{reason=\"{}\"}} {v}", miss.label());
+        }
+        let _ = writeln!(
+            s,
+            "# HELP trl_service_redis_errors_total Redis calls that failed (error, timeout, replicas: WAIT short)."
+        );
         let _ = writeln!(s, "# TYPE trl_service_redis_errors_total counter");
         let _ = writeln!(s, "trl_service_redis_errors_total{{kind=\"error\"}} {}", g(&self.redis_errors));
         let _ = writeln!(s, "trl_service_redis_errors_total{{kind=\"timeout\"}} {}", g(&self.redis_timeouts));
+        let _ = writeln!(s, "trl_service_redis_errors_total{{kind=\"replicas\"}} {}", g(&self.redis_replicas));
         let _ = writeln!(
             s,
             "# HELP trl_service_redis_commands_total Commands sent to Redis (EVALSHA, EVAL after NOSCRIPT)."
@@ -118,6 +142,7 @@ mod tests {
         m.decisions("tenants", 3, 1);
         m.redis_latency(Duration::from_micros(300));
         m.redis_latency(Duration::from_secs(5));
+        m.unmatched[Miss::UnknownRule as usize].fetch_add(4, Ordering::Relaxed);
         let text = m.render(7);
         assert!(text.contains("trl_service_calls_total{result=\"ok\"} 2\n"));
         assert!(text.contains("trl_service_decisions_total{domain=\"tenants\",code=\"over_limit\"} 1\n"));
@@ -125,5 +150,7 @@ mod tests {
         assert!(text.contains("trl_service_redis_seconds_bucket{le=\"+Inf\"} 2\n"));
         assert!(text.contains("trl_service_redis_commands_total 7\n"));
         assert!(text.contains("trl_service_hits_total 11\n"));
+        assert!(text.contains("trl_service_unmatched_total{reason=\"unknown_rule\"} 4\n"));
+        assert!(text.contains("trl_service_unmatched_total{reason=\"unknown_domain\"} 0\n"));
     }
 }

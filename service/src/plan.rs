@@ -33,14 +33,44 @@ pub struct Debit {
     pub cost: u64,
 }
 
+/// Why a descriptor met no limit and was answered `OK` (`unmatched: "ok"`); counted per
+/// reason (`trl_service_unmatched_total{reason}`), so a typo in a domain or a rule name shows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Miss {
+    UnknownDomain = 0,
+    NoTenant = 1,
+    UnknownRule = 2,
+}
+
+impl Miss {
+    pub const ALL: [Miss; 3] = [Miss::UnknownDomain, Miss::NoTenant, Miss::UnknownRule];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Miss::UnknownDomain => "unknown_domain",
+            Miss::NoTenant => "no_tenant",
+            Miss::UnknownRule => "unknown_rule",
+        }
+    }
+}
+
 /// What a request needs: debits (one per matched descriptor, in order) and which
 /// descriptor maps to which debit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    pub domain: String,
     pub debits: Vec<Debit>,
     /// Per descriptor: `Some(index in debits)` or `None` (unmatched, answered OK).
     pub slots: Vec<Option<usize>>,
+    /// Descriptors answered OK without a limit, per `Miss` reason.
+    pub misses: [u64; 3],
+}
+
+impl Plan {
+    fn missed(&mut self, why: Miss, n: u64) {
+        if let Some(c) = self.misses.get_mut(why as usize) {
+            *c += n;
+        }
+    }
 }
 
 /// A request the config says to refuse with an error.
@@ -68,7 +98,11 @@ fn tag_of(domain: &str, bucket: Option<&str>) -> String {
 pub fn plan(settings: &Settings, req: &RateLimitRequest) -> Result<Plan, Refusal> {
     let refuse_or_ok = |why: String, n: usize| match settings.unmatched {
         Unmatched::Error => Err(Refusal(why)),
-        Unmatched::Ok => Ok(Plan { domain: String::new(), debits: Vec::new(), slots: vec![None; n] }),
+        Unmatched::Ok => {
+            let mut plan = Plan { debits: Vec::new(), slots: vec![None; n], misses: [0; 3] };
+            plan.missed(Miss::UnknownDomain, n as u64);
+            Ok(plan)
+        }
     };
     if req.descriptors.is_empty() {
         return Err(Refusal("the request has no descriptors".into()));
@@ -86,8 +120,7 @@ pub fn plan(settings: &Settings, req: &RateLimitRequest) -> Result<Plan, Refusal
     };
     // Envoy: hits_addend 0 means 1.
     let request_hits = u64::from(req.hits_addend.max(1));
-    let mut plan =
-        Plan { domain: req.domain.clone(), debits: Vec::new(), slots: Vec::with_capacity(req.descriptors.len()) };
+    let mut plan = Plan { debits: Vec::new(), slots: Vec::with_capacity(req.descriptors.len()), misses: [0; 3] };
     for (i, d) in req.descriptors.iter().enumerate() {
         if d.is_negative_hits {
             return Err(Refusal(format!("descriptor {i}: negative hits (refills) are not accepted")));
@@ -109,6 +142,7 @@ pub fn plan(settings: &Settings, req: &RateLimitRequest) -> Result<Plan, Refusal
                 }
                 Unmatched::Ok => {
                     plan.slots.push(None);
+                    plan.missed(Miss::NoTenant, 1);
                     continue;
                 }
             }
@@ -119,7 +153,12 @@ pub fn plan(settings: &Settings, req: &RateLimitRequest) -> Result<Plan, Refusal
         let (key, limit) = match rule {
             None => (format!("{KEY_PREFIX}{{{tag}}}"), tenant_limit),
             Some(r) => match domain.rule(r) {
-                Some(limit) => (format!("{KEY_PREFIX}{{{tag}}}:r:{r}"), limit),
+                Some(limit) if bucket.is_some() => (format!("{KEY_PREFIX}{{{tag}}}:r:{r}"), limit),
+                // An unlisted tenant under `unknown_tenants: shared` shares the top-level
+                // bucket but has its own bucket per rule, as in the filter (policy.rs). The
+                // key keeps the shared bucket's hash tag, so the request is still one script
+                // call on a Redis Cluster (that slot serves every unlisted tenant anyway).
+                Some(limit) => (format!("{KEY_PREFIX}{{{tag}}}:t:{}:r:{r}", tag_of(&req.domain, Some(tenant))), limit),
                 None => match settings.unmatched {
                     Unmatched::Error => {
                         let shown: String = r.chars().take(64).collect();
@@ -127,6 +166,7 @@ pub fn plan(settings: &Settings, req: &RateLimitRequest) -> Result<Plan, Refusal
                     }
                     Unmatched::Ok => {
                         plan.slots.push(None);
+                        plan.missed(Miss::UnknownRule, 1);
                         continue;
                     }
                 },
@@ -272,9 +312,12 @@ mod tests {
         let hostile = (0..1000).map(|i| (format!("k{i}"), "v".repeat(64))).collect::<Vec<_>>();
         let entries: Vec<(&str, &str)> = hostile.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         let p = plan(&ok, &req("d", vec![desc(&entries)], 1)).unwrap();
-        assert_eq!((p.debits.len(), p.slots.clone()), (0, vec![None]));
-        assert_eq!(plan(&ok, &req("nope", vec![desc(&[("tenant", "a")])], 1)).unwrap().slots, vec![None]);
-        assert_eq!(plan(&ok, &req("d", vec![desc(&[("tenant", "a"), ("rule", "zz")])], 1)).unwrap().slots, vec![None]);
+        assert_eq!((p.debits.len(), p.slots.clone(), p.misses), (0, vec![None], [0, 1, 0]));
+        let p = plan(&ok, &req("nope", vec![desc(&[("tenant", "a")]), desc(&[("tenant", "b")])], 1)).unwrap();
+        assert_eq!((p.slots, p.misses), (vec![None, None], [2, 0, 0]));
+        let p =
+            plan(&ok, &req("d", vec![desc(&[("tenant", "a"), ("rule", "zz")]), desc(&[("tenant", "a")])], 1)).unwrap();
+        assert_eq!((p.slots, p.misses), (vec![None, Some(0)], [0, 0, 1]));
         let strict = settings(r#", "unmatched": "error""#);
         assert!(plan(&strict, &req("nope", vec![desc(&[("tenant", "a")])], 1)).is_err());
         assert!(plan(&strict, &req("d", vec![desc(&[("k", "a")])], 1)).is_err());
@@ -282,6 +325,42 @@ mod tests {
         // Bounded work whatever the config: too many descriptors, none at all.
         assert!(plan(&ok, &req("d", vec![desc(&[("tenant", "a")]); 65], 1)).is_err());
         assert!(plan(&ok, &req("d", vec![], 1)).is_err());
+    }
+
+    #[test]
+    fn shared_unlisted_tenants_keep_their_own_rule_buckets() {
+        // As in the filter: under `unknown_tenants: shared` every unlisted tenant debits one
+        // top-level bucket, but each has its own bucket per rule; listed tenants their own.
+        let s = Settings::from_json_bytes(
+            br#"{"domains": {"d": {"capacity": 3, "refill_rate": 1, "unknown_tenants": "shared",
+                 "tenants": {"big": {"capacity": 100}},
+                 "rules": [{"name": "up", "path_prefix": "/up", "capacity": 2, "refill_rate": 1}]}}}"#,
+        )
+        .unwrap();
+        let both = |t: &str| {
+            let p =
+                plan(&s, &req("d", vec![desc(&[("tenant", t)]), desc(&[("tenant", t), ("rule", "up")])], 1)).unwrap();
+            (p.debits[0].clone(), p.debits[1].clone())
+        };
+        let (a, a_up) = both("a");
+        let (b, b_up) = both("b");
+        assert_eq!(a.key, b.key);
+        assert_ne!(a_up.key, b_up.key);
+        assert_eq!(a_up.limit.capacity, 2);
+        // One slot for the request: the shared bucket's tag.
+        assert_eq!((a_up.tag.as_str(), b_up.tag.as_str()), (a.tag.as_str(), a.tag.as_str()));
+        assert!(a_up.key.starts_with(&format!("trl:{{{}}}:t:", a.tag)) && a_up.key.ends_with(":r:up"));
+        let (big, big_up) = both("big");
+        assert_ne!(big.key, a.key);
+        assert_eq!(big_up.key, format!("{}:r:up", big.key));
+        // Under `separate` nothing changes: a tenant's rule bucket sits next to its own.
+        let (x, x_up) = {
+            let s = settings("");
+            let p = plan(&s, &req("d", vec![desc(&[("tenant", "x")]), desc(&[("tenant", "x"), ("rule", "up")])], 1))
+                .unwrap();
+            (p.debits[0].clone(), p.debits[1].clone())
+        };
+        assert_eq!(x_up.key, format!("{}:r:up", x.key));
     }
 
     #[test]

@@ -7,6 +7,8 @@
 //! keys are grouped by hash tag (a tenant's buckets share one); the groups are debited one
 //! after another, and when a later group is denied the earlier ones are refunded with the
 //! part of the debit that cannot have refilled yet (never over-admits; see units::refundable).
+//!
+//! With `--redis-wait-replicas`, each script call is pipelined with `WAIT` (see `Wait`).
 
 use crate::plan::{Debit, Result1};
 
@@ -31,6 +33,12 @@ pub enum EdgeError {
     Timeout,
     /// The script answered something we cannot read (never expected).
     Reply(String),
+    /// `WAIT`: fewer replicas than required acknowledged the write in time (the debit stands
+    /// on the master, but a failover now could lose it).
+    Replicas {
+        acked: i64,
+        wanted: u32,
+    },
 }
 
 impl std::fmt::Display for EdgeError {
@@ -39,13 +47,28 @@ impl std::fmt::Display for EdgeError {
             EdgeError::Redis(e) => write!(f, "redis: {e}"),
             EdgeError::Timeout => write!(f, "redis: no answer before the deadline"),
             EdgeError::Reply(s) => write!(f, "redis: unexpected script reply: {s}"),
+            EdgeError::Replicas { acked, wanted } => {
+                write!(f, "redis: {acked} of {wanted} replicas acknowledged the write in time (WAIT)")
+            }
         }
     }
 }
 
+/// `--redis-wait-replicas N --redis-wait-ms M`: after each script call, `WAIT N M` in the
+/// same pipeline (one round trip), so an answer is sent only once N replicas hold the write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Wait {
+    pub replicas: u32,
+    pub ms: u64,
+}
+
 pub struct Edge {
     conn: Conn,
+    /// More connections, used in turn with `conn` (only with `WAIT`, see main.rs).
+    more: Vec<Conn>,
+    next: std::sync::atomic::AtomicUsize,
     sha: String,
+    wait: Option<Wait>,
     /// Redis commands sent (EVALSHA, and EVAL after NOSCRIPT), for the metrics.
     pub commands: std::sync::atomic::AtomicU64,
 }
@@ -66,6 +89,21 @@ pub async fn connect_cluster(urls: &[String], timeout: Duration) -> Result<Conn,
     Ok(Conn::Cluster(client.get_async_connection().await?))
 }
 
+/// `EVALSHA sha` or `EVAL script` over `debits` (see gcra.lua for the arguments). Numbers go
+/// in as integers (redis-rs writes them into the command buffer; no string per argument).
+fn script_cmd(head: &str, script: &str, debits: &[&Debit], refund_of: Option<u64>) -> redis::Cmd {
+    let mut cmd = redis::cmd(head);
+    cmd.arg(script).arg(debits.len());
+    for d in debits {
+        cmd.arg(d.key.as_str());
+    }
+    cmd.arg(if refund_of.is_some() { "r" } else { "d" }).arg(refund_of.unwrap_or(0));
+    for d in debits {
+        cmd.arg(d.limit.interval).arg(d.limit.capacity).arg(d.cost);
+    }
+    cmd
+}
+
 fn int(v: Option<&Value>) -> Result<i64, EdgeError> {
     match v {
         Some(Value::Int(i)) => Ok(*i),
@@ -74,53 +112,74 @@ fn int(v: Option<&Value>) -> Result<i64, EdgeError> {
 }
 
 impl Edge {
-    pub fn new(conn: Conn) -> Edge {
-        Edge { conn, sha: redis::Script::new(SCRIPT).get_hash().to_string(), commands: Default::default() }
+    pub fn new(conn: Conn, more: Vec<Conn>, wait: Option<Wait>) -> Edge {
+        Edge {
+            conn,
+            more,
+            next: Default::default(),
+            sha: redis::Script::new(SCRIPT).get_hash().to_string(),
+            wait,
+            commands: Default::default(),
+        }
     }
 
-    /// The connection (cheap to clone: a handle to a multiplexed connection). Both kinds
+    /// A connection (cheap to clone: a handle to a multiplexed connection; with `WAIT`, the
+    /// next of several in turn). Both kinds
     /// recover by themselves: a single node's ConnectionManager reconnects, and the cluster
     /// connection follows a failover to the promoted replica (tests/service/test_cluster.py).
     pub fn conn(&self) -> Conn {
-        self.conn.clone()
+        if self.more.is_empty() {
+            return self.conn.clone();
+        }
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % (self.more.len() + 1);
+        self.more.get(i).unwrap_or(&self.conn).clone()
     }
 
-    async fn run(&self, keys: &[&str], args: &[String]) -> Result<Value, RedisError> {
-        let mut evalsha = redis::cmd("EVALSHA");
-        evalsha.arg(&self.sha).arg(keys.len()).arg(keys).arg(args);
+    async fn run(&self, debits: &[&Debit], refund_of: Option<u64>) -> Result<Value, EdgeError> {
         self.commands.fetch_add(1, Ordering::Relaxed);
         let conn = self.conn();
-        let first = match &conn {
-            Conn::Single(c) => evalsha.query_async(&mut c.clone()).await,
-            Conn::Cluster(c) => evalsha.query_async(&mut c.clone()).await,
-        };
+        let first = self.query(&conn, script_cmd("EVALSHA", &self.sha, debits, refund_of)).await;
         match first {
-            Err(e) if e.kind() == ErrorKind::NoScriptError => {
-                let mut eval = redis::cmd("EVAL");
-                eval.arg(SCRIPT).arg(keys.len()).arg(keys).arg(args);
+            Err(EdgeError::Redis(e)) if e.kind() == ErrorKind::NoScriptError => {
                 self.commands.fetch_add(1, Ordering::Relaxed);
-                match &conn {
-                    Conn::Single(c) => eval.query_async(&mut c.clone()).await,
-                    Conn::Cluster(c) => eval.query_async(&mut c.clone()).await,
-                }
+                self.query(&conn, script_cmd("EVAL", SCRIPT, debits, refund_of)).await
             }
             other => other,
         }
     }
 
+    /// The script call, alone or followed by `WAIT` in one pipeline. A pipeline goes to one
+    /// node (on a cluster, the one that owns the script's keys), so `WAIT` counts the replicas
+    /// of the master that took the write.
+    async fn query(&self, conn: &Conn, cmd: redis::Cmd) -> Result<Value, EdgeError> {
+        let Some(w) = self.wait else {
+            return match conn {
+                Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+                Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+            }
+            .map_err(EdgeError::Redis);
+        };
+        let mut pipe = redis::pipe();
+        pipe.add_command(cmd).cmd("WAIT").arg(w.replicas).arg(w.ms);
+        let replies: Vec<Value> = match conn {
+            Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+        }
+        .map_err(EdgeError::Redis)?;
+        let mut replies = replies.into_iter();
+        let (Some(reply), acked) = (replies.next(), int(replies.next().as_ref())?) else {
+            return Err(EdgeError::Reply("no reply to the script in the WAIT pipeline".into()));
+        };
+        if acked < i64::from(w.replicas) {
+            return Err(EdgeError::Replicas { acked, wanted: w.replicas });
+        }
+        Ok(reply)
+    }
+
     /// One script call over `debits` (all keys in one slot, or any keys on a single node).
     /// Returns the Redis time of the call (us) and one result per debit.
     async fn script(&self, debits: &[&Debit], refund_of: Option<u64>) -> Result<(u64, Vec<Result1>), EdgeError> {
-        let keys: Vec<&str> = debits.iter().map(|d| d.key.as_str()).collect();
-        let mut args = Vec::with_capacity(2 + 3 * debits.len());
-        args.push(if refund_of.is_some() { "r" } else { "d" }.to_string());
-        args.push(refund_of.unwrap_or(0).to_string());
-        for d in debits {
-            args.push(d.limit.interval.to_string());
-            args.push(d.limit.capacity.to_string());
-            args.push(d.cost.to_string());
-        }
-        let reply = self.run(&keys, &args).await.map_err(EdgeError::Redis)?;
+        let reply = self.run(debits, refund_of).await?;
         let Value::Bulk(items) = reply else {
             return Err(EdgeError::Reply(format!("{reply:?}")));
         };

@@ -58,7 +58,7 @@ pub fn limit_units(limit: &Limit) -> Result<BucketLimit, String> {
 }
 
 #[cfg(test)] // part of the model of gcra.lua
-/// The stored state of one bucket (the Redis value `"D T I"`).
+/// The stored state of one bucket (the Redis value: D, T and I, packed by gcra.lua).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct State {
     pub debt: u64,

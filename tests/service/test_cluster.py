@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 import pytest
 
-from tests.support.rlsproto import OK, OVER_LIMIT
+from tests.support.rlsproto import OK, OVER_LIMIT, Client
 
 SLOW = "1/hour"
 CONFIG = {
@@ -59,6 +59,18 @@ def test_all_or_nothing_across_slots_refunds(clients, services, fresh):
         r = clients[0].ask("aon", [[("tenant", a)], [("tenant", b)]])
         assert (r.code, r.statuses[1].code) == (OVER_LIMIT, OVER_LIMIT)
     assert clients[1].ask("aon", [[("tenant", a)]], hits=3).code == OK
+
+
+def test_wait_for_replicas_on_a_cluster(svc_factory, redis_cluster, fresh):
+    """`--redis-wait-replicas 1`: the WAIT goes to the master that took the write (in the
+    script's pipeline), whose replica acknowledges it; for tenants on every master."""
+    s = svc_factory(["--redis-cluster", ",".join(redis_cluster.urls), "--redis-wait-replicas", "1",
+                     "--redis-wait-ms", "500"], CONFIG)
+    with Client(s.port) as c:
+        for _ in range(12):
+            assert c.ask("exact", [[("tenant", fresh("w"))]]).code == OK
+    assert s.metric('trl_service_calls_total{result="ok"}') == 12
+    assert s.metric('trl_service_redis_errors_total{kind="replicas"}') == 0
 
 
 def test_master_failover_recovers_without_restart(clients, services, redis_cluster, fresh):

@@ -22,6 +22,9 @@ CONFIG = {
         "exact": {"capacity": 50, "refill_rate": SLOW, "tenants": {"big": {"capacity": 80, "refill_rate": SLOW}}},
         "aon": {"capacity": 3, "refill_rate": SLOW,
                 "rules": [{"name": "upload", "path_prefix": "/upload", "capacity": 2, "refill_rate": SLOW}]},
+        # Unlisted tenants share one bucket of 5, and each has its own `upload` bucket of 2.
+        "shared": {"capacity": 5, "refill_rate": SLOW, "unknown_tenants": "shared",
+                   "rules": [{"name": "upload", "path_prefix": "/upload", "capacity": 2, "refill_rate": SLOW}]},
     },
 }
 
@@ -95,10 +98,14 @@ def test_hits_addend_is_the_cost(clients, fresh):
 def test_unmatched_descriptors_and_hostile_requests(services, clients, redis, fresh):
     c = clients[0]
     keys_before = int(redis.cli("DBSIZE"))
-    # Unknown domain, no tenant entry, unknown rule: OK with no limit (the default config).
-    assert c.ask("nope", [[("tenant", "a")]]).code == OK
+    miss = lambda reason: services[0].metric(f'trl_service_unmatched_total{{reason="{reason}"}}')  # noqa: E731
+    misses0 = {r: miss(r) for r in ("unknown_domain", "no_tenant", "unknown_rule")}
+    # Unknown domain, no tenant entry, unknown rule: OK with no limit (the default config),
+    # each counted by reason, so a typo in a client's domain or rule name shows.
+    assert c.ask("nope", [[("tenant", "a")], [("tenant", "b")]]).code == OK
     assert c.ask("exact", [[("other", "a")]]).statuses[0].limit is None
     assert c.ask("aon", [[("tenant", fresh()), ("rule", "nope")]]).code == OK
+    assert {r: miss(r) - n for r, n in misses0.items()} == {"unknown_domain": 2, "no_tenant": 1, "unknown_rule": 1}
     # 64 KiB values and 1,000 entries: the tenant falls back to the default tenant (a
     # bounded key), never a crash and never a key per hostile value.
     big = "x" * 65536
@@ -112,6 +119,20 @@ def test_unmatched_descriptors_and_hostile_requests(services, clients, redis, fr
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "max_descriptors" in e.value.details()
     assert all(s.running() for s in services)
+
+
+def test_shared_unlisted_tenants_have_their_own_rule_buckets(clients, fresh):
+    """`unknown_tenants: shared`, as in the filter: unlisted tenants debit one shared bucket
+    (5), but each has its own `upload` bucket (2)."""
+    a, b, c = fresh("sa"), fresh("sb"), fresh("sc")
+    up = lambda t: [[("tenant", t)], [("tenant", t), ("rule", "upload")]]  # noqa: E731
+    assert [clients[i % 2].ask("shared", up(a)).code for i in range(3)] == [OK, OK, OVER_LIMIT]
+    # b's upload bucket is its own: full, though a's is empty.
+    r = clients[1].ask("shared", up(b))
+    assert (r.code, [s.remaining for s in r.statuses]) == (OK, [2, 1])
+    # The shared bucket saw a's 2 and b's 1 (a's denied call took nothing): 2 left for c.
+    assert clients[0].ask("shared", [[("tenant", c)]], hits=2).statuses[0].remaining == 0
+    assert clients[0].ask("shared", [[("tenant", fresh("sd"))]]).code == OVER_LIMIT
 
 
 def test_unmatched_error_config(svc_factory, redis):
@@ -153,6 +174,23 @@ def test_keys_expire_when_full_and_bytes_per_bucket(clients, redis, fresh):
     pttl = int(redis.cli("PTTL", key))
     assert 1900 <= pttl <= 2001  # 2 tokens at 1/s: full again in 2 s
     assert int(redis.cli("MEMORY", "USAGE", key)) <= 160
+    # The value: 25 bytes (a tag byte and three doubles, see gcra.lua).
+    assert int(redis.cli("STRLEN", key)) == 25
+
+
+def test_reads_the_text_value_of_earlier_builds(clients, redis, fresh):
+    """A bucket stored as text "D T I" (the form earlier builds wrote) still counts: an empty
+    bucket (debt = capacity * interval) written now denies, so an upgrade grants nothing twice."""
+    t = fresh()
+    before = set(redis.cli("KEYS", "trl:*").split())
+    assert clients[0].ask("gcra", [[("tenant", t)]]).code == OK
+    key = (set(redis.cli("KEYS", "trl:*").split()) - before).pop()
+    sec, usec = redis.cli("TIME").split()
+    interval = 1024 * 1_000_000  # 1/s in U (2^-10 us)
+    assert redis.cli("SET", key, f"{3 * interval} {int(sec) * 1_000_000 + int(usec)} {interval}", "PX", "5000") == "OK"
+    denied = clients[1].ask("gcra", [[("tenant", t)]])
+    assert denied.code == OVER_LIMIT
+    assert 0.5 < denied.statuses[0].reset_s <= 1.0  # the one token refills 1 s after the SET
 
 
 def test_metrics_and_health(services):
@@ -248,6 +286,45 @@ def test_redis_slow_or_down_is_a_prompt_grpc_error(svc_factory, tmp_path_factory
                     time.sleep(0.2)
     finally:
         r.stop()
+
+
+def test_wait_for_replicas(svc_factory, tmp_path_factory, fresh):
+    """`--redis-wait-replicas 1`: an answer is sent only once the replica holds the write; a
+    replica that stops acknowledging makes calls fail (UNAVAILABLE, counted) after
+    `--redis-wait-ms`, not hang, and they succeed again when it is back."""
+    from .svc import Redis, redis_server
+
+    master = Redis(tmp_path_factory.mktemp("wait-master"), redis_server()).start()
+    replica = Redis(tmp_path_factory.mktemp("wait-replica"), redis_server(),
+                    ["--replicaof", "127.0.0.1", str(master.port)])
+    try:
+        replica.start()
+        deadline = time.monotonic() + 10
+        while "master_link_status:up" not in replica.cli("INFO", "replication"):
+            assert time.monotonic() < deadline, "the replica never synced"
+            time.sleep(0.05)
+        s = svc_factory(["--redis", master.url, "--redis-wait-replicas", "1", "--redis-wait-ms", "100"], CONFIG)
+        t = fresh()
+        with Client(s.port) as c:
+            assert c.ask("gcra", [[("tenant", t)]]).code == OK
+            # Acknowledged by the replica before the answer: the key is there already.
+            (key,) = master.cli("KEYS", "trl:*").split()
+            assert replica.cli("EXISTS", key) == "1"
+            os.kill(replica.proc.pid, signal.SIGSTOP)
+            try:
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as e:
+                    c.ask("gcra", [[("tenant", t)]], timeout=2)
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "WAIT" in e.value.details()
+                assert 0.1 <= time.monotonic() - started < 1.0
+            finally:
+                os.kill(replica.proc.pid, signal.SIGCONT)
+            assert c.ask("gcra", [[("tenant", t)]]).code == OK
+        assert s.metric('trl_service_redis_errors_total{kind="replicas"}') == 1
+    finally:
+        replica.stop()
+        master.stop()
 
 
 def test_sigterm_drains_and_exits_zero(svc_factory, redis):
