@@ -113,6 +113,9 @@ pub struct Global {
     pub tenant_key: String,
     pub method_key: Option<String>,
     pub path_key: Option<String>,
+    /// The entry key naming the request's plan (`plans`), sent when set and the request has
+    /// a plan: the fleet service gives unlisted tenants that plan's limit.
+    pub plan_key: Option<String>,
     /// Ask for this many tokens at once and spend them locally until the window ends.
     pub lease_tokens: Option<u32>,
 }
@@ -932,6 +935,7 @@ const GLOBAL_FIELDS: &[&str] = &[
     "tenant_key",
     "method_key",
     "path_key",
+    "plan_key",
     "lease_tokens",
 ];
 const MAX_LEASE: u64 = 1_000_000;
@@ -973,6 +977,7 @@ fn global_section(v: &Value) -> Result<Option<Global>, ConfigError> {
     let tenant_key = name("tenant_key", false)?.unwrap_or_else(|| "tenant".to_string());
     let method_key = name("method_key", false)?;
     let path_key = name("path_key", false)?;
+    let plan_key = name("plan_key", false)?;
     let lease_tokens = match obj.get("lease_tokens") {
         None => None,
         Some(l) => Some(int_in("global.lease_tokens", l, 1, MAX_LEASE)? as u32),
@@ -986,6 +991,7 @@ fn global_section(v: &Value) -> Result<Option<Global>, ConfigError> {
         tenant_key,
         method_key,
         path_key,
+        plan_key,
         lease_tokens,
     }))
 }

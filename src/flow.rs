@@ -226,7 +226,7 @@ pub fn on_request(
     });
     let request = Metered::new(config, tenant, plan, rule, cost);
     let who = Who { tenant, plan, rule: rule.map(|(id, _)| id), policy: request.policy };
-    metered(plugin, worker, &mut req, store, &now, request).finish(config, who)
+    metered(plugin, worker, &mut req, store, &now, request, plan).finish(config, who)
 }
 
 /// [`on_request`] for a metered request.
@@ -237,6 +237,7 @@ fn metered<'c, F: RequestFacts>(
     store: &mut impl SharedStore,
     now: &impl Fn() -> u64,
     request: Metered,
+    plan: Option<usize>,
 ) -> Step {
     let config = &plugin.config;
     let service = Service::of(config, &plugin.ns);
@@ -290,6 +291,7 @@ fn metered<'c, F: RequestFacts>(
         tenant: tenant.as_str(),
         method: global.method_key.as_deref().map(|k| (k, method)),
         path: global.path_key.as_deref().zip(path),
+        plan: global.plan_key.as_deref().zip(plan.and_then(|p| config.plans.get(p)).map(|p| p.name.as_str())),
     };
     let body = rls::encode_request(&global.domain, &input, call.hits);
     events.bump(Counter::ServiceCalls, 1);

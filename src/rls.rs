@@ -128,6 +128,7 @@ pub struct DescriptorInput<'a> {
     pub tenant: &'a str,
     pub method: Option<(&'a str, &'a str)>,
     pub path: Option<(&'a str, &'a str)>,
+    pub plan: Option<(&'a str, &'a str)>,
 }
 
 /// Encodes a `RateLimitRequest` (domain 1, descriptors 2, hits_addend 3) for one descriptor
@@ -136,7 +137,7 @@ pub fn encode_request(domain: &str, input: &DescriptorInput<'_>, hits: u32) -> V
     let mut out = Out(Vec::with_capacity(64 + domain.len() + input.tenant.len()));
     out.bytes(1, domain.as_bytes());
     out.message(2, |d| {
-        let entries = [Some((input.tenant_key, input.tenant)), input.method, input.path];
+        let entries = [Some((input.tenant_key, input.tenant)), input.method, input.path, input.plan];
         for (key, value) in entries.into_iter().flatten() {
             d.message(1, |e| {
                 e.bytes(1, key.as_bytes());
@@ -286,7 +287,13 @@ mod tests {
     use prost::Message;
 
     fn input() -> DescriptorInput<'static> {
-        DescriptorInput { tenant_key: "tenant", tenant: "acme", method: Some(("method", "GET")), path: None }
+        DescriptorInput {
+            tenant_key: "tenant",
+            tenant: "acme",
+            method: Some(("method", "GET")),
+            path: None,
+            plan: None,
+        }
     }
 
     #[test]
@@ -401,11 +408,16 @@ mod tests {
 
     #[test]
     fn request_without_hits_and_with_every_entry() {
-        let input =
-            DescriptorInput { tenant_key: "t", tenant: "a", method: Some(("m", "GET")), path: Some(("p", "/x")) };
+        let input = DescriptorInput {
+            tenant_key: "t",
+            tenant: "a",
+            method: Some(("m", "GET")),
+            path: Some(("p", "/x")),
+            plan: Some(("plan", "pro")),
+        };
         let r = published::RateLimitRequest::decode(encode_request("d", &input, 0).as_slice()).unwrap();
         assert_eq!(r.hits_addend, 0);
         let pairs: Vec<_> = r.descriptors[0].entries.iter().map(|e| (e.key.as_str(), e.value.as_str())).collect();
-        assert_eq!(pairs, [("t", "a"), ("m", "GET"), ("p", "/x")]);
+        assert_eq!(pairs, [("t", "a"), ("m", "GET"), ("p", "/x"), ("plan", "pro")]);
     }
 }

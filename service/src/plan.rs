@@ -2,7 +2,8 @@
 //! from the script's outcomes. No I/O.
 //!
 //! A descriptor's `tenant` entry (key `tenant_key`) picks the tenant's bucket; with a `rule`
-//! entry (key `rule_key`) naming a rule that has its own limit, the (tenant, rule) bucket.
+//! entry (key `rule_key`) naming a rule that has its own limit, the (tenant, rule) bucket; a
+//! `plan` entry (key `plan_key`) the plan whose limit an unlisted tenant gets.
 //! Other entries (e.g. the filter's method/path) are ignored. An invalid tenant value
 //! (empty, over 128 bytes, spaces or control characters) counts as the domain's
 //! `tenant.default`, as in the filter, so no value can escape the limiter; a descriptor with
@@ -126,13 +127,14 @@ pub fn plan(settings: &Settings, req: &RateLimitRequest) -> Result<Plan, Refusal
             return Err(Refusal(format!("descriptor {i}: negative hits (refills) are not accepted")));
         }
         let cost = d.hits_addend.as_ref().map_or(request_hits, |h| h.value);
-        let mut tenant = None;
-        let mut rule = None;
+        let (mut tenant, mut rule, mut plan_name) = (None, None, None);
         for e in &d.entries {
             if tenant.is_none() && e.key == settings.tenant_key {
                 tenant = Some(e.value.as_str());
             } else if rule.is_none() && e.key == settings.rule_key {
                 rule = Some(e.value.as_str());
+            } else if plan_name.is_none() && e.key == settings.plan_key {
+                plan_name = Some(e.value.as_str());
             }
         }
         let Some(tenant) = tenant else {
@@ -148,8 +150,8 @@ pub fn plan(settings: &Settings, req: &RateLimitRequest) -> Result<Plan, Refusal
             }
         };
         let tenant = if is_valid_tenant_id(tenant.as_bytes()) { tenant } else { domain.config.default_tenant.as_str() };
-        let (bucket, tenant_limit) = domain.tenant(tenant);
-        let tag = tag_of(&req.domain, bucket);
+        let (bucket, tenant_limit) = domain.tenant(tenant, plan_name);
+        let tag = tag_of(&req.domain, bucket.as_deref());
         let (key, limit) = match rule {
             None => (format!("{KEY_PREFIX}{{{tag}}}"), tenant_limit),
             Some(r) => match domain.rule(r) {

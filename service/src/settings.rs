@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use tenant_ratelimit::config::{Config, ConfigError, Policy, UnknownTenants};
 
-const TOP_FIELDS: &[&str] = &["domains", "tenant_key", "rule_key", "unmatched", "max_descriptors"];
+const TOP_FIELDS: &[&str] = &["domains", "tenant_key", "rule_key", "plan_key", "unmatched", "max_descriptors"];
 const MAX_NAME: usize = 256;
 const DEFAULT_MAX_DESCRIPTORS: u64 = 64;
 
@@ -30,7 +30,13 @@ pub struct Domain {
     pub default_limit: BucketLimit,
     /// Same order as `config.tenants`.
     pub tenant_limits: Vec<BucketLimit>,
-    /// Named rules with their own limit: (name, limit).
+    /// Same order as `config.plans`.
+    pub plan_limits: Vec<BucketLimit>,
+    /// A listed tenant without a named plan, over each plan (`Policy::on_plans`), by tenant
+    /// then plan; empty when the domain has no `plan_from`.
+    pub tenant_plan_limits: Vec<Vec<BucketLimit>>,
+    /// Named rules with their own limit, from every rule list (top level, tenants', plans';
+    /// names are unique across the config): (name, limit).
     pub rules: Vec<(String, BucketLimit)>,
 }
 
@@ -39,6 +45,9 @@ pub struct Settings {
     pub domains: BTreeMap<String, Domain>,
     pub tenant_key: String,
     pub rule_key: String,
+    /// The descriptor entry naming the request's plan (`plans`), e.g. the filter's
+    /// `global.plan_key`.
+    pub plan_key: String,
     pub unmatched: Unmatched,
     pub max_descriptors: usize,
 }
@@ -112,6 +121,13 @@ impl Settings {
         if rule_key == tenant_key {
             return err("rule_key", "must differ from tenant_key");
         }
+        let plan_key = match top.get("plan_key") {
+            Some(v) => name("plan_key", v)?,
+            None => "plan".to_string(),
+        };
+        if plan_key == tenant_key || plan_key == rule_key {
+            return err("plan_key", "must differ from tenant_key and rule_key");
+        }
         let unmatched = match top.get("unmatched").map(|v| v.as_str()) {
             None | Some(Some("ok")) => Unmatched::Ok,
             Some(Some("error")) => Unmatched::Error,
@@ -124,7 +140,7 @@ impl Settings {
                 _ => return err("max_descriptors", "must be an integer from 1 to 1024"),
             },
         } as usize;
-        Ok(Settings { domains, tenant_key, rule_key, unmatched, max_descriptors })
+        Ok(Settings { domains, tenant_key, rule_key, plan_key, unmatched, max_descriptors })
     }
 }
 
@@ -139,24 +155,50 @@ impl Domain {
             .iter()
             .map(|p| check(format!("{field}.tenants.{}", p.name), p))
             .collect::<Result<Vec<_>, _>>()?;
+        let plan_limits = config
+            .plans
+            .iter()
+            .map(|p| check(format!("{field}.plans.{}", p.name), p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tenant_plan_limits = config
+            .tenants
+            .iter()
+            .map(|t| t.on_plans.iter().map(|p| check(format!("{field}.tenants.{}", t.name), p)).collect())
+            .collect::<Result<Vec<_>, _>>()?;
         let mut rules = Vec::new();
-        for (i, rule) in config.rules.iter().enumerate() {
+        for rule in config.all_rules() {
             if let Some(p) = &rule.policy {
-                rules.push((p.name.clone(), check(format!("{field}.rules[{i}]"), p)?));
+                rules.push((p.name.clone(), check(format!("{field}: rule {}", p.name), p)?));
             }
         }
-        Ok(Domain { config, default_limit, tenant_limits, rules })
+        Ok(Domain { config, default_limit, tenant_limits, plan_limits, tenant_plan_limits, rules })
     }
 
-    /// The bucket id and limit of a tenant: listed tenants have their own; unlisted ones get
-    /// the top-level limit, each its own bucket or one shared bucket (`unknown_tenants`).
-    pub fn tenant<'a>(&'a self, tenant: &'a str) -> (Option<&'a str>, BucketLimit) {
-        match self.config.tenant_index(tenant.as_bytes()) {
-            Some(i) => (Some(tenant), self.tenant_limits.get(i).copied().unwrap_or(self.default_limit)),
-            None => match self.config.unknown_tenants {
-                UnknownTenants::Separate => (Some(tenant), self.default_limit),
-                UnknownTenants::Shared => (None, self.default_limit),
-            },
+    /// The plan of a request: a listed tenant's named plan, else the descriptor's `plan`
+    /// entry if it names a plan, else `default_plan` (as `tenant.plan_from` in the filter).
+    fn plan_of(&self, tenant: Option<usize>, plan: Option<&str>) -> Option<usize> {
+        let named = tenant.and_then(|i| self.config.tenants.get(i)).and_then(|t| t.plan);
+        named.or_else(|| plan.and_then(|p| self.config.plan_index(p.as_bytes()))).or(self.config.default_plan)
+    }
+
+    /// The bucket id and limit of a tenant on a plan (the descriptor's plan entry, if any):
+    /// listed tenants have their own bucket, with their limit (over the plan, for one without
+    /// a named plan); unlisted ones get the plan's limit (else the top level's), each its own
+    /// bucket or, under `unknown_tenants: shared`, one bucket per plan.
+    pub fn tenant(&self, tenant: &str, plan: Option<&str>) -> (Option<String>, BucketLimit) {
+        let listed = self.config.tenant_index(tenant.as_bytes());
+        let plan = self.plan_of(listed, plan);
+        if let Some(i) = listed {
+            let over_plan = plan.and_then(|p| self.tenant_plan_limits.get(i)?.get(p)).copied();
+            let own = self.tenant_limits.get(i).copied().unwrap_or(self.default_limit);
+            return (Some(tenant.to_string()), over_plan.unwrap_or(own));
+        }
+        let limit = plan.and_then(|p| self.plan_limits.get(p)).copied().unwrap_or(self.default_limit);
+        match (self.config.unknown_tenants, plan.and_then(|p| self.config.plans.get(p))) {
+            (UnknownTenants::Separate, _) => (Some(tenant.to_string()), limit),
+            (UnknownTenants::Shared, None) => (None, limit),
+            // Tenant ids never contain NUL: no tenant can name a plan's shared bucket.
+            (UnknownTenants::Shared, Some(p)) => (Some(format!("\0plan\0{}", p.name)), limit),
         }
     }
 
@@ -187,8 +229,8 @@ mod tests {
         .unwrap();
         let d = &s.domains["tenants"];
         assert_eq!(d.default_limit.capacity, 3);
-        assert_eq!(d.tenant("acme").1.capacity, 10);
-        assert_eq!(d.tenant("other"), (Some("other"), d.default_limit));
+        assert_eq!(d.tenant("acme", None).1.capacity, 10);
+        assert_eq!(d.tenant("other", None), (Some("other".to_string()), d.default_limit));
         assert_eq!(d.rule("upload").unwrap().capacity, 2);
         assert!(d.rule("nope").is_none());
         assert_eq!(s.unmatched, Unmatched::Error);
@@ -226,7 +268,33 @@ mod tests {
         )
         .unwrap();
         let d = &s.domains["d"];
-        assert_eq!(d.tenant("x").0, None);
-        assert_eq!(d.tenant("a").0, Some("a"));
+        assert_eq!(d.tenant("x", None).0, None);
+        assert_eq!(d.tenant("a", None).0.as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn plans_pick_the_limit_as_in_the_filter() {
+        let s = Settings::from_json_bytes(
+            br#"{"domains": {"d": {"capacity": 3, "refill_rate": "60/min", "unknown_tenants": "shared",
+                 "plans": {"free": {"capacity": 5}, "pro": {"capacity": 50, "refill_rate": "50/day"}},
+                 "tenant": {"plan_from": [{"header": "x-plan"}], "default_plan": "free"},
+                 "tenants": {"acme": {"plan": "pro"}, "initech": {"capacity": 7}}}}}"#,
+        )
+        .unwrap();
+        assert_eq!(s.plan_key, "plan");
+        let d = &s.domains["d"];
+        let cap = |t: &str, p: Option<&str>| d.tenant(t, p).1.capacity;
+        assert_eq!((cap("x", None), cap("x", Some("pro")), cap("x", Some("gold"))), (5, 50, 5));
+        assert_eq!((cap("acme", Some("free")), cap("acme", None)), (50, 50));
+        assert_eq!(cap("initech", Some("pro")), 7);
+        // initech's rate comes from its plan: pro refills 50/day, free (the default) 60/min.
+        assert_ne!(d.tenant("initech", Some("pro")).1, d.tenant("initech", None).1);
+        // Shared unlisted tenants: one bucket per plan.
+        assert_eq!(d.tenant("x", Some("pro")).0, d.tenant("y", Some("pro")).0);
+        assert_ne!(d.tenant("x", Some("pro")).0, d.tenant("x", None).0);
+        assert_eq!(
+            field_of(r#"{"domains": {"d": {"capacity": 1, "refill_rate": 1}}, "plan_key": "tenant"}"#),
+            "plan_key"
+        );
     }
 }
