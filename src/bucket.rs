@@ -54,6 +54,127 @@ impl Limit {
     }
 }
 
+/// Limits one policy may have: they live in one shared-data record decided by one
+/// compare-and-swap, and a request handles them in fixed arrays on the stack.
+pub const MAX_LIMITS: usize = 4;
+
+/// The limits of one policy, in order: each with an opaque `id` (its name's hash) so a stored
+/// state follows its limit, not its position, across a reconfiguration. Fixed capacity, no
+/// allocation, `Copy`.
+///
+/// Unused slots are always zero, so two `Limits` are equal exactly when their limits are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    items: [(u64, Limit); MAX_LIMITS],
+    len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        const EMPTY: Limits = Limits { items: [(0, Limit { capacity: 0, interval: 0 }); MAX_LIMITS], len: 0 };
+        EMPTY
+    }
+}
+
+impl Limits {
+    /// One limit (the `capacity`/`refill_rate` form, the overflow bucket).
+    pub fn one(id: u64, limit: Limit) -> Limits {
+        let mut limits = Limits::default();
+        limits.push(id, limit);
+        limits
+    }
+
+    /// Adds a limit; false (and nothing added) when `MAX_LIMITS` are there already.
+    pub fn push(&mut self, id: u64, limit: Limit) -> bool {
+        match self.items.get_mut(self.len) {
+            Some(slot) => {
+                *slot = (id, limit);
+                self.len += 1;
+                true
+            }
+            None => false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// (id, limit) of every limit, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &(u64, Limit)> + '_ {
+        self.items.iter().take(self.len)
+    }
+
+    /// The first limit: what a one-limit policy is, and where an old one-limit record's
+    /// state goes.
+    pub fn first(&self) -> Limit {
+        self.items[0].1
+    }
+
+    /// The smallest capacity: what bounds a lease or a request's cost.
+    pub fn min_capacity(&self) -> u64 {
+        self.iter().map(|(_, l)| l.capacity).min().unwrap_or(0)
+    }
+}
+
+/// The states of several limits (`t_full` each, same order as their [`Limits`]).
+pub type States = [u128; MAX_LIMITS];
+
+/// The outcome of one all-or-nothing debit over several limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdicts {
+    /// Every limit admitted, and every limit was debited; otherwise none was.
+    pub allowed: bool,
+    /// Per limit: on an admission its own debit; on a denial the limit as it stands (a
+    /// limit that would have admitted shows its tokens before the request, `retry_after` 0).
+    pub each: [Verdict; MAX_LIMITS],
+    pub len: usize,
+}
+
+impl Verdicts {
+    pub fn iter(&self) -> impl Iterator<Item = &Verdict> + '_ {
+        self.each.iter().take(self.len)
+    }
+
+    /// The states to store (unchanged on a denial).
+    pub fn states(&self) -> States {
+        let mut out = [0; MAX_LIMITS];
+        for (o, v) in out.iter_mut().zip(self.iter()) {
+            *o = v.t_full;
+        }
+        out
+    }
+
+    /// Ticks until every limit that denied has this request's cost: the longest wait.
+    pub fn retry_after(&self) -> u128 {
+        self.iter().map(|v| v.retry_after).max().unwrap_or(0)
+    }
+}
+
+/// Takes `cost` tokens from every limit at `now_ns`, or from none: a request is admitted only
+/// if every limit admits, and a denial debits nothing anywhere.
+pub fn debit_all(limits: &Limits, states: &States, now_ns: u64, cost: u64) -> Verdicts {
+    let mut each = [debit(&limits.first(), 0, now_ns, 0); MAX_LIMITS];
+    let mut allowed = true;
+    for ((slot, (_, limit)), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
+        *slot = debit(limit, *t_full, now_ns, cost);
+        allowed &= slot.allowed;
+    }
+    if !allowed {
+        // Undo the admissions: show those limits as they are, with nothing taken.
+        for ((slot, (_, limit)), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
+            if slot.allowed {
+                *slot = Verdict { allowed: false, ..debit(limit, *t_full, now_ns, 0) };
+            }
+        }
+    }
+    Verdicts { allowed, each, len: limits.len() }
+}
+
 pub fn now_ticks(now_ns: u64) -> u128 {
     (now_ns as u128) << FRAC_BITS
 }
@@ -78,7 +199,9 @@ pub struct Verdict {
 }
 
 /// Tries to take `cost` tokens at `now_ns` from a bucket whose state is `t_full`
-/// (0 = never used = full).
+/// (0 = never used = full). Not inlined: [`debit_all`] calls it twice, and one copy of the
+/// u128 math is enough for the .wasm.
+#[inline(never)]
 pub fn debit(limit: &Limit, t_full: u128, now_ns: u64, cost: u64) -> Verdict {
     let now = now_ticks(now_ns);
     let tau = limit.tau();

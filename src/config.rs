@@ -6,7 +6,7 @@
 //! operators read these errors in an Envoy log without the JSON in front of them.
 //! Unknown fields are errors everywhere: a typo must never silently disable a limit.
 
-use crate::bucket::{Limit, MAX_CAPACITY, MAX_RATE, MIN_RATE};
+use crate::bucket::{Limit, Limits, MAX_CAPACITY, MAX_LIMITS, MAX_RATE, MIN_RATE};
 use crate::rate::parse_rate;
 use crate::tenant::{is_valid_tenant_id, TenantSource, MAX_TENANT_LEN};
 use serde_json::{Map, Value};
@@ -118,18 +118,44 @@ pub struct Global {
     pub lease_tokens: Option<u32>,
 }
 
-/// A named limit: the bucket parameters plus what the operator called it (the policy name
-/// in `RateLimit` headers and stats) and whether it may deny.
+/// A policy: its limits (one, or several in `limits`), what the operator called it (for
+/// stats and per-name counters) and whether it may deny.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub name: String,
-    pub limit: Limit,
+    /// The bucket math of every limit, in order: what the request path uses.
+    pub limits: Limits,
+    /// Per limit, same order: its name and rate as written.
+    pub about: Vec<LimitInfo>,
     /// Per-entry mode; `None` follows the top-level `mode`.
     pub mode: Option<Mode>,
-    /// Tokens per second as written: what a tenant or rule without its own `refill_rate`
-    /// inherits, and what the checker prints (the bucket math uses `limit`).
+}
+
+/// What a limit is called (`RateLimit` headers, per-limit stats; the policy's own name for
+/// the `capacity`/`refill_rate` form) and its tokens per second as written (what a tenant
+/// without its own `refill_rate` inherits, what the checker prints).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitInfo {
+    pub name: String,
     pub rate_per_second: f64,
 }
+
+impl Policy {
+    /// The name of limit `i` (the policy's name if there is no such limit).
+    pub fn limit_name(&self, i: usize) -> &str {
+        self.about.get(i).map_or(self.name.as_str(), |a| a.name.as_str())
+    }
+}
+
+/// The id stored with a limit's state in a record of several limits (the hash of its name),
+/// so a reconfiguration that reorders, adds or removes limits keeps each one's spent tokens.
+fn limit_id(name: &str) -> u64 {
+    crate::store::hash128(&[name.as_bytes()]) as u64
+}
+
+/// The id of a policy's only limit: a one-limit record stores no id and reads as this one
+/// (see `store::Record`), so it must compare equal.
+const ONE_LIMIT_ID: u64 = 0;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Rule {
@@ -220,11 +246,9 @@ impl Config {
 
     pub fn from_value(value: &Value) -> Result<Config, ConfigError> {
         let obj = Fields::new("", value, TOP_FIELDS)?;
-        let capacity = obj.required("capacity").and_then(|v| capacity(&obj.path("capacity"), v))?;
-        let rate_field = obj.path("refill_rate");
-        let rate = rate(&rate_field, obj.required("refill_rate")?)?;
-        let default_limit = limit(&rate_field, capacity, rate)?;
-        let default_policy = Policy { name: "default".into(), limit: default_limit, mode: None, rate_per_second: rate };
+        let default_policy = policy_limits(&obj, "default", None, None)?;
+        // The overflow bucket has one limit: by default the top level's (its first).
+        let default_limit = default_policy.limits.first();
 
         let (tenant_sources, default_tenant) = match obj.get("tenant") {
             Some(v) => tenant_section(v)?,
@@ -331,6 +355,7 @@ impl Config {
 const TOP_FIELDS: &[&str] = &[
     "capacity",
     "refill_rate",
+    "limits",
     "tenant",
     "tenants",
     "rules",
@@ -629,28 +654,15 @@ fn tenants_section(v: &Value, default: &Policy) -> Result<Vec<Policy>, ConfigErr
                 format!("tenant names must be 1 to {MAX_TENANT_LEN} visible ASCII characters (no spaces or control characters)"),
             );
         }
-        let obj = Fields::new(&field, entry, &["capacity", "refill_rate", "mode"])?;
-        let cap = match obj.get("capacity") {
-            Some(c) => capacity(&obj.path("capacity"), c)?,
-            None => default.limit.capacity,
-        };
-        let per_second = match obj.get("refill_rate") {
-            Some(r) => rate(&obj.path("refill_rate"), r)?,
-            None => default.rate_per_second,
-        };
+        let obj = Fields::new(&field, entry, &["capacity", "refill_rate", "limits", "mode"])?;
         let mode = obj.get("mode").map(|m| mode(&obj.path("mode"), m)).transpose()?;
-        out.push(Policy {
-            name: name.clone(),
-            limit: limit(&field, cap, per_second)?,
-            mode,
-            rate_per_second: per_second,
-        });
+        out.push(policy_limits(&obj, name, Some(default), mode)?);
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
 }
 
-const RULE_FIELDS: &[&str] = &["name", "methods", "path_prefix", "cost", "capacity", "refill_rate", "mode"];
+const RULE_FIELDS: &[&str] = &["name", "methods", "path_prefix", "cost", "capacity", "refill_rate", "limits", "mode"];
 
 fn rules_section(v: &Value) -> Result<Vec<Rule>, ConfigError> {
     let Some(items) = v.as_array() else {
@@ -715,33 +727,110 @@ fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
         Some(c) => int_in(&obj.path("cost"), c, 0, MAX_CAPACITY)?,
     };
     let mode_override = obj.get("mode").map(|m| mode(&obj.path("mode"), m)).transpose()?;
-    let policy = match (obj.get("capacity"), obj.get("refill_rate")) {
-        (None, None) => {
+    let policy = match (obj.get("capacity"), obj.get("refill_rate"), obj.get("limits")) {
+        (None, None, None) => {
             if mode_override.is_some() {
-                return err(&obj.path("mode"), "only a rule with its own capacity and refill_rate can have a mode");
+                return err(
+                    &obj.path("mode"),
+                    "only a rule with its own limit (capacity and refill_rate, or limits) can have a mode",
+                );
             }
             None
         }
-        (Some(c), Some(r)) => {
-            let Some(name) = name.clone() else {
+        _ => {
+            let Some(name) = name.as_deref() else {
                 return err(
                     &obj.path("name"),
-                    "a rule with its own capacity/refill_rate needs a name (for its bucket, stats and headers)",
+                    "a rule with its own limit (capacity/refill_rate or limits) needs a name (for its bucket, stats and headers)",
                 );
             };
-            let cap = capacity(&obj.path("capacity"), c)?;
-            let per_second = rate(&obj.path("refill_rate"), r)?;
-            Some(Policy {
-                name,
-                limit: limit(field, cap, per_second)?,
-                mode: mode_override,
-                rate_per_second: per_second,
-            })
+            Some(policy_limits(&obj, name, None, mode_override)?)
         }
-        (Some(_), None) => return err(&obj.path("refill_rate"), "a rule with its own capacity also needs refill_rate"),
-        (None, Some(_)) => return err(&obj.path("capacity"), "a rule with its own refill_rate also needs capacity"),
     };
     Ok(Rule { name, methods, path_prefix, cost, policy })
+}
+
+/// The limits of one policy entry (top level, tenant, rule): `limits`, or the one-limit form
+/// `capacity`/`refill_rate`, never both forms.
+///
+/// Inheritance (`inherit`: the top level, for a listed tenant): an entry with `limits` defines
+/// all its limits; one with neither form inherits the top level's limits, all of them; one
+/// with only `capacity` or only `refill_rate` takes the other from the top level, which must
+/// then have a single limit. Without `inherit` (the top level, a rule) the entry defines its
+/// limits itself.
+fn policy_limits(
+    obj: &Fields,
+    name: &str,
+    inherit: Option<&Policy>,
+    mode: Option<Mode>,
+) -> Result<Policy, ConfigError> {
+    let mut policy = match (obj.get("capacity"), obj.get("refill_rate"), obj.get("limits"), inherit) {
+        // All the top level's limits; a single one is named after this policy, as its own.
+        (None, None, None, Some(p)) if p.limits.len() > 1 => p.clone(),
+        (None, None, Some(list), _) => limits_list(&obj.path("limits"), list)?,
+        (_, _, Some(_), _) => {
+            return err(&obj.path("limits"), "give either `limits` or capacity/refill_rate, not both")
+        }
+        _ => {
+            let (limit, rate_per_second) = one_limit(obj, inherit.filter(|p| p.limits.len() == 1))?;
+            let about = vec![LimitInfo { name: name.to_string(), rate_per_second }];
+            Policy { name: String::new(), limits: Limits::one(ONE_LIMIT_ID, limit), about, mode: None }
+        }
+    };
+    policy.name = name.to_string();
+    policy.mode = mode;
+    Ok(policy)
+}
+
+/// `capacity` and `refill_rate` of one limit; either may be left out when `base` (the top
+/// level, with a single limit) has it.
+fn one_limit(obj: &Fields, base: Option<&Policy>) -> Result<(Limit, f64), ConfigError> {
+    const NEEDED: &str = "required: a limit has capacity and refill_rate (a listed tenant may leave one out \
+                          when the top level has a single limit), or give `limits`";
+    let capacity = match (obj.get("capacity"), base) {
+        (Some(c), _) => capacity(&obj.path("capacity"), c)?,
+        (None, Some(p)) => p.limits.first().capacity,
+        (None, None) => return err(&obj.path("capacity"), NEEDED),
+    };
+    let rate_per_second = match (obj.get("refill_rate"), base.and_then(|p| p.about.first())) {
+        (Some(r), _) => rate(&obj.path("refill_rate"), r)?,
+        (None, Some(a)) => a.rate_per_second,
+        (None, None) => return err(&obj.path("refill_rate"), NEEDED),
+    };
+    let field = if obj.prefix.is_empty() { obj.path("refill_rate") } else { obj.prefix.clone() };
+    Ok((limit(&field, capacity, rate_per_second)?, rate_per_second))
+}
+
+/// `limits`: 1 to [`MAX_LIMITS`] entries `{"name", "capacity", "refill_rate"}`, names unique
+/// within the policy. Bounded because all of a bucket's limits share one shared-data record
+/// (48 bytes a limit) decided by one compare-and-swap.
+fn limits_list(field: &str, v: &Value) -> Result<Policy, ConfigError> {
+    let items = match v.as_array() {
+        Some(items) if (1..=MAX_LIMITS).contains(&items.len()) => items,
+        _ => {
+            return err(field, "must be an array of 1 to 4 limits {\"name\", \"capacity\", \"refill_rate\"} (they share one record and one compare-and-swap)")
+        }
+    };
+    let mut limits = Limits::default();
+    let mut about: Vec<LimitInfo> = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let obj = Fields::new(&format!("{field}[{i}]"), item, &["name", "capacity", "refill_rate"])?;
+        let name = string(&obj.path("name"), obj.required("name")?)?;
+        if !is_limit_name(name) || about.iter().any(|a| a.name == name) {
+            return err(&obj.path("name"), "must be 1 to 32 letters, digits, '-' or '_', unique in the policy");
+        }
+        let (limit, rate_per_second) = one_limit(&obj, None)?;
+        // A lone limit is the one-limit form, which stores no id.
+        limits.push(if items.len() == 1 { ONE_LIMIT_ID } else { limit_id(name) }, limit);
+        about.push(LimitInfo { name: name.to_string(), rate_per_second });
+    }
+    Ok(Policy { name: String::new(), limits, about, mode: None })
+}
+
+/// Limit names go into `RateLimit` headers (as sf-strings) and stat names: kept to
+/// characters that need no escaping in either.
+fn is_limit_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn deny_section(v: &Value) -> Result<Deny, ConfigError> {
@@ -901,7 +990,7 @@ mod tests {
     #[test]
     fn seed_form_parses_with_defaults() {
         let c = parse(r#"{"capacity":1000,"refill_rate":100}"#).unwrap();
-        assert_eq!(c.default_policy.limit.capacity, 1000);
+        assert_eq!(c.default_policy.limits.first().capacity, 1000);
         assert_eq!(c.default_tenant, "default");
         assert_eq!(
             c.tenant_sources,
@@ -929,8 +1018,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.tenant_sources[0], TenantSource::Header("x-tenant-id".into()));
-        assert_eq!(tenant(&c, b"globex").unwrap().rate_per_second, 5.0);
-        assert_eq!(tenant(&c, b"acme").unwrap().limit.capacity, 120);
+        assert_eq!(tenant(&c, b"globex").unwrap().about[0].rate_per_second, 5.0);
+        assert_eq!(tenant(&c, b"acme").unwrap().limits.first().capacity, 120);
         assert!(tenant(&c, b"nobody").is_none());
         assert_eq!(c.rules[0].methods, vec!["GET", "HEAD"]);
     }
@@ -1042,9 +1131,9 @@ mod tests {
     fn tenant_overrides_inherit_missing_fields() {
         let c = parse(r#"{"capacity":50,"refill_rate":"60/min","tenants":{"a":{"capacity":5},"b":{"refill_rate":10,"mode":"shadow"}}}"#).unwrap();
         let a = tenant(&c, b"a").unwrap();
-        assert_eq!((a.limit.capacity, a.rate_per_second), (5, 1.0));
+        assert_eq!((a.limits.first().capacity, a.about[0].rate_per_second), (5, 1.0));
         let b = tenant(&c, b"b").unwrap();
-        assert_eq!((b.limit.capacity, b.rate_per_second, b.mode), (50, 10.0, Some(Mode::Shadow)));
+        assert_eq!((b.limits.first().capacity, b.about[0].rate_per_second, b.mode), (50, 10.0, Some(Mode::Shadow)));
     }
 
     #[test]
@@ -1063,7 +1152,7 @@ mod tests {
         );
         let c = parse(r#"{"capacity":1,"refill_rate":1,"rules":[{"name":"login","methods":["POST"],"path_prefix":"/login","capacity":5,"refill_rate":"5/min"}]}"#).unwrap();
         let p = c.rules[0].policy.as_ref().unwrap();
-        assert_eq!((p.name.as_str(), p.limit.capacity), ("login", 5));
+        assert_eq!((p.name.as_str(), p.limits.first().capacity), ("login", 5));
     }
 
     #[test]

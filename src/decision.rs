@@ -3,6 +3,7 @@
 //! headers, which counters. Pure: the host is only the [`SharedStore`] passed in, so this
 //! runs the same in Envoy and in unit tests.
 
+use crate::bucket::{Limit, Limits, Verdict};
 use crate::config::{Config, FailurePolicy, Mode, Overflow};
 use crate::metrics::{Counter, Events, Final};
 use crate::policy::{PolicyId, OVERFLOW_OWNER};
@@ -46,7 +47,7 @@ pub fn from_lease(config: &Config, leases: &mut WorkerLeases, request: &Metered)
     }
     let id = request.policy;
     let (owner, _) = id.bucket(config, &request.tenant);
-    let quota = leases.spend(owner, &id.policy(config).limit, request.cost)?;
+    let quota = leases.spend(owner, &id.policy(config).limits, request.cost)?;
     let mut events = Events::default();
     events.outcome(id, Final::Allowed);
     Some(Decision { deny: false, retry_after_seconds: 0, quota: Some(quota), policy: id, events })
@@ -67,19 +68,20 @@ pub fn decide(
     let (owner, home) = id.bucket(config, &tenant);
     let shadow = policy.mode.unwrap_or(config.mode) == Mode::Shadow;
     let mut events = Events::default();
-    let limit = policy.limit;
-    let extra = leases.as_deref().map_or(Extra::default(), |l| l.extra(config.worker_lease, owner, &limit));
-    let mut debit = store::debit(store, ns, home, &Withdrawal { owner, limit, cost, extra, now_ns });
+    let limits = policy.limits;
+    let extra = leases.as_deref().map_or(Extra::default(), |l| l.extra(config.worker_lease, owner, &limits));
+    let mut debit = store::debit(store, ns, home, &Withdrawal { owner, limits, cost, extra, now_ns });
     if let (Some(leases), Outcome::Decided { verdict, .. }) = (leases, debit.outcome) {
         if debit.extra > 0 {
-            let quota = Quota::new(&limit, &verdict);
-            leases.keep(store, ns, Lease { owner, home, limit, tokens: debit.extra, taken_ns: now_ns, quota }, now_ns);
+            let quota = Quota::tightest(&limits, &verdict);
+            leases.keep(store, ns, Lease { owner, home, limits, tokens: debit.extra, taken_ns: now_ns, quota }, now_ns);
         }
     }
     // The request's own view: the lease tokens are the worker's, not spent yet.
     let lease_tokens = debit.extra;
     events.bump(Counter::CasRetries, debit.cas_retries);
-    let mut limit = limit;
+    let mut limits = limits;
+    let mut overflowed = false;
 
     if debit.outcome == Outcome::NoSlot {
         match config.overflow {
@@ -91,10 +93,11 @@ pub fn decide(
                 events.bump(Counter::OverflowUsed, 1);
                 let key = ns.named_key("overflow");
                 let owner = hash128(&[OVERFLOW_OWNER]);
-                let w = Withdrawal { owner, limit: overflow_limit, cost, extra: Extra::default(), now_ns };
+                limits = Limits::one(0, overflow_limit);
+                let w = Withdrawal { owner, limits, cost, extra: Extra::default(), now_ns };
                 debit = store::debit_named(store, key.as_str(), &w);
                 events.bump(Counter::CasRetries, debit.cas_retries);
-                limit = overflow_limit;
+                overflowed = true;
             }
         }
     }
@@ -120,18 +123,26 @@ pub fn decide(
         }
     };
 
-    let mut quota = Quota::new(&limit, &verdict);
+    let mut quota = Quota::tightest(&limits, &verdict);
     quota.remaining = quota.remaining.saturating_add(lease_tokens);
     let quota = Some(quota);
     if verdict.allowed {
         events.outcome(id, Final::Allowed);
-        // remaining / capacity < permille / 1000, in integers.
-        if (verdict.remaining as u128) * 1000 < (limit.capacity as u128) * config.near_limit_permille as u128 {
+        // Some limit's remaining / capacity < permille / 1000, in integers.
+        let near = |(v, (_, l)): (&Verdict, &(u64, Limit))| {
+            (v.remaining as u128) * 1000 < (l.capacity as u128) * config.near_limit_permille as u128
+        };
+        if verdict.iter().zip(limits.iter()).any(near) {
             events.bump(Counter::NearLimit, 1);
         }
         return Decision { deny: false, retry_after_seconds: 0, quota, policy: id, events };
     }
-    let retry = retry_after_seconds(&verdict);
+    if !overflowed {
+        // Which of the policy's limits denied (each that had too few tokens).
+        let mask = verdict.iter().enumerate().filter(|(_, v)| v.retry_after > 0).fold(0, |m, (i, _)| m | 1 << i);
+        events.limits_denied = Some((id, mask));
+    }
+    let retry = retry_after_seconds(verdict.retry_after());
     let mut d = refuse(id, shadow, events);
     d.retry_after_seconds = retry;
     d.quota = quota;
@@ -387,10 +398,10 @@ mod tests {
                 prop_assert!(admitted <= cap, "admitted {} > capacity {}", admitted, cap);
                 // Give everything back, then drain the bucket without leases: the total is exact.
                 let owner = hash128(&[b"hot"]);
-                let limit = c.default_policy.limit;
+                let limits = c.default_policy.limits;
                 for w in &mut workers {
                     for e in w.drain() {
-                        let unspent = Unspent { owner, home: e.home, limit, tokens: e.tokens, taken_ns: T0 };
+                        let unspent = Unspent { owner, home: e.home, limits, tokens: e.tokens, taken_ns: T0 };
                         prop_assert!(give_back(&mut s, &ns, &unspent, T0));
                     }
                 }
@@ -450,7 +461,7 @@ mod tests {
             assert!(give_back(
                 &mut s,
                 &ns,
-                &Unspent { owner: e.owner, home: e.home, limit: e.limit, tokens: e.tokens, taken_ns: T0 },
+                &Unspent { owner: e.owner, home: e.home, limits: e.limits, tokens: e.tokens, taken_ns: T0 },
                 T0
             ));
             assert_eq!(run(&c, &mut s, "vip", 30).0, 19);

@@ -3,6 +3,7 @@
 //! `wasmcustom.` (see README "Stats"). Per-tenant and per-rule counters exist only for names
 //! listed in the config, so the number of stats is bounded by the config, never by traffic.
 
+use crate::config::{Config, Policy};
 use crate::policy::PolicyId;
 
 pub const PREFIX: &str = "tenant_ratelimit";
@@ -113,6 +114,10 @@ pub struct Events {
     pub counters: [u32; Counter::ALL.len()],
     /// The per-name counter to bump: the request's outcome for its policy (`Default` has none).
     pub named: Option<(PolicyId, Final)>,
+    /// On a refusal by the policy's own limits (enforced or shadow): the policy, and bit `i`
+    /// set for each limit `i` that had too few tokens (the per-limit `denied` counters of a
+    /// policy with several limits).
+    pub limits_denied: Option<(PolicyId, u8)>,
     pub slots_created: u32,
 }
 
@@ -188,6 +193,29 @@ pub fn scoped_name(scope: &str, name: &str, counter: &str) -> String {
     let clean: String =
         name.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect();
     format!("{PREFIX}.{scope}.{clean}.{counter}")
+}
+
+/// The per-limit `denied` stats of a config: for each policy with several limits, one
+/// (policy, stat name) per limit, in the limits' order, `tenant_ratelimit.<tenant|rule>.<policy>.limit.<limit>.denied`
+/// (`tenant_ratelimit.top.default.limit.<limit>.denied` for the top level). Bounded by the
+/// config.
+pub fn limit_denied_names(config: &Config) -> Vec<(PolicyId, String)> {
+    let mut out = Vec::new();
+    let mut add = |id: PolicyId, scope: &str, policy: &Policy| {
+        for a in policy.about.iter().filter(|_| policy.limits.len() > 1) {
+            out.push((id, scoped_name(scope, &policy.name, &format!("limit.{}.denied", a.name))));
+        }
+    };
+    add(PolicyId::Default, "top", &config.default_policy);
+    for (i, p) in config.tenants.iter().enumerate() {
+        add(PolicyId::Tenant(i), "tenant", p);
+    }
+    for (i, r) in config.rules.iter().enumerate() {
+        if let Some(p) = &r.policy {
+            add(PolicyId::Rule(i), "rule", p);
+        }
+    }
+    out
 }
 
 #[cfg(test)]

@@ -94,7 +94,7 @@ mod tests {
         assert_eq!(PolicyId::of(&c, &id("vip"), other), PolicyId::Tenant(0));
         assert_eq!(PolicyId::of(&c, &id("x"), None), PolicyId::Default);
         assert_eq!(PolicyId::Rule(0).name(&c), "login");
-        assert_eq!(PolicyId::Tenant(0).policy(&c).limit.capacity, 9);
+        assert_eq!(PolicyId::Tenant(0).policy(&c).limits.first().capacity, 9);
         assert_eq!(PolicyId::Tenant(7).name(&c), "default");
         // Listed tenants have reserved keys, also for their rule buckets; unlisted ones share.
         assert!(matches!(PolicyId::Rule(0).bucket(&c, &id("vip")).1, Home::Reserved(_)));

@@ -130,7 +130,16 @@ impl Settings {
 impl Domain {
     fn new(field: &str, config: Config) -> Result<Domain, SettingsError> {
         let check = |path: String, p: &Policy| -> Result<BucketLimit, SettingsError> {
-            limit_units(&p.limit).map_err(|reason| SettingsError(ConfigError { field: path, reason }))
+            // One Redis key per bucket, one limit each: a policy with several `limits` is
+            // refused by name rather than enforced on one of its limits.
+            if p.limits.len() > 1 {
+                let field = format!("{path}.limits");
+                let reason = "the rate-limit service enforces one limit per policy; several `limits` are local only \
+                              (give this policy capacity and refill_rate here)"
+                    .to_string();
+                return Err(SettingsError(ConfigError { field, reason }));
+            }
+            limit_units(&p.limits.first()).map_err(|reason| SettingsError(ConfigError { field: path, reason }))
         };
         let default_limit = check(field.to_string(), &config.default_policy)?;
         let tenant_limits = config

@@ -122,15 +122,32 @@ mod native {
     fn print_limits(c: &Config) {
         let line = |kind: &str, p: &Policy| {
             let mode = p.mode.unwrap_or(c.mode);
-            println!(
-                "  {kind:<8} {:<24} capacity {:>10}  rate {:>12}/s {:>12}/min  window {}s  mode {:?}",
-                p.name,
-                p.limit.capacity,
-                fmt(p.rate_per_second),
-                fmt(p.rate_per_second * 60.0),
-                p.limit.window_seconds(),
-                mode
-            );
+            for (i, ((_, limit), about)) in p.limits.iter().zip(&p.about).enumerate() {
+                // One line per limit; a policy with several names each (`name/limit`).
+                let name = if p.limits.len() > 1 { format!("{}/{}", p.name, about.name) } else { p.name.clone() };
+                let kind = if i == 0 { kind } else { "" };
+                println!(
+                    "  {kind:<8} {name:<24} capacity {:>10}  rate {:>12}/s {:>12}/min  window {}s  mode {:?}",
+                    limit.capacity,
+                    fmt(about.rate_per_second),
+                    fmt(about.rate_per_second * 60.0),
+                    limit.window_seconds(),
+                    mode
+                );
+                // Local buckets live in the proxy's memory: a restart starts them full.
+                if c.global.is_none() && limit.window_seconds() > LONG_WINDOW_SECONDS {
+                    println!(
+                        "  warning: limit \"{}\" of {kind_name} \"{}\" has a window of {}s (capacity / rate, over an hour) \
+                         but no `global` section: local buckets start full after an Envoy restart or a new Wasm \
+                         module, so a quota this long is only enforced by the rate-limit service (see README \
+                         \"Several limits on one policy\")",
+                        about.name,
+                        p.name,
+                        limit.window_seconds(),
+                        kind_name = kind_name(p, c),
+                    );
+                }
+            }
         };
         line("default", &c.default_policy);
         for t in &c.tenants {
@@ -166,6 +183,19 @@ mod native {
             "  deny {} (gRPC status {}) | headers {headers} | on_store_error {:?} | max_tenants {} | overflow {overflow} | unknown_tenants {:?}",
             c.deny.status, c.deny.grpc_status, c.on_store_error, c.max_tenants, c.unknown_tenants
         );
+    }
+
+    /// Longer windows than this are not kept by a local bucket across restarts.
+    const LONG_WINDOW_SECONDS: u64 = 3600;
+
+    fn kind_name(p: &Policy, c: &Config) -> &'static str {
+        if std::ptr::eq(p, &c.default_policy) {
+            "the top level"
+        } else if c.tenants.iter().any(|t| std::ptr::eq(t, p)) {
+            "tenant"
+        } else {
+            "rule"
+        }
     }
 
     fn fmt(x: f64) -> String {

@@ -19,6 +19,9 @@ pub struct MetricIds {
     live_slots: u32,
     tenants: Vec<[u32; Final::ALL.len()]>,
     rules: Vec<Option<[u32; Final::ALL.len()]>>,
+    /// Per-limit `denied` of the policies with several limits, each policy's in its limits'
+    /// order.
+    limits: Vec<(PolicyId, u32)>,
 }
 
 pub fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
@@ -41,7 +44,11 @@ pub fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
         .iter()
         .map(|r| r.name.as_deref().map(|n| scoped("rule", n)).transpose())
         .collect::<Result<_, _>>()?;
-    Ok(MetricIds { plugin, live_slots, tenants, rules })
+    let mut limits = Vec::new();
+    for (policy, name) in metrics::limit_denied_names(config) {
+        limits.push((policy, hostcalls::define_metric(MetricType::Counter, &name)?));
+    }
+    Ok(MetricIds { plugin, live_slots, tenants, rules, limits })
 }
 
 fn increment(id: u32, by: u32) {
@@ -63,6 +70,11 @@ pub fn record(ids: &MetricIds, events: &Events) {
         };
         if let Some(id) = set.and_then(|s| s.get(outcome as usize)) {
             increment(*id, 1);
+        }
+    }
+    if let Some((policy, mask)) = events.limits_denied {
+        for (i, (_, id)) in ids.limits.iter().filter(|(p, _)| *p == policy).enumerate() {
+            increment(*id, u32::from(mask >> i & 1));
         }
     }
 }
@@ -172,7 +184,7 @@ pub fn send_deny(config: &Config, deny: &Deny) {
     let denied = Denied {
         why: deny.why,
         retry_after: deny.retry_after,
-        policy: deny.policy.map_or("global", |id| id.name(config)),
+        policy: deny.policy,
         quota: deny.quota.as_ref(),
         extra: &deny.headers,
     };

@@ -2,49 +2,130 @@
 //! written and read by the one codec here ([`Writer`], [`Reader`]); the owner hash; the key
 //! names of one plugin.
 
-use crate::bucket::Limit;
+use crate::bucket::{Limit, Limits, States, MAX_LIMITS};
 
-/// Record layout version; a record of another version is treated as free.
+/// Layout of a one-limit bucket record (the layout before several limits existed, kept so a
+/// one-limit policy's record is byte for byte what earlier versions read and write).
 pub const RECORD_VERSION: u8 = 1;
 /// version + owner + capacity + interval + t_full.
 pub const RECORD_LEN: usize = 1 + 16 + 8 + 16 + 16;
+/// Layout of a record of several limits (2 is the grant's).
+pub const LIMITS_VERSION: u8 = 3;
+/// One limit in a several-limits record: id + capacity + interval + t_full.
+pub const LIMIT_LEN: usize = 8 + 8 + 16 + 16;
+/// version + owner + count, then the limits.
+const LIMITS_HEAD: usize = 1 + 16 + 1;
+/// The largest record: [`MAX_LIMITS`] limits.
+pub const MAX_RECORD_LEN: usize = LIMITS_HEAD + MAX_LIMITS * LIMIT_LEN;
 /// Layout version of a service grant.
 pub const GRANT_VERSION: u8 = 2;
 /// version + owner + tokens + expiry.
 pub const GRANT_LEN: usize = 1 + 16 + 8 + 8;
 
-/// One bucket as stored.
+/// One bucket owner's limits as stored: all of them in one record, so one compare-and-swap
+/// decides them together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     pub owner: u128,
-    /// The limit the state was written under, so a reconfiguration can carry it over.
-    pub limit: Limit,
-    pub t_full: u128,
+    /// The limits the states were written under, so a reconfiguration can carry them over.
+    pub limits: Limits,
+    /// `t_full` of each limit, same order.
+    pub t_full: States,
+}
+
+/// An encoded record, on the stack.
+pub struct Encoded {
+    buf: [u8; MAX_RECORD_LEN],
+    len: usize,
+}
+
+impl Encoded {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or(&[])
+    }
 }
 
 impl Record {
-    pub fn encode(&self) -> [u8; RECORD_LEN] {
-        let mut out = [0u8; RECORD_LEN];
-        let mut w = Writer { out: &mut out, at: 0 };
-        w.put(&[RECORD_VERSION]);
-        w.put(&self.owner.to_le_bytes());
-        w.put(&self.limit.capacity.to_le_bytes());
-        w.put(&self.limit.interval.to_le_bytes());
-        w.put(&self.t_full.to_le_bytes());
-        out
+    /// One limit: the old layout (its id is not stored: a one-limit record's state belongs to
+    /// the first limit of whatever policy reads it). Several: version 3, each with its id.
+    pub fn encode(&self) -> Encoded {
+        let mut buf = [0u8; MAX_RECORD_LEN];
+        let mut w = Writer { out: &mut buf, at: 0 };
+        if self.limits.len() == 1 {
+            let limit = self.limits.first();
+            w.put(&[RECORD_VERSION]);
+            w.put(&self.owner.to_le_bytes());
+            w.put(&limit.capacity.to_le_bytes());
+            w.put(&limit.interval.to_le_bytes());
+            w.put(&self.t_full[0].to_le_bytes());
+        } else {
+            w.put(&[LIMITS_VERSION]);
+            w.put(&self.owner.to_le_bytes());
+            w.put(&[self.limits.len() as u8]);
+            for ((id, limit), t_full) in self.limits.iter().zip(self.t_full.iter()) {
+                w.put(&id.to_le_bytes());
+                w.put(&limit.capacity.to_le_bytes());
+                w.put(&limit.interval.to_le_bytes());
+                w.put(&t_full.to_le_bytes());
+            }
+        }
+        let len = w.at;
+        Encoded { buf, len }
     }
 
-    /// `None` for anything that is not a record of this version (foreign, truncated, empty).
+    /// `None` for anything that is not a bucket record (foreign, truncated, empty, a grant).
+    /// A one-limit record reads with id 0.
     pub fn decode(bytes: &[u8]) -> Option<Record> {
-        let mut r = Reader::new(bytes, RECORD_VERSION, RECORD_LEN)?;
-        let owner = u128::from_le_bytes(r.take()?);
-        let capacity = u64::from_le_bytes(r.take()?);
-        let interval = u128::from_le_bytes(r.take()?);
-        let t_full = u128::from_le_bytes(r.take()?);
-        if capacity == 0 || interval == 0 {
+        if let Some(mut r) = Reader::new(bytes, RECORD_VERSION, RECORD_LEN) {
+            let owner = u128::from_le_bytes(r.take()?);
+            let (limit, t_full) = r.limit()?;
+            let mut states = [0; MAX_LIMITS];
+            states[0] = t_full;
+            return Some(Record { owner, limits: Limits::one(0, limit), t_full: states });
+        }
+        let n = usize::from(*bytes.get(LIMITS_HEAD - 1)?);
+        if !(2..=MAX_LIMITS).contains(&n) {
             return None;
         }
-        Some(Record { owner, limit: Limit { capacity, interval }, t_full })
+        let mut r = Reader::new(bytes, LIMITS_VERSION, LIMITS_HEAD + n * LIMIT_LEN)?;
+        let owner = u128::from_le_bytes(r.take()?);
+        r.take::<1>()?;
+        let mut limits = Limits::default();
+        let mut states = [0; MAX_LIMITS];
+        for state in states.iter_mut().take(n) {
+            let id = u64::from_le_bytes(r.take()?);
+            let (limit, t_full) = r.limit()?;
+            *state = t_full;
+            limits.push(id, limit);
+        }
+        Some(Record { owner, limits, t_full: states })
+    }
+
+    /// Whether every limit is full again (the record is then worth nothing to its owner).
+    pub fn is_full(&self, now_ns: u64) -> bool {
+        self.t_full.iter().take(self.limits.len()).all(|t| crate::bucket::is_full(*t, now_ns))
+    }
+
+    /// The stored states carried over to `limits` at `now_ns`: a limit found by id (or, in a
+    /// one-limit record, the first limit) keeps the tokens it spent, clamped to its new
+    /// capacity ([`crate::bucket::rescale`]); a limit the record does not have starts full;
+    /// a stored limit no longer configured is dropped.
+    pub fn carried(&self, limits: &Limits, now_ns: u64) -> States {
+        let mut out = [0; MAX_LIMITS];
+        let single = self.limits.len() == 1;
+        for (i, (o, (id, new))) in out.iter_mut().zip(limits.iter()).enumerate() {
+            let found = self.limits.iter().zip(self.t_full).enumerate().find(|&(j, ((old_id, _), _))| {
+                if single {
+                    i == 0 && j == 0
+                } else {
+                    old_id == id
+                }
+            });
+            if let Some((_, ((_, old), t_full))) = found {
+                *o = crate::bucket::rescale(t_full, now_ns, old, new);
+            }
+        }
+        out
     }
 }
 
@@ -102,6 +183,14 @@ impl<'a> Reader<'a> {
     /// `None` unless `bytes` is exactly `len` long and starts with `version`.
     fn new(bytes: &'a [u8], version: u8, len: usize) -> Option<Reader<'a>> {
         (bytes.len() == len && bytes.first() == Some(&version)).then_some(Reader { bytes, at: 1 })
+    }
+
+    /// A limit and its state: capacity, interval, t_full (`None` if the limit is invalid).
+    fn limit(&mut self) -> Option<(Limit, u128)> {
+        let capacity = u64::from_le_bytes(self.take()?);
+        let interval = u128::from_le_bytes(self.take()?);
+        let t_full = u128::from_le_bytes(self.take()?);
+        (capacity > 0 && interval > 0).then_some((Limit { capacity, interval }, t_full))
     }
 
     fn take<const N: usize>(&mut self) -> Option<[u8; N]> {
@@ -243,14 +332,19 @@ mod tests {
 
     #[test]
     fn record_roundtrip_and_garbage() {
-        let r = Record { owner: 42 << 100 | 7, limit: Limit::new(5, 0.5).unwrap(), t_full: 123456789 };
-        assert_eq!(Record::decode(&r.encode()), Some(r));
+        let r = Record {
+            owner: 42 << 100 | 7,
+            limits: Limits::one(0, Limit::new(5, 0.5).unwrap()),
+            t_full: [123456789, 0, 0, 0],
+        };
+        assert_eq!(r.encode().as_bytes().len(), RECORD_LEN);
+        assert_eq!(Record::decode(r.encode().as_bytes()), Some(r));
         assert_eq!(Record::decode(&[]), None);
         assert_eq!(Record::decode(&[9; RECORD_LEN]), None);
-        assert_eq!(Record::decode(&r.encode()[..10]), None);
+        assert_eq!(Record::decode(&r.encode().as_bytes()[..10]), None);
         let g = Grant { owner: u128::MAX - 3, tokens: 7, expires_ns: 99 };
         assert_eq!(Grant::decode(&g.encode()), Some(g));
-        assert_eq!(Grant::decode(&r.encode()), None);
+        assert_eq!(Grant::decode(r.encode().as_bytes()), None);
         assert_eq!(Record::decode(&g.encode()), None);
         assert_eq!(Grant::decode(&g.encode()[..GRANT_LEN - 1]), None);
     }
