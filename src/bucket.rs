@@ -65,13 +65,15 @@ pub const MAX_LIMITS: usize = 4;
 /// Unused slots are always zero, so two `Limits` are equal exactly when their limits are.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    items: [(u64, Limit); MAX_LIMITS],
+    limits: [Limit; MAX_LIMITS],
+    ids: [u64; MAX_LIMITS],
     len: usize,
 }
 
 impl Default for Limits {
     fn default() -> Limits {
-        const EMPTY: Limits = Limits { items: [(0, Limit { capacity: 0, interval: 0 }); MAX_LIMITS], len: 0 };
+        const EMPTY: Limits =
+            Limits { limits: [Limit { capacity: 0, interval: 0 }; MAX_LIMITS], ids: [0; MAX_LIMITS], len: 0 };
         EMPTY
     }
 }
@@ -86,13 +88,13 @@ impl Limits {
 
     /// Adds a limit; false (and nothing added) when `MAX_LIMITS` are there already.
     pub fn push(&mut self, id: u64, limit: Limit) -> bool {
-        match self.items.get_mut(self.len) {
-            Some(slot) => {
-                *slot = (id, limit);
+        match (self.limits.get_mut(self.len), self.ids.get_mut(self.len)) {
+            (Some(slot), Some(id_slot)) => {
+                (*slot, *id_slot) = (limit, id);
                 self.len += 1;
                 true
             }
-            None => false,
+            _ => false,
         }
     }
 
@@ -104,20 +106,25 @@ impl Limits {
         self.len == 0
     }
 
-    /// (id, limit) of every limit, in order.
-    pub fn iter(&self) -> impl Iterator<Item = &(u64, Limit)> + '_ {
-        self.items.iter().take(self.len)
+    /// Every limit, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Limit> {
+        self.limits.get(..self.len).unwrap_or(&[]).iter()
+    }
+
+    /// Every limit's id, in order.
+    pub fn ids(&self) -> &[u64] {
+        self.ids.get(..self.len).unwrap_or(&[])
     }
 
     /// The first limit: what a one-limit policy is, and where an old one-limit record's
     /// state goes.
     pub fn first(&self) -> Limit {
-        self.items[0].1
+        self.limits[0]
     }
 
     /// The smallest capacity: what bounds a lease or a request's cost.
     pub fn min_capacity(&self) -> u64 {
-        self.iter().map(|(_, l)| l.capacity).min().unwrap_or(0)
+        self.iter().map(|l| l.capacity).min().unwrap_or(0)
     }
 }
 
@@ -136,8 +143,8 @@ pub struct Verdicts {
 }
 
 impl Verdicts {
-    pub fn iter(&self) -> impl Iterator<Item = &Verdict> + '_ {
-        self.each.iter().take(self.len)
+    pub fn iter(&self) -> std::slice::Iter<'_, Verdict> {
+        self.each.get(..self.len).unwrap_or(&[]).iter()
     }
 
     /// The states to store (unchanged on a denial).
@@ -160,13 +167,13 @@ impl Verdicts {
 pub fn debit_all(limits: &Limits, states: &States, now_ns: u64, cost: u64) -> Verdicts {
     let mut each = [debit(&limits.first(), 0, now_ns, 0); MAX_LIMITS];
     let mut allowed = true;
-    for ((slot, (_, limit)), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
+    for ((slot, limit), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
         *slot = debit(limit, *t_full, now_ns, cost);
         allowed &= slot.allowed;
     }
     if !allowed {
         // Undo the admissions: show those limits as they are, with nothing taken.
-        for ((slot, (_, limit)), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
+        for ((slot, limit), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
             if slot.allowed {
                 *slot = Verdict { allowed: false, ..debit(limit, *t_full, now_ns, 0) };
             }
@@ -199,9 +206,7 @@ pub struct Verdict {
 }
 
 /// Tries to take `cost` tokens at `now_ns` from a bucket whose state is `t_full`
-/// (0 = never used = full). Not inlined: [`debit_all`] calls it twice, and one copy of the
-/// u128 math is enough for the .wasm.
-#[inline(never)]
+/// (0 = never used = full).
 pub fn debit(limit: &Limit, t_full: u128, now_ns: u64, cost: u64) -> Verdict {
     let now = now_ticks(now_ns);
     let tau = limit.tau();

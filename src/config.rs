@@ -141,6 +141,11 @@ pub struct LimitInfo {
 }
 
 impl Policy {
+    /// A policy with no limits yet.
+    fn new(name: &str, mode: Option<Mode>) -> Policy {
+        Policy { name: name.to_string(), limits: Limits::default(), about: Vec::new(), mode }
+    }
+
     /// The name of limit `i` (the policy's name if there is no such limit).
     pub fn limit_name(&self, i: usize) -> &str {
         self.about.get(i).map_or(self.name.as_str(), |a| a.name.as_str())
@@ -246,7 +251,8 @@ impl Config {
 
     pub fn from_value(value: &Value) -> Result<Config, ConfigError> {
         let obj = Fields::new("", value, TOP_FIELDS)?;
-        let default_policy = policy_limits(&obj, "default", None, None)?;
+        let mut default_policy = Policy::new("default", None);
+        policy_limits(&obj, None, &mut default_policy)?;
         // The overflow bucket has one limit: by default the top level's (its first).
         let default_limit = default_policy.limits.first();
 
@@ -656,7 +662,9 @@ fn tenants_section(v: &Value, default: &Policy) -> Result<Vec<Policy>, ConfigErr
         }
         let obj = Fields::new(&field, entry, &["capacity", "refill_rate", "limits", "mode"])?;
         let mode = obj.get("mode").map(|m| mode(&obj.path("mode"), m)).transpose()?;
-        out.push(policy_limits(&obj, name, Some(default), mode)?);
+        let mut policy = Policy::new(name, mode);
+        policy_limits(&obj, Some(default), &mut policy)?;
+        out.push(policy);
     }
     out.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(out)
@@ -744,7 +752,9 @@ fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
                     "a rule with its own limit (capacity/refill_rate or limits) needs a name (for its bucket, stats and headers)",
                 );
             };
-            Some(policy_limits(&obj, name, None, mode_override)?)
+            let mut policy = Policy::new(name, mode_override);
+            policy_limits(&obj, None, &mut policy)?;
+            Some(policy)
         }
     };
     Ok(Rule { name, methods, path_prefix, cost, policy })
@@ -758,33 +768,32 @@ fn rule(field: &str, v: &Value) -> Result<Rule, ConfigError> {
 /// with only `capacity` or only `refill_rate` takes the other from the top level, which must
 /// then have a single limit. Without `inherit` (the top level, a rule) the entry defines its
 /// limits itself.
-fn policy_limits(
-    obj: &Fields,
-    name: &str,
-    inherit: Option<&Policy>,
-    mode: Option<Mode>,
-) -> Result<Policy, ConfigError> {
-    let mut policy = match (obj.get("capacity"), obj.get("refill_rate"), obj.get("limits"), inherit) {
+fn policy_limits(obj: &Fields, inherit: Option<&Policy>, policy: &mut Policy) -> Result<(), ConfigError> {
+    match (obj.get("capacity"), obj.get("refill_rate"), obj.get("limits"), inherit) {
         // All the top level's limits; a single one is named after this policy, as its own.
-        (None, None, None, Some(p)) if p.limits.len() > 1 => p.clone(),
-        (None, None, Some(list), _) => limits_list(&obj.path("limits"), list)?,
-        (_, _, Some(_), _) => {
-            return err(&obj.path("limits"), "give either `limits` or capacity/refill_rate, not both")
+        (None, None, None, Some(p)) if p.limits.len() > 1 => {
+            policy.limits = p.limits;
+            policy.about = p.about.clone();
+            Ok(())
         }
+        (None, None, Some(list), _) => limits_list(&obj.path("limits"), list, policy),
+        (_, _, Some(_), _) => err(&obj.path("limits"), "give either `limits` or capacity/refill_rate, not both"),
         _ => {
-            let (limit, rate_per_second) = one_limit(obj, inherit.filter(|p| p.limits.len() == 1))?;
-            let about = vec![LimitInfo { name: name.to_string(), rate_per_second }];
-            Policy { name: String::new(), limits: Limits::one(ONE_LIMIT_ID, limit), about, mode: None }
+            let name = policy.name.clone();
+            one_limit(obj, inherit.filter(|p| p.limits.len() == 1), ONE_LIMIT_ID, name, policy)
         }
-    };
-    policy.name = name.to_string();
-    policy.mode = mode;
-    Ok(policy)
+    }
 }
 
-/// `capacity` and `refill_rate` of one limit; either may be left out when `base` (the top
-/// level, with a single limit) has it.
-fn one_limit(obj: &Fields, base: Option<&Policy>) -> Result<(Limit, f64), ConfigError> {
+/// Adds one limit, `name` with id `id`, from `capacity` and `refill_rate`; either may be left
+/// out when `base` (the top level, with a single limit) has it.
+fn one_limit(
+    obj: &Fields,
+    base: Option<&Policy>,
+    id: u64,
+    name: String,
+    policy: &mut Policy,
+) -> Result<(), ConfigError> {
     const NEEDED: &str = "required: a limit has capacity and refill_rate (a listed tenant may leave one out \
                           when the top level has a single limit), or give `limits`";
     let capacity = match (obj.get("capacity"), base) {
@@ -798,33 +807,32 @@ fn one_limit(obj: &Fields, base: Option<&Policy>) -> Result<(Limit, f64), Config
         (None, None) => return err(&obj.path("refill_rate"), NEEDED),
     };
     let field = if obj.prefix.is_empty() { obj.path("refill_rate") } else { obj.prefix.clone() };
-    Ok((limit(&field, capacity, rate_per_second)?, rate_per_second))
+    policy.limits.push(id, limit(&field, capacity, rate_per_second)?);
+    policy.about.push(LimitInfo { name, rate_per_second });
+    Ok(())
 }
 
 /// `limits`: 1 to [`MAX_LIMITS`] entries `{"name", "capacity", "refill_rate"}`, names unique
 /// within the policy. Bounded because all of a bucket's limits share one shared-data record
 /// (48 bytes a limit) decided by one compare-and-swap.
-fn limits_list(field: &str, v: &Value) -> Result<Policy, ConfigError> {
+fn limits_list(field: &str, v: &Value, policy: &mut Policy) -> Result<(), ConfigError> {
     let items = match v.as_array() {
         Some(items) if (1..=MAX_LIMITS).contains(&items.len()) => items,
         _ => {
             return err(field, "must be an array of 1 to 4 limits {\"name\", \"capacity\", \"refill_rate\"} (they share one record and one compare-and-swap)")
         }
     };
-    let mut limits = Limits::default();
-    let mut about: Vec<LimitInfo> = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let obj = Fields::new(&format!("{field}[{i}]"), item, &["name", "capacity", "refill_rate"])?;
         let name = string(&obj.path("name"), obj.required("name")?)?;
-        if !is_limit_name(name) || about.iter().any(|a| a.name == name) {
+        if !is_limit_name(name) || policy.about.iter().any(|a| a.name == name) {
             return err(&obj.path("name"), "must be 1 to 32 letters, digits, '-' or '_', unique in the policy");
         }
-        let (limit, rate_per_second) = one_limit(&obj, None)?;
         // A lone limit is the one-limit form, which stores no id.
-        limits.push(if items.len() == 1 { ONE_LIMIT_ID } else { limit_id(name) }, limit);
-        about.push(LimitInfo { name: name.to_string(), rate_per_second });
+        let id = if items.len() == 1 { ONE_LIMIT_ID } else { limit_id(name) };
+        one_limit(&obj, None, id, name.to_string(), policy)?;
     }
-    Ok(Policy { name: String::new(), limits, about, mode: None })
+    Ok(())
 }
 
 /// Limit names go into `RateLimit` headers (as sf-strings) and stat names: kept to

@@ -129,7 +129,7 @@ pub fn decide(
     if verdict.allowed {
         events.outcome(id, Final::Allowed);
         // Some limit's remaining / capacity < permille / 1000, in integers.
-        let near = |(v, (_, l)): (&Verdict, &(u64, Limit))| {
+        let near = |(v, l): (&Verdict, &Limit)| {
             (v.remaining as u128) * 1000 < (l.capacity as u128) * config.near_limit_permille as u128
         };
         if verdict.iter().zip(limits.iter()).any(near) {

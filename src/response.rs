@@ -40,7 +40,7 @@ impl Quota {
     /// every limit, so that one says when the next can pass); then the first listed.
     pub fn tightest(limits: &Limits, verdicts: &Verdicts) -> Quota {
         let mut best: Option<Quota> = None;
-        for (i, ((_, limit), verdict)) in limits.iter().zip(verdicts.iter()).enumerate() {
+        for (i, (limit, verdict)) in limits.iter().zip(verdicts.iter()).enumerate() {
             let q = Quota { limit: i, ..Quota::new(limit, verdict) };
             best = match best {
                 Some(b)
@@ -326,7 +326,7 @@ pub fn rate_limit_headers(
             let n = policy.map_or(1, |p| p.limits.len());
             for i in 0..n {
                 let (capacity, window) = match policy.and_then(|p| p.limits.iter().nth(i)) {
-                    Some((_, l)) if i != quota.limit => (l.capacity, l.window_seconds()),
+                    Some(l) if i != quota.limit => (l.capacity, l.window_seconds()),
                     _ => (quota.capacity, quota.window_seconds),
                 };
                 if i > 0 {

@@ -73,7 +73,7 @@ impl WorkerLeases {
             return Extra::default();
         }
         let mut floors = [0; MAX_LIMITS];
-        for (floor, (_, limit)) in floors.iter_mut().zip(limits.iter()) {
+        for (floor, limit) in floors.iter_mut().zip(limits.iter()) {
             *floor = limit.capacity.div_ceil(2);
         }
         Extra { tokens: worker_lease, floors }

@@ -122,7 +122,7 @@ mod native {
     fn print_limits(c: &Config) {
         let line = |kind: &str, p: &Policy| {
             let mode = p.mode.unwrap_or(c.mode);
-            for (i, ((_, limit), about)) in p.limits.iter().zip(&p.about).enumerate() {
+            for (i, (limit, about)) in p.limits.iter().zip(&p.about).enumerate() {
                 // One line per limit; a policy with several names each (`name/limit`).
                 let name = if p.limits.len() > 1 { format!("{}/{}", p.name, about.name) } else { p.name.clone() };
                 let kind = if i == 0 { kind } else { "" };

@@ -47,27 +47,24 @@ impl Encoded {
 
 impl Record {
     /// One limit: the old layout (its id is not stored: a one-limit record's state belongs to
-    /// the first limit of whatever policy reads it). Several: version 3, each with its id.
+    /// the first limit of whatever policy reads it). Several: version 3, with the count and
+    /// each limit's id.
     pub fn encode(&self) -> Encoded {
         let mut buf = [0u8; MAX_RECORD_LEN];
         let mut w = Writer { out: &mut buf, at: 0 };
-        if self.limits.len() == 1 {
-            let limit = self.limits.first();
-            w.put(&[RECORD_VERSION]);
-            w.put(&self.owner.to_le_bytes());
+        let several = self.limits.len() > 1;
+        w.put(&[if several { LIMITS_VERSION } else { RECORD_VERSION }]);
+        w.put(&self.owner.to_le_bytes());
+        if several {
+            w.put(&[self.limits.len() as u8]);
+        }
+        for ((id, limit), t_full) in self.limits.ids().iter().zip(self.limits.iter()).zip(self.t_full.iter()) {
+            if several {
+                w.put(&id.to_le_bytes());
+            }
             w.put(&limit.capacity.to_le_bytes());
             w.put(&limit.interval.to_le_bytes());
-            w.put(&self.t_full[0].to_le_bytes());
-        } else {
-            w.put(&[LIMITS_VERSION]);
-            w.put(&self.owner.to_le_bytes());
-            w.put(&[self.limits.len() as u8]);
-            for ((id, limit), t_full) in self.limits.iter().zip(self.t_full.iter()) {
-                w.put(&id.to_le_bytes());
-                w.put(&limit.capacity.to_le_bytes());
-                w.put(&limit.interval.to_le_bytes());
-                w.put(&t_full.to_le_bytes());
-            }
+            w.put(&t_full.to_le_bytes());
         }
         let len = w.at;
         Encoded { buf, len }
@@ -76,27 +73,29 @@ impl Record {
     /// `None` for anything that is not a bucket record (foreign, truncated, empty, a grant).
     /// A one-limit record reads with id 0.
     pub fn decode(bytes: &[u8]) -> Option<Record> {
-        if let Some(mut r) = Reader::new(bytes, RECORD_VERSION, RECORD_LEN) {
-            let owner = u128::from_le_bytes(r.take()?);
-            let (limit, t_full) = r.limit()?;
-            let mut states = [0; MAX_LIMITS];
-            states[0] = t_full;
-            return Some(Record { owner, limits: Limits::one(0, limit), t_full: states });
-        }
-        let n = usize::from(*bytes.get(LIMITS_HEAD - 1)?);
-        if !(2..=MAX_LIMITS).contains(&n) {
+        let several = *bytes.first()? == LIMITS_VERSION;
+        let (version, n) =
+            if several { (LIMITS_VERSION, usize::from(*bytes.get(LIMITS_HEAD - 1)?)) } else { (RECORD_VERSION, 1) };
+        if !(1..=MAX_LIMITS).contains(&n) {
             return None;
         }
-        let mut r = Reader::new(bytes, LIMITS_VERSION, LIMITS_HEAD + n * LIMIT_LEN)?;
+        let len = if several { LIMITS_HEAD + n * LIMIT_LEN } else { RECORD_LEN };
+        let mut r = Reader::new(bytes, version, len)?;
         let owner = u128::from_le_bytes(r.take()?);
-        r.take::<1>()?;
+        if several {
+            r.take::<1>()?;
+        }
         let mut limits = Limits::default();
         let mut states = [0; MAX_LIMITS];
         for state in states.iter_mut().take(n) {
-            let id = u64::from_le_bytes(r.take()?);
-            let (limit, t_full) = r.limit()?;
-            *state = t_full;
-            limits.push(id, limit);
+            let id = if several { u64::from_le_bytes(r.take()?) } else { 0 };
+            let capacity = u64::from_le_bytes(r.take()?);
+            let interval = u128::from_le_bytes(r.take()?);
+            *state = u128::from_le_bytes(r.take()?);
+            if capacity == 0 || interval == 0 {
+                return None;
+            }
+            limits.push(id, Limit { capacity, interval });
         }
         Some(Record { owner, limits, t_full: states })
     }
@@ -113,15 +112,10 @@ impl Record {
     pub fn carried(&self, limits: &Limits, now_ns: u64) -> States {
         let mut out = [0; MAX_LIMITS];
         let single = self.limits.len() == 1;
-        for (i, (o, (id, new))) in out.iter_mut().zip(limits.iter()).enumerate() {
-            let found = self.limits.iter().zip(self.t_full).enumerate().find(|&(j, ((old_id, _), _))| {
-                if single {
-                    i == 0 && j == 0
-                } else {
-                    old_id == id
-                }
-            });
-            if let Some((_, ((_, old), t_full))) = found {
+        for (i, ((o, id), new)) in out.iter_mut().zip(limits.ids()).zip(limits.iter()).enumerate() {
+            let j =
+                if single { Some(0).filter(|_| i == 0) } else { self.limits.ids().iter().position(|old| old == id) };
+            if let Some((old, t_full)) = j.and_then(|j| Some((self.limits.iter().nth(j)?, *self.t_full.get(j)?))) {
                 *o = crate::bucket::rescale(t_full, now_ns, old, new);
             }
         }
@@ -183,14 +177,6 @@ impl<'a> Reader<'a> {
     /// `None` unless `bytes` is exactly `len` long and starts with `version`.
     fn new(bytes: &'a [u8], version: u8, len: usize) -> Option<Reader<'a>> {
         (bytes.len() == len && bytes.first() == Some(&version)).then_some(Reader { bytes, at: 1 })
-    }
-
-    /// A limit and its state: capacity, interval, t_full (`None` if the limit is invalid).
-    fn limit(&mut self) -> Option<(Limit, u128)> {
-        let capacity = u64::from_le_bytes(self.take()?);
-        let interval = u128::from_le_bytes(self.take()?);
-        let t_full = u128::from_le_bytes(self.take()?);
-        (capacity > 0 && interval > 0).then_some((Limit { capacity, interval }, t_full))
     }
 
     fn take<const N: usize>(&mut self) -> Option<[u8; N]> {

@@ -451,7 +451,7 @@ pub fn give_back(store: &mut impl SharedStore, ns: &Namespace, unspent: &Unspent
         let now = bucket::now_ticks(now_ns);
         let elapsed = now.saturating_sub(bucket::now_ticks(taken_ns));
         let mut changed = false;
-        for ((_, limit), t_full) in limits.iter().zip(record.t_full.iter_mut()) {
+        for (limit, t_full) in limits.iter().zip(record.t_full.iter_mut()) {
             let back = limit.interval.saturating_mul(u128::from(tokens)).saturating_sub(elapsed);
             let moved = t_full.saturating_sub(back).max(now);
             changed |= moved < *t_full;
