@@ -175,7 +175,7 @@ pub fn debit_all(limits: &Limits, states: &States, now_ns: u64, cost: u64) -> Ve
         // Undo the admissions: show those limits as they are, with nothing taken.
         for ((slot, limit), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
             if slot.allowed {
-                *slot = Verdict { allowed: false, ..debit(limit, *t_full, now_ns, 0) };
+                *slot = Verdict { allowed: false, t_full: *t_full, ..debit(limit, *t_full, now_ns, 0) };
             }
         }
     }
@@ -387,7 +387,102 @@ mod tests {
         assert_eq!(rescale(s, T0, &old, &old), s);
     }
 
+    fn limits(specs: &[(u64, f64)]) -> Limits {
+        let mut out = Limits::default();
+        for (i, (c, r)) in specs.iter().enumerate() {
+            assert!(out.push(i as u64 + 1, lim(*c, *r)));
+        }
+        out
+    }
+
+    #[test]
+    fn limits_are_bounded_and_compare_by_what_is_in_use() {
+        let mut l = limits(&[(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0)]);
+        assert!(!l.push(9, lim(5, 1.0)));
+        assert_eq!(l.len(), MAX_LIMITS);
+        assert_eq!(l.min_capacity(), 1);
+        assert_eq!(l.ids(), &[1, 2, 3, 4]);
+        assert_eq!(Limits::one(0, lim(2, 1.0)), Limits::one(0, lim(2, 1.0)));
+        assert_ne!(Limits::one(0, lim(2, 1.0)), Limits::one(1, lim(2, 1.0)));
+        assert_ne!(limits(&[(2, 1.0)]), limits(&[(2, 1.0), (3, 1.0)]));
+    }
+
+    #[test]
+    fn several_limits_admit_the_minimum_and_debit_nothing_on_a_denial() {
+        // 5 per second and 8 per minute: 5 at once, then the minute limit holds 3 more.
+        let l = limits(&[(5, 5.0), (8, 8.0 / 60.0)]);
+        let mut states = [0; MAX_LIMITS];
+        let mut admitted = 0;
+        for t in [T0, T0, T0, T0, T0, T0, T0 + SEC, T0 + SEC, T0 + SEC, T0 + SEC, T0 + 2 * SEC] {
+            let v = debit_all(&l, &states, t, 1);
+            if v.allowed {
+                states = v.states();
+                admitted += 1;
+            } else {
+                // Nothing moved, and the limit that would have admitted says so (no wait).
+                assert_eq!(v.states(), states);
+                assert!(v.retry_after() > 0);
+            }
+        }
+        assert_eq!(admitted, 8);
+        let v = debit_all(&l, &states, T0 + 2 * SEC, 1);
+        assert!(!v.allowed);
+        // The second-limit bucket denied; the first had tokens and shows them untouched.
+        assert_eq!(v.each[0].retry_after, 0);
+        assert_eq!(v.each[0].remaining, 5);
+        assert!(v.each[1].retry_after > 0);
+        assert_eq!(v.retry_after(), v.each[1].retry_after);
+    }
+
     proptest! {
+        /// All or nothing: a denial leaves every limit as it was; an admission debits every
+        /// limit exactly as a single-limit debit would; and with a second, looser limit the
+        /// admissions are exactly those of the tighter limit alone (the reference model).
+        #[test]
+        fn several_limits_are_all_or_nothing_and_exact(
+            specs in prop::collection::vec((1u64..40, 1u64..20_000), 1..=MAX_LIMITS),
+            steps in prop::collection::vec((0u64..4, 0u64..2 * SEC), 1..200),
+        ) {
+            let l = limits(&specs.iter().map(|(c, r)| (*c, *r as f64 / 1000.0)).collect::<Vec<_>>());
+            let mut states = [0u128; MAX_LIMITS];
+            let mut now = T0;
+            for (cost, gap) in steps {
+                now += gap;
+                let v = debit_all(&l, &states, now, cost);
+                let singles: Vec<Verdict> = l.iter().zip(states.iter()).map(|(lim, t)| debit(lim, *t, now, cost)).collect();
+                prop_assert_eq!(v.allowed, singles.iter().all(|s| s.allowed));
+                if v.allowed {
+                    for (i, s) in singles.iter().enumerate() {
+                        prop_assert_eq!(v.each[i], *s);
+                    }
+                    states = v.states();
+                } else {
+                    prop_assert_eq!(v.states(), states);
+                    let longest = singles.iter().map(|s| s.retry_after).max().unwrap();
+                    prop_assert_eq!(v.retry_after(), longest);
+                }
+            }
+        }
+
+        #[test]
+        fn a_looser_second_limit_changes_nothing(
+            capacity in 1u64..50,
+            rate_milli in 1u64..20_000,
+            gaps in prop::collection::vec(0u64..2 * SEC, 1..300),
+        ) {
+            let rate = rate_milli as f64 / 1000.0;
+            let tight = limits(&[(capacity, rate)]);
+            let both = limits(&[(capacity * 2, rate * 3.0), (capacity, rate)]);
+            let (mut a, mut b) = ([0u128; MAX_LIMITS], [0u128; MAX_LIMITS]);
+            let mut now = T0;
+            for g in gaps {
+                now += g;
+                let (va, vb) = (debit_all(&tight, &a, now, 1), debit_all(&both, &b, now, 1));
+                prop_assert_eq!(va.allowed, vb.allowed);
+                if va.allowed { a = va.states(); b = vb.states(); }
+            }
+        }
+
         /// Admission never exceeds capacity + rate * elapsed (+1 for rounding), whatever the
         /// request times, and a client asking faster than the rate gets that much.
         #[test]

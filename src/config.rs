@@ -1144,6 +1144,106 @@ mod tests {
         assert_eq!((b.limits.first().capacity, b.about[0].rate_per_second, b.mode), (50, 10.0, Some(Mode::Shadow)));
     }
 
+    const SEVERAL: &str = r#"[{"name":"burst","capacity":20,"refill_rate":"20/s"},
+        {"name":"hourly","capacity":1000,"refill_rate":"1000/h"},{"name":"daily","capacity":10000,"refill_rate":"10000/day"}]"#;
+
+    #[test]
+    fn several_limits_on_any_policy() {
+        let c = parse(&format!(
+            r#"{{"limits":{SEVERAL},"tenants":{{"acme":{{"limits":[{{"name":"minute","capacity":120,"refill_rate":"120/min"}},
+            {{"name":"day","capacity":10000,"refill_rate":"10000/day"}}]}}}},
+            "rules":[{{"name":"login","path_prefix":"/login","limits":{SEVERAL}}}]}}"#
+        ))
+        .unwrap();
+        let d = &c.default_policy;
+        assert_eq!(d.limits.len(), 3);
+        assert_eq!((d.limit_name(0), d.limit_name(2)), ("burst", "daily"));
+        assert_eq!(d.limits.iter().map(|l| l.window_seconds()).collect::<Vec<_>>(), [1, 3600, 86400]);
+        assert_eq!(d.about[2].rate_per_second, 10000.0 / 86400.0);
+        let acme = tenant(&c, b"acme").unwrap();
+        assert_eq!((acme.limits.len(), acme.limit_name(1), acme.limits.first().capacity), (2, "day", 120));
+        let login = c.rules[0].policy.as_ref().unwrap();
+        assert_eq!((login.name.as_str(), login.limits.len()), ("login", 3));
+        // Ids are the names' hashes, so state follows a limit when the list is reordered.
+        assert_eq!(d.limits.ids()[0], limit_id("burst"));
+        // A lone entry in `limits` is the one-limit form (same id, same stored layout).
+        let one = parse(r#"{"limits":[{"name":"only","capacity":3,"refill_rate":1}]}"#).unwrap();
+        assert_eq!(one.default_policy.limits, Limits::one(ONE_LIMIT_ID, Limit::new(3, 1.0).unwrap()));
+        assert_eq!(one.default_policy.limit_name(0), "only");
+        // The overflow bucket defaults to the top level's first limit.
+        assert!(matches!(c.overflow, Overflow::Bucket(l) if l.capacity == 20));
+    }
+
+    #[test]
+    fn limits_inheritance() {
+        // Top level with several limits: a tenant with neither form takes all of them (their
+        // names too); `limits` or both fields define its own; one field alone is an error.
+        let c = parse(&format!(
+            r#"{{"limits":{SEVERAL},"tenants":{{"a":{{"mode":"shadow"}},"b":{{"capacity":5,"refill_rate":1}}}}}}"#
+        ))
+        .unwrap();
+        let a = tenant(&c, b"a").unwrap();
+        assert_eq!(
+            (a.name.as_str(), a.limits, a.limit_name(1), a.mode),
+            ("a", c.default_policy.limits, "hourly", Some(Mode::Shadow))
+        );
+        let b = tenant(&c, b"b").unwrap();
+        assert_eq!((b.limits.len(), b.limit_name(0), b.limits.first().capacity), (1, "b", 5));
+        let e = parse(&format!(r#"{{"limits":{SEVERAL},"tenants":{{"x":{{"capacity":5}}}}}}"#)).unwrap_err();
+        assert_eq!(e.field, "tenants.x.refill_rate");
+        assert!(e.reason.contains("single limit"), "{e}");
+        // Top level with one limit: a tenant with `limits` defines all of its own; one
+        // without inherits per field, named after the tenant, as before.
+        let c =
+            parse(&format!(r#"{{"capacity":7,"refill_rate":2,"tenants":{{"a":{{"limits":{SEVERAL}}},"b":{{}}}}}}"#))
+                .unwrap();
+        assert_eq!(tenant(&c, b"a").unwrap().limits.len(), 3);
+        let b = tenant(&c, b"b").unwrap();
+        assert_eq!((b.limit_name(0), b.limits.first().capacity, b.about[0].rate_per_second), ("b", 7, 2.0));
+    }
+
+    #[test]
+    fn limits_errors_name_the_field() {
+        let f = |limits: &str| field_of(&format!(r#"{{"limits":{limits}}}"#));
+        assert_eq!(f("[]"), "limits");
+        assert_eq!(f("{}"), "limits");
+        let five = format!(
+            "[{}]",
+            (0..5).map(|i| format!(r#"{{"name":"l{i}","capacity":1,"refill_rate":1}}"#)).collect::<Vec<_>>().join(",")
+        );
+        let e = parse(&format!(r#"{{"limits":{five}}}"#)).unwrap_err();
+        assert!(e.field == "limits" && e.reason.contains("1 to 4"), "{e}");
+        assert_eq!(
+            f(r#"[{"name":"a","capacity":1,"refill_rate":1},{"name":"a","capacity":2,"refill_rate":1}]"#),
+            "limits[1].name"
+        );
+        assert_eq!(f(r#"[{"name":"a b","capacity":1,"refill_rate":1}]"#), "limits[0].name");
+        assert_eq!(f(r#"[{"name":"a;q=1","capacity":1,"refill_rate":1}]"#), "limits[0].name");
+        assert_eq!(f(&format!(r#"[{{"name":"{}","capacity":1,"refill_rate":1}}]"#, "x".repeat(33))), "limits[0].name");
+        assert_eq!(f(r#"[{"capacity":1,"refill_rate":1}]"#), "limits[0].name");
+        assert_eq!(f(r#"[{"name":"a","refill_rate":1}]"#), "limits[0].capacity");
+        assert_eq!(f(r#"[{"name":"a","capacity":1}]"#), "limits[0].refill_rate");
+        assert_eq!(f(r#"[{"name":"a","capacity":1,"refill_rate":"1/week"}]"#), "limits[0].refill_rate");
+        assert_eq!(f(r#"[{"name":"a","capacity":1,"refill_rate":1,"burst":2}]"#), "limits[0].burst");
+        // Both forms in one entry, anywhere.
+        assert_eq!(field_of(r#"{"capacity":1,"limits":[{"name":"a","capacity":1,"refill_rate":1}]}"#), "limits");
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"tenants":{"t":{"refill_rate":1,"limits":[]}}}"#),
+            "tenants.t.limits"
+        );
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"rules":[{"name":"r","capacity":1,"limits":[]}]}"#),
+            "rules[0].limits"
+        );
+        // A rule with `limits` needs a name, like any rule with its own limit.
+        assert_eq!(
+            field_of(&format!(r#"{{"capacity":1,"refill_rate":1,"rules":[{{"limits":{SEVERAL}}}]}}"#)),
+            "rules[0].name"
+        );
+        // Neither form at the top level.
+        assert_eq!(field_of(r#"{"mode":"shadow"}"#), "capacity");
+    }
+
     #[test]
     fn rule_with_own_limit_needs_name_and_both_fields() {
         assert_eq!(
@@ -1252,7 +1352,7 @@ mod tests {
                     "rate_limit_headers", "mode", "on_store_error", "max_tenants", "overflow",
                     "unknown_tenants", "near_limit_fraction", "header", "query", "source_ip", "xff",
                     "trusted_hops", "peer_principal", "jwt_claim", "claim", "metadata_key",
-                    "trusted_client_address",
+                    "trusted_client_address", "limits",
                 ]).prop_map(String::from),
                 1 => ".{0,8}",
             ]
@@ -1260,7 +1360,8 @@ mod tests {
 
         const VALID: &str = r#"{"capacity":10,"refill_rate":"60/min",
             "tenant":{"from":[{"header":"x-t"},{"query":"t"},{"xff":{"trusted_hops":1}}],"default":"d"},
-            "tenants":{"acme":{"capacity":3,"mode":"shadow"}},
+            "tenants":{"acme":{"capacity":3,"mode":"shadow"},
+                "globex":{"limits":[{"name":"m","capacity":300,"refill_rate":"300/min"},{"name":"d","capacity":9,"refill_rate":"9/day"}]}},
             "rules":[{"name":"r","methods":["GET"],"path_prefix":"/a","cost":2,"capacity":5,"refill_rate":1}],
             "deny":{"status":429},"rate_limit_headers":"ietf","max_tenants":100,"overflow":"deny"}"#;
 

@@ -306,6 +306,63 @@ mod tests {
         assert_eq!(near, 2); // remaining 1 and 0 are below 20 % of 10
     }
 
+    const TWO: &str = r#"{"capacity":100,"refill_rate":1,"rate_limit_headers":"ietf","tenants":{"acme":{"limits":[
+        {"name":"burst","capacity":5,"refill_rate":"5/s"},{"name":"minute","capacity":8,"refill_rate":"8/min"}]}}}"#;
+
+    #[test]
+    fn several_limits_admit_the_minimum_and_say_which_denied() {
+        let c = cfg(TWO);
+        let ns = Namespace::new("t");
+        let mut s = FakeStore::default();
+        let acme = req(&c, &id("acme"), None, 1);
+        let run = |s: &mut FakeStore, n: usize, now: u64| {
+            (0..n).map(|_| decide(&c, &ns, s, None, &acme, now)).collect::<Vec<_>>()
+        };
+        let first = run(&mut s, 7, T0);
+        assert_eq!(first.iter().filter(|d| !d.deny).count(), 5);
+        // The burst limit denied (bit 0); the minute one still had 3 tokens, untouched.
+        let d = &first[5];
+        assert_eq!(d.events.limits_denied, Some((PolicyId::Tenant(0), 0b01)));
+        let q = d.quota.unwrap();
+        assert_eq!((q.limit, q.remaining, d.retry_after_seconds), (0, 0, 1));
+        // One second later the burst refilled; the minute limit has 3 left, then denies.
+        let later = run(&mut s, 6, T0 + SEC);
+        assert_eq!(later.iter().filter(|d| !d.deny).count(), 3);
+        let d = &later[3];
+        assert_eq!(d.events.limits_denied, Some((PolicyId::Tenant(0), 0b10)));
+        // retry-after is the minute limit's wait (7.5 s for a token at 8/min, less the second).
+        assert_eq!((d.quota.unwrap().limit, d.retry_after_seconds), (1, 7));
+        // Nothing was debited by the denials: exactly 8 admitted over the first minute.
+        let total = run(&mut s, 20, T0 + 2 * SEC).iter().filter(|d| !d.deny).count();
+        assert_eq!(total, 0);
+        // An allowed request reports the limit closest to denying.
+        let mut s = FakeStore::default();
+        let d = decide(&c, &ns, &mut s, None, &acme, T0);
+        assert_eq!((d.quota.unwrap().limit, d.quota.unwrap().remaining, d.events.limits_denied), (0, 4, None));
+    }
+
+    #[test]
+    fn a_policy_with_several_limits_keeps_state_across_a_reconfiguration() {
+        // One limit -> two: the old record's state carries into the first limit.
+        let one = cfg(r#"{"capacity":100,"refill_rate":1,"tenants":{"acme":{"capacity":5,"refill_rate":0.001}}}"#);
+        let two = cfg(r#"{"capacity":100,"refill_rate":1,"tenants":{"acme":{"limits":[
+            {"name":"a","capacity":5,"refill_rate":0.001},{"name":"b","capacity":3,"refill_rate":0.001}]}}}"#);
+        let ns = Namespace::new("t");
+        let mut s = FakeStore::default();
+        let acme = |c: &Config| req(c, &id("acme"), None, 1);
+        for _ in 0..4 {
+            assert!(!decide(&one, &ns, &mut s, None, &acme(&one), T0).deny);
+        }
+        // 1 left in `a` (carried over), `b` starts full with 3: one more is admitted.
+        let n = (0..5).filter(|_| !decide(&two, &ns, &mut s, None, &acme(&two), T0).deny).count();
+        assert_eq!(n, 1);
+        // Reordered and `a` removed: `b` keeps what it spent (1 of 3), so two more.
+        let three = cfg(r#"{"capacity":100,"refill_rate":1,"tenants":{"acme":{"limits":[
+            {"name":"b","capacity":3,"refill_rate":0.001},{"name":"c","capacity":9,"refill_rate":0.001}]}}}"#);
+        let n = (0..5).filter(|_| !decide(&three, &ns, &mut s, None, &acme(&three), T0).deny).count();
+        assert_eq!(n, 2);
+    }
+
     /// Mode both: the local admission is deferred, then settled once with the service's
     /// verdict, to the same per-name counters.
     #[test]
@@ -465,6 +522,33 @@ mod tests {
                 T0
             ));
             assert_eq!(run(&c, &mut s, "vip", 30).0, 19);
+        }
+
+        /// Leasing takes from every limit at once and gives back to every limit: with leases
+        /// out and back, each limit ends where it would have without them.
+        #[test]
+        fn leases_take_and_give_back_every_limit() {
+            let c = cfg(r#"{"capacity":100,"refill_rate":1,"worker_lease":4,"tenants":{"hot":{"limits":[
+                {"name":"a","capacity":40,"refill_rate":0.001},{"name":"b","capacity":30,"refill_rate":0.001}]}}}"#);
+            let ns = Namespace::new("t");
+            let mut s = FakeStore::default();
+            let t = id("hot");
+            let mut w = WorkerLeases::default();
+            let d = decide(&c, &ns, &mut s, Some(&mut w), &req(&c, &t, None, 1), T0);
+            assert!(!d.deny);
+            // 1 + 4 leased taken from both: the tighter, b, has 25 left (+ 4 in the lease).
+            assert_eq!(d.quota.unwrap().limit, 1);
+            assert_eq!(d.quota.unwrap().remaining, 29);
+            let mut admitted = 1;
+            while from_lease(&c, &mut w, &req(&c, &t, None, 1)).is_some() {
+                admitted += 1;
+            }
+            assert_eq!(admitted, 5);
+            w.settle(&mut s, &ns, T0);
+            while !decide(&c, &ns, &mut s, None, &req(&c, &t, None, 1), T0).deny {
+                admitted += 1;
+            }
+            assert_eq!(admitted, 30);
         }
 
         #[test]

@@ -234,6 +234,30 @@ mod tests {
     }
 
     #[test]
+    fn per_limit_stats_exist_for_policies_with_several_limits_only() {
+        let two =
+            r#"[{"name":"burst","capacity":5,"refill_rate":5},{"name":"day","capacity":9,"refill_rate":"9/day"}]"#;
+        let c = Config::from_json_bytes(
+            format!(
+                r#"{{"limits":{two},"tenants":{{"acme.corp":{{"limits":{two}}},"one":{{"capacity":1,"refill_rate":1}}}},
+                "rules":[{{"name":"login","path_prefix":"/l","limits":{two}}},{{"name":"x","path_prefix":"/"}}]}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let names = limit_denied_names(&c);
+        let want = [
+            (PolicyId::Default, "tenant_ratelimit.top.default.limit.burst.denied"),
+            (PolicyId::Default, "tenant_ratelimit.top.default.limit.day.denied"),
+            (PolicyId::Tenant(0), "tenant_ratelimit.tenant.acme_corp.limit.burst.denied"),
+            (PolicyId::Tenant(0), "tenant_ratelimit.tenant.acme_corp.limit.day.denied"),
+            (PolicyId::Rule(0), "tenant_ratelimit.rule.login.limit.burst.denied"),
+            (PolicyId::Rule(0), "tenant_ratelimit.rule.login.limit.day.denied"),
+        ];
+        assert_eq!(names, want.map(|(p, n)| (p, n.to_string())));
+    }
+
+    #[test]
     fn a_deferred_outcome_is_settled_once() {
         let mut e = Events::default();
         e.outcome(PolicyId::Tenant(0), Final::ShadowDenied);

@@ -397,6 +397,74 @@ mod tests {
     }
 
     #[test]
+    fn several_limits_headers() {
+        let c = config(
+            r#"{"capacity":1,"refill_rate":1,"rate_limit_headers":"ietf","tenants":{"acme":{"limits":[
+            {"name":"burst","capacity":20,"refill_rate":"20/s"},{"name":"hourly","capacity":1000,"refill_rate":"1000/h"}]}}}"#,
+        );
+        let q = Quota {
+            capacity: 1000,
+            remaining: 3,
+            reset_seconds: 3590,
+            next_seconds: 4,
+            window_seconds: 3600,
+            limit: 1,
+        };
+        let h = headers_of(&c, Some(PolicyId::Tenant(0)), &q);
+        assert_eq!(h[0], ("ratelimit-policy".into(), "\"burst\";q=20;w=1, \"hourly\";q=1000;w=3600".into()));
+        assert_eq!(h[1], ("ratelimit".into(), "\"hourly\";r=3;t=4".into()));
+        // The rate-limit service's quota is one limit named "global".
+        assert_eq!(headers_of(&c, None, &Q)[0].1, "\"global\";q=120;w=60");
+        // Four limits with 32-character names and the largest numbers fit the buffer.
+        let name = |i: usize| format!("{i}{}", "n".repeat(31));
+        let limits: Vec<String> = (0..4)
+            .map(|i| format!(r#"{{"name":"{}","capacity":1099511627776,"refill_rate":0.000001}}"#, name(i)))
+            .collect();
+        let c = config(&format!(r#"{{"rate_limit_headers":"ietf","limits":[{}]}}"#, limits.join(",")));
+        let q = Quota { limit: 3, remaining: u64::MAX, next_seconds: u64::MAX, ..Q };
+        let h = headers_of(&c, Some(PolicyId::Default), &q);
+        assert_eq!(h[0].1.matches(";q=1099511627776;w=").count(), 3);
+        assert!(h[0].1.ends_with(&format!("\"{}\";q=120;w=60", name(3))), "{}", h[0].1);
+        assert_eq!(h[1].1, format!("\"{}\";r={};t={}", name(3), u64::MAX, u64::MAX));
+    }
+
+    #[test]
+    fn the_tightest_limit_is_reported() {
+        let l = |c, r| Limit::new(c, r).unwrap();
+        let mut limits = Limits::default();
+        limits.push(1, l(5, 5.0));
+        limits.push(2, l(8, 8.0 / 60.0));
+        limits.push(3, l(100, 1.0));
+        // 3 taken from each: 2 left, 5 left, 97 left: the first is the tightest.
+        let mut states = [0; crate::bucket::MAX_LIMITS];
+        for _ in 0..3 {
+            states = crate::bucket::debit_all(&limits, &states, T0, 1).states();
+        }
+        let q = Quota::tightest(&limits, &crate::bucket::debit_all(&limits, &states, T0, 0));
+        assert_eq!((q.limit, q.remaining, q.capacity), (0, 2, 5));
+        // Two more, and 0.9 s: the burst limit refilled to 4, the minute one has 3.
+        for _ in 0..2 {
+            states = crate::bucket::debit_all(&limits, &states, T0, 1).states();
+        }
+        let v = crate::bucket::debit_all(&limits, &states, T0 + 900_000_000, 0);
+        let q = Quota::tightest(&limits, &v);
+        assert_eq!((q.limit, q.remaining), (1, 3));
+        // A tie (0 and 0) goes to the limit whose next token is further away.
+        let mut tie = Limits::default();
+        tie.push(1, l(2, 2.0));
+        tie.push(2, l(2, 2.0 / 60.0));
+        let mut states = [0; crate::bucket::MAX_LIMITS];
+        for _ in 0..2 {
+            states = crate::bucket::debit_all(&tie, &states, T0, 1).states();
+        }
+        let v = crate::bucket::debit_all(&tie, &states, T0, 1);
+        assert!(!v.allowed);
+        let q = Quota::tightest(&tie, &v);
+        assert_eq!((q.limit, q.remaining, q.next_seconds), (1, 0, 30));
+        assert_eq!(retry_after_seconds(v.retry_after()), 30);
+    }
+
+    #[test]
     fn numbers_format_at_the_extremes() {
         assert_eq!(number(0).as_str(), "0");
         assert_eq!(number(u64::MAX).as_str(), "18446744073709551615");

@@ -335,6 +335,71 @@ mod tests {
         assert_eq!(Grant::decode(&g.encode()[..GRANT_LEN - 1]), None);
     }
 
+    fn several(specs: &[(u64, u64)]) -> Limits {
+        let mut out = Limits::default();
+        for (id, capacity) in specs {
+            out.push(*id, Limit::new(*capacity, 1.0).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn a_record_of_several_limits_roundtrips_and_rejects_garbage() {
+        let r = Record { owner: 7, limits: several(&[(11, 5), (22, 60), (33, 3600)]), t_full: [1, 2, 3, 0] };
+        let bytes = r.encode();
+        assert_eq!(bytes.as_bytes().len(), 18 + 3 * LIMIT_LEN);
+        assert_eq!(bytes.as_bytes()[0], LIMITS_VERSION);
+        assert_eq!(Record::decode(bytes.as_bytes()), Some(r));
+        let full = Record { owner: 7, limits: several(&[(1, 1), (2, 2), (3, 3), (4, 4)]), t_full: [9; MAX_LIMITS] };
+        assert_eq!(full.encode().as_bytes().len(), MAX_RECORD_LEN);
+        assert_eq!(Record::decode(full.encode().as_bytes()), Some(full));
+        // Truncated, a count that does not match the length, too many limits, a zero capacity.
+        let b = bytes.as_bytes();
+        assert_eq!(Record::decode(&b[..b.len() - 1]), None);
+        let mut wrong = b.to_vec();
+        wrong[17] = 2;
+        assert_eq!(Record::decode(&wrong), None);
+        wrong[17] = 5;
+        assert_eq!(Record::decode(&wrong), None);
+        let mut zero = b.to_vec();
+        zero[18 + 8..18 + 16].fill(0);
+        assert_eq!(Record::decode(&zero), None);
+        assert_eq!(Grant::decode(b), None);
+    }
+
+    #[test]
+    fn stored_states_follow_their_limit_by_id() {
+        const SEC: u64 = 1_000_000_000;
+        let now = 1_700_000_000 * SEC;
+        let t = crate::bucket::now_ticks(now);
+        let interval = Limit::new(1, 1.0).unwrap().interval;
+        // burst (id 1) owes 2 tokens, hourly (id 2) owes 7.
+        let old = Record {
+            owner: 1,
+            limits: several(&[(1, 10), (2, 100)]),
+            t_full: [t + 2 * interval, t + 7 * interval, 0, 0],
+        };
+        // Reordered, one removed (1), one added (3): 2 keeps its debt, 3 starts full.
+        let new = several(&[(3, 50), (2, 100)]);
+        assert_eq!(old.carried(&new, now), [0, t + 7 * interval, 0, 0]);
+        // Shrunk below the debt: clamped to the new capacity, as `rescale`.
+        assert_eq!(old.carried(&several(&[(2, 5)]), now)[0], t + 5 * interval);
+        // A one-limit record (the old layout) carries into the first limit, whatever its id.
+        let v1 = Record::decode(
+            Record {
+                owner: 1,
+                limits: Limits::one(0, Limit::new(10, 1.0).unwrap()),
+                t_full: [t + 4 * interval, 0, 0, 0],
+            }
+            .encode()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(v1.carried(&several(&[(8, 10), (9, 1000)]), now), [t + 4 * interval, 0, 0, 0]);
+        assert!(!old.is_full(now));
+        assert!(old.is_full(now + 10 * SEC));
+    }
+
     #[test]
     fn keys_are_namespaced_and_small() {
         let ns = Namespace::new("my-root");
