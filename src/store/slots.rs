@@ -36,6 +36,9 @@ pub fn candidates(owner: u128, max_tenants: u32) -> ([u32; CANDIDATES], usize) {
 }
 
 /// What happened to a debit, with what the metrics need to know.
+// The verdicts of several limits make `Decided` large; boxing them would allocate on the
+// request path, and an outcome lives on the stack of one request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Decided {
