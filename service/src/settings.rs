@@ -228,6 +228,22 @@ mod tests {
     }
 
     #[test]
+    fn several_limits_are_refused_by_name() {
+        let two =
+            r#"[{"name": "m", "capacity": 5, "refill_rate": 1}, {"name": "h", "capacity": 50, "refill_rate": 1}]"#;
+        assert_eq!(field_of(&format!(r#"{{"domains": {{"d": {{"limits": {two}}}}}}}"#)), "domains.d.limits");
+        assert_eq!(
+            field_of(&format!(
+                r#"{{"domains": {{"d": {{"capacity": 1, "refill_rate": 1, "tenants": {{"acme": {{"limits": {two}}}}}}}}}}}"#
+            )),
+            "domains.d.tenants.acme.limits"
+        );
+        // One entry in `limits` is one limit: accepted.
+        let one = r#"{"domains": {"d": {"limits": [{"name": "m", "capacity": 5, "refill_rate": 1}]}}}"#;
+        assert_eq!(Settings::from_json_bytes(one.as_bytes()).unwrap().domains["d"].default_limit.capacity, 5);
+    }
+
+    #[test]
     fn shared_unknown_tenants_share_one_bucket() {
         let s = Settings::from_json_bytes(
             br#"{"domains": {"d": {"capacity": 3, "refill_rate": 1, "unknown_tenants": "shared", "tenants": {"a": {}}}}}"#,

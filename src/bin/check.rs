@@ -139,7 +139,7 @@ mod native {
                     println!(
                         "  warning: limit \"{}\" of {kind_name} \"{}\" has a window of {}s (capacity / rate, over an hour) \
                          but no `global` section: local buckets start full after an Envoy restart or a new Wasm \
-                         module, so a quota this long is only enforced by the rate-limit service (see README \
+                         module, so put a quota this long in the rate-limit service (`global`; README \
                          \"Several limits on one policy\")",
                         about.name,
                         p.name,
