@@ -165,7 +165,8 @@ impl Verdicts {
 /// Takes `cost` tokens from every limit at `now_ns`, or from none: a request is admitted only
 /// if every limit admits, and a denial debits nothing anywhere.
 pub fn debit_all(limits: &Limits, states: &States, now_ns: u64, cost: u64) -> Verdicts {
-    let mut each = [debit(&limits.first(), 0, now_ns, 0); MAX_LIMITS];
+    const NONE: Verdict = Verdict { allowed: false, t_full: 0, remaining: 0, reset: 0, retry_after: 0 };
+    let mut each = [NONE; MAX_LIMITS];
     let mut allowed = true;
     for ((slot, limit), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
         *slot = debit(limit, *t_full, now_ns, cost);
