@@ -1,5 +1,6 @@
-//! Which limit a request meets: tenant (and matching rule) -> [`PolicyId`] -> the policy,
-//! its name (for `RateLimit` headers and per-name stats) and where its bucket is stored.
+//! Which policy a request meets: tenant (and matching rule) -> [`PolicyId`] -> the policy
+//! (its limits, whose names go into `RateLimit` headers), its name (per-name stats, a rule
+//! bucket's owner) and where its bucket is stored.
 
 use crate::config::{Config, Policy, Rule, UnknownTenants};
 use crate::store::{hash128, Home};
@@ -44,7 +45,7 @@ impl PolicyId {
         found.unwrap_or(&config.default_policy)
     }
 
-    /// The name in `RateLimit` headers.
+    /// The policy's name (a one-limit policy's limit is called the same in headers).
     pub fn name(self, config: &Config) -> &str {
         &self.policy(config).name
     }
