@@ -196,7 +196,9 @@ pub fn scoped_name(scope: &str, name: &str, counter: &str) -> String {
 }
 
 /// The per-limit `denied` stats of a config: for each policy with several limits, one
-/// (policy, stat name) per limit, in the limits' order, `tenant_ratelimit.<tenant|rule>.<policy>.limit.<limit>.denied`
+/// (policy, stat name) per limit, in the limits' order, sorted by policy (the filter looks a
+/// policy's up by binary search):
+/// `tenant_ratelimit.<tenant|rule>.<policy>.limit.<limit>.denied`
 /// (`tenant_ratelimit.top.default.limit.<limit>.denied` for the top level). Bounded by the
 /// config.
 pub fn limit_denied_names(config: &Config) -> Vec<(PolicyId, String)> {
@@ -255,6 +257,7 @@ mod tests {
             (PolicyId::Rule(0), "tenant_ratelimit.rule.login.limit.day.denied"),
         ];
         assert_eq!(names, want.map(|(p, n)| (p, n.to_string())));
+        assert!(names.windows(2).all(|w| w[0].0 <= w[1].0), "sorted by policy");
     }
 
     #[test]

@@ -6,8 +6,9 @@ use crate::config::{Config, Policy, Rule, UnknownTenants};
 use crate::store::{hash128, Home};
 use crate::tenant::TenantId;
 
-/// A policy of the config, by position, so a request context holds no borrowed data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A policy of the config, by position, so a request context holds no borrowed data. Ordered
+/// as the config lists them (the default, tenants, rules), which per-limit stats rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum PolicyId {
     /// The top-level limit (unlisted tenants); it has no per-name counters.
     #[default]

@@ -19,8 +19,8 @@ pub struct MetricIds {
     live_slots: u32,
     tenants: Vec<[u32; Final::ALL.len()]>,
     rules: Vec<Option<[u32; Final::ALL.len()]>>,
-    /// Per-limit `denied` of the policies with several limits, each policy's in its limits'
-    /// order.
+    /// Per-limit `denied` of the policies with several limits, sorted by policy, each
+    /// policy's in its limits' order.
     limits: Vec<(PolicyId, u32)>,
 }
 
@@ -73,7 +73,9 @@ pub fn record(ids: &MetricIds, events: &Events) {
         }
     }
     if let Some((policy, mask)) = events.limits_denied {
-        for (i, (_, id)) in ids.limits.iter().filter(|(p, _)| *p == policy).enumerate() {
+        let first = ids.limits.partition_point(|(p, _)| *p < policy);
+        let of_policy = ids.limits.get(first..).unwrap_or(&[]).iter().take_while(|(p, _)| *p == policy);
+        for (i, (_, id)) in of_policy.enumerate() {
             increment(*id, u32::from(mask >> i & 1));
         }
     }
