@@ -54,6 +54,135 @@ impl Limit {
     }
 }
 
+/// Limits one policy may have: they live in one shared-data record decided by one
+/// compare-and-swap, and a request handles them in fixed arrays on the stack.
+pub const MAX_LIMITS: usize = 4;
+
+/// The limits of one policy, in order: each with an opaque `id` (its name's hash) so a stored
+/// state follows its limit, not its position, across a reconfiguration. Fixed capacity, no
+/// allocation, `Copy`.
+///
+/// Unused slots are always zero, so two `Limits` are equal exactly when their limits are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    limits: [Limit; MAX_LIMITS],
+    ids: [u64; MAX_LIMITS],
+    len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        const EMPTY: Limits =
+            Limits { limits: [Limit { capacity: 0, interval: 0 }; MAX_LIMITS], ids: [0; MAX_LIMITS], len: 0 };
+        EMPTY
+    }
+}
+
+impl Limits {
+    /// One limit (the `capacity`/`refill_rate` form, the overflow bucket).
+    pub fn one(id: u64, limit: Limit) -> Limits {
+        let mut limits = Limits::default();
+        limits.push(id, limit);
+        limits
+    }
+
+    /// Adds a limit; false (and nothing added) when `MAX_LIMITS` are there already.
+    pub fn push(&mut self, id: u64, limit: Limit) -> bool {
+        match (self.limits.get_mut(self.len), self.ids.get_mut(self.len)) {
+            (Some(slot), Some(id_slot)) => {
+                (*slot, *id_slot) = (limit, id);
+                self.len += 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Every limit, in order.
+    pub fn iter(&self) -> std::slice::Iter<'_, Limit> {
+        self.limits.get(..self.len).unwrap_or(&[]).iter()
+    }
+
+    /// Every limit's id, in order.
+    pub fn ids(&self) -> &[u64] {
+        self.ids.get(..self.len).unwrap_or(&[])
+    }
+
+    /// The first limit: what a one-limit policy is, and where an old one-limit record's
+    /// state goes.
+    pub fn first(&self) -> Limit {
+        self.limits[0]
+    }
+
+    /// The smallest capacity: what bounds a lease or a request's cost.
+    pub fn min_capacity(&self) -> u64 {
+        self.iter().map(|l| l.capacity).min().unwrap_or(0)
+    }
+}
+
+/// The states of several limits (`t_full` each, same order as their [`Limits`]).
+pub type States = [u128; MAX_LIMITS];
+
+/// The outcome of one all-or-nothing debit over several limits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Verdicts {
+    /// Every limit admitted, and every limit was debited; otherwise none was.
+    pub allowed: bool,
+    /// Per limit: on an admission its own debit; on a denial the limit as it stands (a
+    /// limit that would have admitted shows its tokens before the request, `retry_after` 0).
+    pub each: [Verdict; MAX_LIMITS],
+    pub len: usize,
+}
+
+impl Verdicts {
+    pub fn iter(&self) -> std::slice::Iter<'_, Verdict> {
+        self.each.get(..self.len).unwrap_or(&[]).iter()
+    }
+
+    /// The states to store (unchanged on a denial).
+    pub fn states(&self) -> States {
+        let mut out = [0; MAX_LIMITS];
+        for (o, v) in out.iter_mut().zip(self.iter()) {
+            *o = v.t_full;
+        }
+        out
+    }
+
+    /// Ticks until every limit that denied has this request's cost: the longest wait.
+    pub fn retry_after(&self) -> u128 {
+        self.iter().map(|v| v.retry_after).max().unwrap_or(0)
+    }
+}
+
+/// Takes `cost` tokens from every limit at `now_ns`, or from none: a request is admitted only
+/// if every limit admits, and a denial debits nothing anywhere.
+pub fn debit_all(limits: &Limits, states: &States, now_ns: u64, cost: u64) -> Verdicts {
+    const NONE: Verdict = Verdict { allowed: false, t_full: 0, remaining: 0, reset: 0, retry_after: 0 };
+    let mut each = [NONE; MAX_LIMITS];
+    let mut allowed = true;
+    for ((slot, limit), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
+        *slot = debit(limit, *t_full, now_ns, cost);
+        allowed &= slot.allowed;
+    }
+    if !allowed {
+        // Undo the admissions: show those limits as they are, with nothing taken.
+        for ((slot, limit), t_full) in each.iter_mut().zip(limits.iter()).zip(states.iter()) {
+            if slot.allowed {
+                *slot = Verdict { allowed: false, t_full: *t_full, ..debit(limit, *t_full, now_ns, 0) };
+            }
+        }
+    }
+    Verdicts { allowed, each, len: limits.len() }
+}
+
 pub fn now_ticks(now_ns: u64) -> u128 {
     (now_ns as u128) << FRAC_BITS
 }
@@ -259,7 +388,102 @@ mod tests {
         assert_eq!(rescale(s, T0, &old, &old), s);
     }
 
+    fn limits(specs: &[(u64, f64)]) -> Limits {
+        let mut out = Limits::default();
+        for (i, (c, r)) in specs.iter().enumerate() {
+            assert!(out.push(i as u64 + 1, lim(*c, *r)));
+        }
+        out
+    }
+
+    #[test]
+    fn limits_are_bounded_and_compare_by_what_is_in_use() {
+        let mut l = limits(&[(1, 1.0), (2, 1.0), (3, 1.0), (4, 1.0)]);
+        assert!(!l.push(9, lim(5, 1.0)));
+        assert_eq!(l.len(), MAX_LIMITS);
+        assert_eq!(l.min_capacity(), 1);
+        assert_eq!(l.ids(), &[1, 2, 3, 4]);
+        assert_eq!(Limits::one(0, lim(2, 1.0)), Limits::one(0, lim(2, 1.0)));
+        assert_ne!(Limits::one(0, lim(2, 1.0)), Limits::one(1, lim(2, 1.0)));
+        assert_ne!(limits(&[(2, 1.0)]), limits(&[(2, 1.0), (3, 1.0)]));
+    }
+
+    #[test]
+    fn several_limits_admit_the_minimum_and_debit_nothing_on_a_denial() {
+        // 5 per second and 8 per minute: 5 at once, then the minute limit holds 3 more.
+        let l = limits(&[(5, 5.0), (8, 8.0 / 60.0)]);
+        let mut states = [0; MAX_LIMITS];
+        let mut admitted = 0;
+        for t in [T0, T0, T0, T0, T0, T0, T0 + SEC, T0 + SEC, T0 + SEC, T0 + SEC, T0 + 2 * SEC] {
+            let v = debit_all(&l, &states, t, 1);
+            if v.allowed {
+                states = v.states();
+                admitted += 1;
+            } else {
+                // Nothing moved, and the limit that would have admitted says so (no wait).
+                assert_eq!(v.states(), states);
+                assert!(v.retry_after() > 0);
+            }
+        }
+        assert_eq!(admitted, 8);
+        let v = debit_all(&l, &states, T0 + 2 * SEC, 1);
+        assert!(!v.allowed);
+        // The second-limit bucket denied; the first had tokens and shows them untouched.
+        assert_eq!(v.each[0].retry_after, 0);
+        assert_eq!(v.each[0].remaining, 5);
+        assert!(v.each[1].retry_after > 0);
+        assert_eq!(v.retry_after(), v.each[1].retry_after);
+    }
+
     proptest! {
+        /// All or nothing: a denial leaves every limit as it was; an admission debits every
+        /// limit exactly as a single-limit debit would; and with a second, looser limit the
+        /// admissions are exactly those of the tighter limit alone (the reference model).
+        #[test]
+        fn several_limits_are_all_or_nothing_and_exact(
+            specs in prop::collection::vec((1u64..40, 1u64..20_000), 1..=MAX_LIMITS),
+            steps in prop::collection::vec((0u64..4, 0u64..2 * SEC), 1..200),
+        ) {
+            let l = limits(&specs.iter().map(|(c, r)| (*c, *r as f64 / 1000.0)).collect::<Vec<_>>());
+            let mut states = [0u128; MAX_LIMITS];
+            let mut now = T0;
+            for (cost, gap) in steps {
+                now += gap;
+                let v = debit_all(&l, &states, now, cost);
+                let singles: Vec<Verdict> = l.iter().zip(states.iter()).map(|(lim, t)| debit(lim, *t, now, cost)).collect();
+                prop_assert_eq!(v.allowed, singles.iter().all(|s| s.allowed));
+                if v.allowed {
+                    for (i, s) in singles.iter().enumerate() {
+                        prop_assert_eq!(v.each[i], *s);
+                    }
+                    states = v.states();
+                } else {
+                    prop_assert_eq!(v.states(), states);
+                    let longest = singles.iter().map(|s| s.retry_after).max().unwrap();
+                    prop_assert_eq!(v.retry_after(), longest);
+                }
+            }
+        }
+
+        #[test]
+        fn a_looser_second_limit_changes_nothing(
+            capacity in 1u64..50,
+            rate_milli in 1u64..20_000,
+            gaps in prop::collection::vec(0u64..2 * SEC, 1..300),
+        ) {
+            let rate = rate_milli as f64 / 1000.0;
+            let tight = limits(&[(capacity, rate)]);
+            let both = limits(&[(capacity * 2, rate * 3.0), (capacity, rate)]);
+            let (mut a, mut b) = ([0u128; MAX_LIMITS], [0u128; MAX_LIMITS]);
+            let mut now = T0;
+            for g in gaps {
+                now += g;
+                let (va, vb) = (debit_all(&tight, &a, now, 1), debit_all(&both, &b, now, 1));
+                prop_assert_eq!(va.allowed, vb.allowed);
+                if va.allowed { a = va.states(); b = vb.states(); }
+            }
+        }
+
         /// Admission never exceeds capacity + rate * elapsed (+1 for rounding), whatever the
         /// request times, and a client asking faster than the rate gets that much.
         #[test]

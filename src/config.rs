@@ -6,7 +6,7 @@
 //! operators read these errors in an Envoy log without the JSON in front of them.
 //! Unknown fields are errors everywhere: a typo must never silently disable a limit.
 
-use crate::bucket::{Limit, MAX_CAPACITY, MAX_RATE, MIN_RATE};
+use crate::bucket::{Limit, Limits, MAX_CAPACITY, MAX_LIMITS, MAX_RATE, MIN_RATE};
 use crate::json::{Map, Value};
 use crate::rate::parse_rate;
 use crate::tenant::{is_valid_tenant_id, TenantSource, MAX_TENANT_LEN};
@@ -120,12 +120,15 @@ pub struct Global {
     pub lease_tokens: Option<u32>,
 }
 
-/// A named limit: the bucket parameters plus what the operator called it (the policy name
-/// in `RateLimit` headers and stats) and whether it may deny.
+/// A policy: its limits (one, or several in `limits`), what the operator called it (for
+/// stats and per-name counters) and whether it may deny.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     pub name: String,
-    pub limit: Limit,
+    /// The bucket math of every limit, in order: what the request path uses.
+    pub limits: Limits,
+    /// Per limit, same order: its name and rate as written.
+    pub about: Vec<LimitInfo>,
     /// Per-entry mode; `None` follows the top-level `mode`.
     pub mode: Option<Mode>,
     /// Per-entry `enforce_percent` (0 to 100); `None` follows `mode`, else the top level.
@@ -137,10 +140,46 @@ pub struct Policy {
     /// resolved over each plan, by plan index, for requests whose plan comes from
     /// `plan_from`. Empty otherwise (the entry itself was resolved over `default_plan`).
     pub on_plans: Vec<Policy>,
-    /// Tokens per second as written: what a tenant or rule without its own `refill_rate`
-    /// inherits, and what the checker prints (the bucket math uses `limit`).
+}
+
+/// What a limit is called (`RateLimit` headers, per-limit stats; the policy's own name for
+/// the `capacity`/`refill_rate` form) and its tokens per second as written (what a tenant
+/// without its own `refill_rate` inherits, what the checker prints).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LimitInfo {
+    pub name: String,
     pub rate_per_second: f64,
 }
+
+impl Policy {
+    /// A policy with no limits yet.
+    fn new(name: &str, mode: Option<Mode>) -> Policy {
+        Policy {
+            name: name.to_string(),
+            limits: Limits::default(),
+            about: Vec::new(),
+            mode,
+            enforce_percent: None,
+            plan: None,
+            on_plans: Vec::new(),
+        }
+    }
+
+    /// The name of limit `i` (the policy's name if there is no such limit).
+    pub fn limit_name(&self, i: usize) -> &str {
+        self.about.get(i).map_or(self.name.as_str(), |a| a.name.as_str())
+    }
+}
+
+/// The id stored with a limit's state in a record of several limits (the hash of its name),
+/// so a reconfiguration that reorders, adds or removes limits keeps each one's spent tokens.
+fn limit_id(name: &str) -> u64 {
+    crate::store::hash128(&[name.as_bytes()]) as u64
+}
+
+/// The id of a policy's only limit: a one-limit record stores no id and reads as this one
+/// (see `store::Record`), so it must compare equal.
+const ONE_LIMIT_ID: u64 = 0;
 
 pub use crate::rules::{Rule, RuleSet};
 
@@ -240,19 +279,10 @@ impl Config {
 
     pub fn from_value(value: &Value) -> Result<Config, ConfigError> {
         let obj = Fields::new("", value, TOP_FIELDS)?;
-        let capacity = obj.required("capacity").and_then(|v| capacity(&obj.path("capacity"), v))?;
-        let rate_field = obj.path("refill_rate");
-        let rate = rate(&rate_field, obj.required("refill_rate")?)?;
-        let default_limit = limit(&rate_field, capacity, rate)?;
-        let default_policy = Policy {
-            name: "default".into(),
-            limit: default_limit,
-            mode: None,
-            enforce_percent: None,
-            plan: None,
-            on_plans: Vec::new(),
-            rate_per_second: rate,
-        };
+        let mut default_policy = Policy::new("default", None);
+        policy_limits(&obj, None, &mut default_policy)?;
+        // The overflow bucket has one limit: by default the top level's (its first).
+        let default_limit = default_policy.limits.first();
 
         let plans = match obj.get("plans") {
             Some(v) => plans_section(v, &default_policy)?,
@@ -409,6 +439,7 @@ fn plan_index(plans: &[Policy], name: &[u8]) -> Option<usize> {
 const TOP_FIELDS: &[&str] = &[
     "capacity",
     "refill_rate",
+    "limits",
     "tenant",
     "tenants",
     "plans",
@@ -742,18 +773,10 @@ struct Plans<'p> {
 }
 
 /// The policy fields a tenant or plan entry may set; an unset field comes from `base`.
-const ENTRY_FIELDS: &[&str] = &["capacity", "refill_rate", "mode", "enforce_percent"];
+const ENTRY_FIELDS: &[&str] = &["capacity", "refill_rate", "limits", "mode", "enforce_percent"];
 
 /// Resolves one tenant or plan entry over `base` (the precedence in README "Plans").
 fn policy_entry(obj: &Fields, name: &str, base: &Policy) -> Result<Policy, ConfigError> {
-    let cap = match obj.get("capacity") {
-        Some(c) => capacity(&obj.path("capacity"), c)?,
-        None => base.limit.capacity,
-    };
-    let per_second = match obj.get("refill_rate") {
-        Some(r) => rate(&obj.path("refill_rate"), r)?,
-        None => base.rate_per_second,
-    };
     let (mode, enforce_percent) = enforcement(obj)?;
     // An entry's own `mode` or `enforce_percent` replaces both inherited ones.
     let (mode, enforce_percent) = if mode.is_none() && enforce_percent.is_none() {
@@ -761,15 +784,10 @@ fn policy_entry(obj: &Fields, name: &str, base: &Policy) -> Result<Policy, Confi
     } else {
         (mode, enforce_percent)
     };
-    Ok(Policy {
-        name: name.to_string(),
-        limit: limit(&obj.prefix, cap, per_second)?,
-        mode,
-        enforce_percent,
-        plan: None,
-        on_plans: Vec::new(),
-        rate_per_second: per_second,
-    })
+    let mut policy = Policy::new(name, mode);
+    policy.enforce_percent = enforce_percent;
+    policy_limits(obj, Some(base), &mut policy)?;
+    Ok(policy)
 }
 
 /// An entry's `mode` and `enforce_percent`: at most one of them.
@@ -843,43 +861,118 @@ fn tenants_section(v: &Value, default: &Policy, plans: &Plans) -> Result<Vec<Pol
 /// A rule's own limit (`capacity`/`refill_rate`, optional `mode` or `enforce_percent`; listed in rules/parse.rs's
 /// `RULE_FIELDS`), if it has one: it then needs
 /// a `name` (its bucket, stats and headers are named after it).
-pub(crate) fn rule_policy(obj: &Fields, field: &str, name: Option<&str>) -> Result<Option<Policy>, ConfigError> {
+pub(crate) fn rule_policy(obj: &Fields, name: Option<&str>) -> Result<Option<Policy>, ConfigError> {
     let (mode_override, enforce_percent) = enforcement(obj)?;
-    match (obj.get("capacity"), obj.get("refill_rate")) {
-        (None, None) => {
+    match (obj.get("capacity"), obj.get("refill_rate"), obj.get("limits")) {
+        (None, None, None) => {
             if mode_override.is_some() {
-                return err(&obj.path("mode"), "only a rule with its own capacity and refill_rate can have a mode");
+                return err(
+                    &obj.path("mode"),
+                    "only a rule with its own limit (capacity and refill_rate, or limits) can have a mode",
+                );
             }
             if enforce_percent.is_some() {
                 return err(
                     &obj.path("enforce_percent"),
-                    "only a rule with its own capacity and refill_rate can have an enforce_percent",
+                    "only a rule with its own limit (capacity and refill_rate, or limits) can have an enforce_percent",
                 );
             }
             Ok(None)
         }
-        (Some(c), Some(r)) => {
+        _ => {
             let Some(name) = name else {
                 return err(
                     &obj.path("name"),
-                    "a rule with its own capacity/refill_rate needs a name (for its bucket, stats and headers)",
+                    "a rule with its own limit (capacity/refill_rate or limits) needs a name (for its bucket, stats and headers)",
                 );
             };
-            let cap = capacity(&obj.path("capacity"), c)?;
-            let per_second = rate(&obj.path("refill_rate"), r)?;
-            Ok(Some(Policy {
-                name: name.to_string(),
-                limit: limit(field, cap, per_second)?,
-                mode: mode_override,
-                enforce_percent,
-                plan: None,
-                on_plans: Vec::new(),
-                rate_per_second: per_second,
-            }))
+            let mut policy = Policy::new(name, mode_override);
+            policy.enforce_percent = enforce_percent;
+            policy_limits(obj, None, &mut policy)?;
+            Ok(Some(policy))
         }
-        (Some(_), None) => err(&obj.path("refill_rate"), "a rule with its own capacity also needs refill_rate"),
-        (None, Some(_)) => err(&obj.path("capacity"), "a rule with its own refill_rate also needs capacity"),
     }
+}
+
+/// The limits of one policy entry (top level, tenant, rule): `limits`, or the one-limit form
+/// `capacity`/`refill_rate`, never both forms.
+///
+/// Inheritance (`inherit`: the top level, for a listed tenant): an entry with `limits` defines
+/// all its limits; one with neither form inherits the top level's limits, all of them; one
+/// with only `capacity` or only `refill_rate` takes the other from the top level, which must
+/// then have a single limit. Without `inherit` (the top level, a rule) the entry defines its
+/// limits itself.
+fn policy_limits(obj: &Fields, inherit: Option<&Policy>, policy: &mut Policy) -> Result<(), ConfigError> {
+    match (obj.get("capacity"), obj.get("refill_rate"), obj.get("limits"), inherit) {
+        // All the top level's limits; a single one is named after this policy, as its own.
+        (None, None, None, Some(p)) if p.limits.len() > 1 => {
+            policy.limits = p.limits;
+            policy.about = p.about.clone();
+            Ok(())
+        }
+        (None, None, Some(list), _) => limits_list(&obj.path("limits"), list, policy),
+        (_, _, Some(_), _) => err(&obj.path("limits"), "give either `limits` or capacity/refill_rate, not both"),
+        _ => {
+            let name = policy.name.clone();
+            one_limit(obj, inherit.filter(|p| p.limits.len() == 1), ONE_LIMIT_ID, name, policy)
+        }
+    }
+}
+
+/// Adds one limit, `name` with id `id`, from `capacity` and `refill_rate`; either may be left
+/// out when `base` (the top level, with a single limit) has it.
+fn one_limit(
+    obj: &Fields,
+    base: Option<&Policy>,
+    id: u64,
+    name: String,
+    policy: &mut Policy,
+) -> Result<(), ConfigError> {
+    const NEEDED: &str = "required: a limit has capacity and refill_rate (a listed tenant may leave one out \
+                          when the top level has a single limit), or give `limits`";
+    let capacity = match (obj.get("capacity"), base) {
+        (Some(c), _) => capacity(&obj.path("capacity"), c)?,
+        (None, Some(p)) => p.limits.first().capacity,
+        (None, None) => return err(&obj.path("capacity"), NEEDED),
+    };
+    let rate_per_second = match (obj.get("refill_rate"), base.and_then(|p| p.about.first())) {
+        (Some(r), _) => rate(&obj.path("refill_rate"), r)?,
+        (None, Some(a)) => a.rate_per_second,
+        (None, None) => return err(&obj.path("refill_rate"), NEEDED),
+    };
+    let field = if obj.prefix.is_empty() { obj.path("refill_rate") } else { obj.prefix.clone() };
+    policy.limits.push(id, limit(&field, capacity, rate_per_second)?);
+    policy.about.push(LimitInfo { name, rate_per_second });
+    Ok(())
+}
+
+/// `limits`: 1 to [`MAX_LIMITS`] entries `{"name", "capacity", "refill_rate"}`, names unique
+/// within the policy. Bounded because all of a bucket's limits share one shared-data record
+/// (48 bytes a limit) decided by one compare-and-swap.
+fn limits_list(field: &str, v: &Value, policy: &mut Policy) -> Result<(), ConfigError> {
+    let items = match v.as_array() {
+        Some(items) if (1..=MAX_LIMITS).contains(&items.len()) => items,
+        _ => {
+            return err(field, "must be an array of 1 to 4 limits {\"name\", \"capacity\", \"refill_rate\"} (they share one record and one compare-and-swap)")
+        }
+    };
+    for (i, item) in items.iter().enumerate() {
+        let obj = Fields::new(&format!("{field}[{i}]"), item, &["name", "capacity", "refill_rate"])?;
+        let name = string(&obj.path("name"), obj.required("name")?)?;
+        if !is_limit_name(name) || policy.about.iter().any(|a| a.name == name) {
+            return err(&obj.path("name"), "must be 1 to 32 letters, digits, '-' or '_', unique in the policy");
+        }
+        // A lone limit is the one-limit form, which stores no id.
+        let id = if items.len() == 1 { ONE_LIMIT_ID } else { limit_id(name) };
+        one_limit(&obj, None, id, name.to_string(), policy)?;
+    }
+    Ok(())
+}
+
+/// Limit names go into `RateLimit` headers (as sf-strings) and stat names: kept to
+/// characters that need no escaping in either.
+fn is_limit_name(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 32 && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 fn deny_section(v: &Value) -> Result<Deny, ConfigError> {
@@ -1041,7 +1134,7 @@ mod tests {
     #[test]
     fn seed_form_parses_with_defaults() {
         let c = parse(r#"{"capacity":1000,"refill_rate":100}"#).unwrap();
-        assert_eq!(c.default_policy.limit.capacity, 1000);
+        assert_eq!(c.default_policy.limits.first().capacity, 1000);
         assert_eq!(c.default_tenant, "default");
         assert_eq!(
             c.tenant_sources,
@@ -1069,8 +1162,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.tenant_sources[0], TenantSource::Header("x-tenant-id".into()));
-        assert_eq!(tenant(&c, b"globex").unwrap().rate_per_second, 5.0);
-        assert_eq!(tenant(&c, b"acme").unwrap().limit.capacity, 120);
+        assert_eq!(tenant(&c, b"globex").unwrap().about[0].rate_per_second, 5.0);
+        assert_eq!(tenant(&c, b"acme").unwrap().limits.first().capacity, 120);
         assert!(tenant(&c, b"nobody").is_none());
         assert_eq!(c.rules[0].methods, vec!["GET", "HEAD"]);
     }
@@ -1182,9 +1275,109 @@ mod tests {
     fn tenant_overrides_inherit_missing_fields() {
         let c = parse(r#"{"capacity":50,"refill_rate":"60/min","tenants":{"a":{"capacity":5},"b":{"refill_rate":10,"mode":"shadow"}}}"#).unwrap();
         let a = tenant(&c, b"a").unwrap();
-        assert_eq!((a.limit.capacity, a.rate_per_second), (5, 1.0));
+        assert_eq!((a.limits.first().capacity, a.about[0].rate_per_second), (5, 1.0));
         let b = tenant(&c, b"b").unwrap();
-        assert_eq!((b.limit.capacity, b.rate_per_second, b.mode), (50, 10.0, Some(Mode::Shadow)));
+        assert_eq!((b.limits.first().capacity, b.about[0].rate_per_second, b.mode), (50, 10.0, Some(Mode::Shadow)));
+    }
+
+    const SEVERAL: &str = r#"[{"name":"burst","capacity":20,"refill_rate":"20/s"},
+        {"name":"hourly","capacity":1000,"refill_rate":"1000/h"},{"name":"daily","capacity":10000,"refill_rate":"10000/day"}]"#;
+
+    #[test]
+    fn several_limits_on_any_policy() {
+        let c = parse(&format!(
+            r#"{{"limits":{SEVERAL},"tenants":{{"acme":{{"limits":[{{"name":"minute","capacity":120,"refill_rate":"120/min"}},
+            {{"name":"day","capacity":10000,"refill_rate":"10000/day"}}]}}}},
+            "rules":[{{"name":"login","path_prefix":"/login","limits":{SEVERAL}}}]}}"#
+        ))
+        .unwrap();
+        let d = &c.default_policy;
+        assert_eq!(d.limits.len(), 3);
+        assert_eq!((d.limit_name(0), d.limit_name(2)), ("burst", "daily"));
+        assert_eq!(d.limits.iter().map(|l| l.window_seconds()).collect::<Vec<_>>(), [1, 3600, 86400]);
+        assert_eq!(d.about[2].rate_per_second, 10000.0 / 86400.0);
+        let acme = tenant(&c, b"acme").unwrap();
+        assert_eq!((acme.limits.len(), acme.limit_name(1), acme.limits.first().capacity), (2, "day", 120));
+        let login = c.rules[0].policy.as_ref().unwrap();
+        assert_eq!((login.name.as_str(), login.limits.len()), ("login", 3));
+        // Ids are the names' hashes, so state follows a limit when the list is reordered.
+        assert_eq!(d.limits.ids()[0], limit_id("burst"));
+        // A lone entry in `limits` is the one-limit form (same id, same stored layout).
+        let one = parse(r#"{"limits":[{"name":"only","capacity":3,"refill_rate":1}]}"#).unwrap();
+        assert_eq!(one.default_policy.limits, Limits::one(ONE_LIMIT_ID, Limit::new(3, 1.0).unwrap()));
+        assert_eq!(one.default_policy.limit_name(0), "only");
+        // The overflow bucket defaults to the top level's first limit.
+        assert!(matches!(c.overflow, Overflow::Bucket(l) if l.capacity == 20));
+    }
+
+    #[test]
+    fn limits_inheritance() {
+        // Top level with several limits: a tenant with neither form takes all of them (their
+        // names too); `limits` or both fields define its own; one field alone is an error.
+        let c = parse(&format!(
+            r#"{{"limits":{SEVERAL},"tenants":{{"a":{{"mode":"shadow"}},"b":{{"capacity":5,"refill_rate":1}}}}}}"#
+        ))
+        .unwrap();
+        let a = tenant(&c, b"a").unwrap();
+        assert_eq!(
+            (a.name.as_str(), a.limits, a.limit_name(1), a.mode),
+            ("a", c.default_policy.limits, "hourly", Some(Mode::Shadow))
+        );
+        let b = tenant(&c, b"b").unwrap();
+        assert_eq!((b.limits.len(), b.limit_name(0), b.limits.first().capacity), (1, "b", 5));
+        let e = parse(&format!(r#"{{"limits":{SEVERAL},"tenants":{{"x":{{"capacity":5}}}}}}"#)).unwrap_err();
+        assert_eq!(e.field, "tenants.x.refill_rate");
+        assert!(e.reason.contains("single limit"), "{e}");
+        // Top level with one limit: a tenant with `limits` defines all of its own; one
+        // without inherits per field, named after the tenant, as before.
+        let c =
+            parse(&format!(r#"{{"capacity":7,"refill_rate":2,"tenants":{{"a":{{"limits":{SEVERAL}}},"b":{{}}}}}}"#))
+                .unwrap();
+        assert_eq!(tenant(&c, b"a").unwrap().limits.len(), 3);
+        let b = tenant(&c, b"b").unwrap();
+        assert_eq!((b.limit_name(0), b.limits.first().capacity, b.about[0].rate_per_second), ("b", 7, 2.0));
+    }
+
+    #[test]
+    fn limits_errors_name_the_field() {
+        let f = |limits: &str| field_of(&format!(r#"{{"limits":{limits}}}"#));
+        assert_eq!(f("[]"), "limits");
+        assert_eq!(f("{}"), "limits");
+        let five = format!(
+            "[{}]",
+            (0..5).map(|i| format!(r#"{{"name":"l{i}","capacity":1,"refill_rate":1}}"#)).collect::<Vec<_>>().join(",")
+        );
+        let e = parse(&format!(r#"{{"limits":{five}}}"#)).unwrap_err();
+        assert!(e.field == "limits" && e.reason.contains("1 to 4"), "{e}");
+        assert_eq!(
+            f(r#"[{"name":"a","capacity":1,"refill_rate":1},{"name":"a","capacity":2,"refill_rate":1}]"#),
+            "limits[1].name"
+        );
+        assert_eq!(f(r#"[{"name":"a b","capacity":1,"refill_rate":1}]"#), "limits[0].name");
+        assert_eq!(f(r#"[{"name":"a;q=1","capacity":1,"refill_rate":1}]"#), "limits[0].name");
+        assert_eq!(f(&format!(r#"[{{"name":"{}","capacity":1,"refill_rate":1}}]"#, "x".repeat(33))), "limits[0].name");
+        assert_eq!(f(r#"[{"capacity":1,"refill_rate":1}]"#), "limits[0].name");
+        assert_eq!(f(r#"[{"name":"a","refill_rate":1}]"#), "limits[0].capacity");
+        assert_eq!(f(r#"[{"name":"a","capacity":1}]"#), "limits[0].refill_rate");
+        assert_eq!(f(r#"[{"name":"a","capacity":1,"refill_rate":"1/week"}]"#), "limits[0].refill_rate");
+        assert_eq!(f(r#"[{"name":"a","capacity":1,"refill_rate":1,"burst":2}]"#), "limits[0].burst");
+        // Both forms in one entry, anywhere.
+        assert_eq!(field_of(r#"{"capacity":1,"limits":[{"name":"a","capacity":1,"refill_rate":1}]}"#), "limits");
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"tenants":{"t":{"refill_rate":1,"limits":[]}}}"#),
+            "tenants.t.limits"
+        );
+        assert_eq!(
+            field_of(r#"{"capacity":1,"refill_rate":1,"rules":[{"name":"r","capacity":1,"limits":[]}]}"#),
+            "rules[0].limits"
+        );
+        // A rule with `limits` needs a name, like any rule with its own limit.
+        assert_eq!(
+            field_of(&format!(r#"{{"capacity":1,"refill_rate":1,"rules":[{{"limits":{SEVERAL}}}]}}"#)),
+            "rules[0].name"
+        );
+        // Neither form at the top level.
+        assert_eq!(field_of(r#"{"mode":"shadow"}"#), "capacity");
     }
 
     #[test]
@@ -1203,7 +1396,7 @@ mod tests {
         );
         let c = parse(r#"{"capacity":1,"refill_rate":1,"rules":[{"name":"login","methods":["POST"],"path_prefix":"/login","capacity":5,"refill_rate":"5/min"}]}"#).unwrap();
         let p = c.rules[0].policy.as_ref().unwrap();
-        assert_eq!((p.name.as_str(), p.limit.capacity), ("login", 5));
+        assert_eq!((p.name.as_str(), p.limits.first().capacity), ("login", 5));
     }
 
     #[test]
@@ -1296,7 +1489,7 @@ mod tests {
                     "unknown_tenants", "near_limit_fraction", "header", "query", "source_ip", "xff",
                     "trusted_hops", "peer_principal", "jwt_claim", "claim", "metadata_key",
                     "trusted_client_address", "path", "path_separated_prefix", "host", "headers", "route",
-                    "exact", "prefix", "present", "absent",
+                    "exact", "prefix", "present", "absent", "limits",
                 ]).prop_map(String::from),
                 1 => ".{0,8}",
             ]
@@ -1304,7 +1497,8 @@ mod tests {
 
         const VALID: &str = r#"{"capacity":10,"refill_rate":"60/min",
             "tenant":{"from":[{"header":"x-t"},{"query":"t"},{"xff":{"trusted_hops":1}}],"default":"d"},
-            "tenants":{"acme":{"capacity":3,"mode":"shadow"}},
+            "tenants":{"acme":{"capacity":3,"mode":"shadow"},
+                "globex":{"limits":[{"name":"m","capacity":300,"refill_rate":"300/min"},{"name":"d","capacity":9,"refill_rate":"9/day"}]}},
             "rules":[{"name":"r","methods":["GET"],"path_prefix":"/a","cost":2,"capacity":5,"refill_rate":1}],
             "deny":{"status":429},"rate_limit_headers":"ietf","max_tenants":100,"overflow":"deny"}"#;
 
@@ -1384,7 +1578,7 @@ mod tests {
         let c = Config::from_json_bytes(br#"{"capacity":5,"refill_rate":"60/min","plans":{"pro":{"capacity":50}}}"#)
             .unwrap();
         let pro = &c.plans[0];
-        assert_eq!((pro.name.as_str(), pro.limit.capacity, pro.rate_per_second), ("pro", 50, 1.0));
+        assert_eq!((pro.name.as_str(), pro.limits.first().capacity, pro.about[0].rate_per_second), ("pro", 50, 1.0));
         assert_eq!(c.plan_index(b"pro"), Some(0));
         assert_eq!(c.plan_index(b"free"), None);
     }

@@ -3,6 +3,7 @@
 //! headers, which counters. Pure: the host is only the [`SharedStore`] passed in, so this
 //! runs the same in Envoy and in unit tests.
 
+use crate::bucket::{Limit, Limits, Verdict};
 use crate::config::{Config, FailurePolicy, Overflow};
 use crate::metrics::{Counter, Events, Final};
 use crate::policy::{PolicyId, OVERFLOW_OWNER};
@@ -52,7 +53,7 @@ pub fn from_lease(config: &Config, leases: &mut WorkerLeases, request: &Metered)
     }
     let id = request.policy;
     let (owner, _) = id.bucket(config, &request.tenant);
-    let quota = leases.spend(owner, &id.policy(config).limit, request.cost)?;
+    let quota = leases.spend(owner, &id.policy(config).limits, request.cost)?;
     let mut events = Events::default();
     events.outcome(id, Final::Allowed);
     Some(Decision { deny: false, retry_after_seconds: 0, quota: Some(quota), policy: id, events })
@@ -73,19 +74,20 @@ pub fn decide(
     let (owner, home) = id.bucket(config, &tenant);
     let shadow = !crate::policy::enforces(config, policy, &tenant, now_ns);
     let mut events = Events::default();
-    let limit = policy.limit;
-    let extra = leases.as_deref().map_or(Extra::default(), |l| l.extra(config.worker_lease, owner, &limit));
-    let mut debit = store::debit(store, ns, home, &Withdrawal { owner, limit, cost, extra, now_ns });
+    let limits = policy.limits;
+    let extra = leases.as_deref().map_or(Extra::default(), |l| l.extra(config.worker_lease, owner, &limits));
+    let mut debit = store::debit(store, ns, home, &Withdrawal { owner, limits, cost, extra, now_ns });
     if let (Some(leases), Outcome::Decided { verdict, .. }) = (leases, debit.outcome) {
         if debit.extra > 0 {
-            let quota = Quota::new(&limit, &verdict);
-            leases.keep(store, ns, Lease { owner, home, limit, tokens: debit.extra, taken_ns: now_ns, quota }, now_ns);
+            let quota = Quota::tightest(&limits, &verdict);
+            leases.keep(store, ns, Lease { owner, home, limits, tokens: debit.extra, taken_ns: now_ns, quota }, now_ns);
         }
     }
     // The request's own view: the lease tokens are the worker's, not spent yet.
     let lease_tokens = debit.extra;
     events.bump(Counter::CasRetries, debit.cas_retries);
-    let mut limit = limit;
+    let mut limits = limits;
+    let mut overflowed = false;
 
     if debit.outcome == Outcome::NoSlot {
         match config.overflow {
@@ -97,10 +99,11 @@ pub fn decide(
                 events.bump(Counter::OverflowUsed, 1);
                 let key = ns.named_key("overflow");
                 let owner = hash128(&[OVERFLOW_OWNER]);
-                let w = Withdrawal { owner, limit: overflow_limit, cost, extra: Extra::default(), now_ns };
+                limits = Limits::one(0, overflow_limit);
+                let w = Withdrawal { owner, limits, cost, extra: Extra::default(), now_ns };
                 debit = store::debit_named(store, key.as_str(), &w);
                 events.bump(Counter::CasRetries, debit.cas_retries);
-                limit = overflow_limit;
+                overflowed = true;
             }
         }
     }
@@ -126,18 +129,26 @@ pub fn decide(
         }
     };
 
-    let mut quota = Quota::new(&limit, &verdict);
+    let mut quota = Quota::tightest(&limits, &verdict);
     quota.remaining = quota.remaining.saturating_add(lease_tokens);
     let quota = Some(quota);
     if verdict.allowed {
         events.outcome(id, Final::Allowed);
-        // remaining / capacity < permille / 1000, in integers.
-        if (verdict.remaining as u128) * 1000 < (limit.capacity as u128) * config.near_limit_permille as u128 {
+        // Some limit's remaining / capacity < permille / 1000, in integers.
+        let near = |(v, l): (&Verdict, &Limit)| {
+            (v.remaining as u128) * 1000 < (l.capacity as u128) * config.near_limit_permille as u128
+        };
+        if verdict.iter().zip(limits.iter()).any(near) {
             events.bump(Counter::NearLimit, 1);
         }
         return Decision { deny: false, retry_after_seconds: 0, quota, policy: id, events };
     }
-    let retry = retry_after_seconds(&verdict);
+    if !overflowed {
+        // Which of the policy's limits denied (each that had too few tokens).
+        let mask = verdict.iter().enumerate().filter(|(_, v)| v.retry_after > 0).fold(0, |m, (i, _)| m | 1 << i);
+        events.limits_denied = Some((id, mask));
+    }
+    let retry = retry_after_seconds(verdict.retry_after());
     let mut d = refuse(id, shadow, events);
     d.retry_after_seconds = retry;
     d.quota = quota;
@@ -301,6 +312,63 @@ mod tests {
         assert_eq!(near, 2); // remaining 1 and 0 are below 20 % of 10
     }
 
+    const TWO: &str = r#"{"capacity":100,"refill_rate":1,"rate_limit_headers":"ietf","tenants":{"acme":{"limits":[
+        {"name":"burst","capacity":5,"refill_rate":"5/s"},{"name":"minute","capacity":8,"refill_rate":"8/min"}]}}}"#;
+
+    #[test]
+    fn several_limits_admit_the_minimum_and_say_which_denied() {
+        let c = cfg(TWO);
+        let ns = Namespace::new("t");
+        let mut s = FakeStore::default();
+        let acme = req(&c, &id("acme"), None, 1);
+        let run = |s: &mut FakeStore, n: usize, now: u64| {
+            (0..n).map(|_| decide(&c, &ns, s, None, &acme, now)).collect::<Vec<_>>()
+        };
+        let first = run(&mut s, 7, T0);
+        assert_eq!(first.iter().filter(|d| !d.deny).count(), 5);
+        // The burst limit denied (bit 0); the minute one still had 3 tokens, untouched.
+        let d = &first[5];
+        assert_eq!(d.events.limits_denied, Some((PolicyId::Tenant(0), 0b01)));
+        let q = d.quota.unwrap();
+        assert_eq!((q.limit, q.remaining, d.retry_after_seconds), (0, 0, 1));
+        // One second later the burst refilled; the minute limit has 3 left, then denies.
+        let later = run(&mut s, 6, T0 + SEC);
+        assert_eq!(later.iter().filter(|d| !d.deny).count(), 3);
+        let d = &later[3];
+        assert_eq!(d.events.limits_denied, Some((PolicyId::Tenant(0), 0b10)));
+        // retry-after is the minute limit's wait (7.5 s for a token at 8/min, less the second).
+        assert_eq!((d.quota.unwrap().limit, d.retry_after_seconds), (1, 7));
+        // Nothing was debited by the denials: exactly 8 admitted over the first minute.
+        let total = run(&mut s, 20, T0 + 2 * SEC).iter().filter(|d| !d.deny).count();
+        assert_eq!(total, 0);
+        // An allowed request reports the limit closest to denying.
+        let mut s = FakeStore::default();
+        let d = decide(&c, &ns, &mut s, None, &acme, T0);
+        assert_eq!((d.quota.unwrap().limit, d.quota.unwrap().remaining, d.events.limits_denied), (0, 4, None));
+    }
+
+    #[test]
+    fn a_policy_with_several_limits_keeps_state_across_a_reconfiguration() {
+        // One limit -> two: the old record's state carries into the first limit.
+        let one = cfg(r#"{"capacity":100,"refill_rate":1,"tenants":{"acme":{"capacity":5,"refill_rate":0.001}}}"#);
+        let two = cfg(r#"{"capacity":100,"refill_rate":1,"tenants":{"acme":{"limits":[
+            {"name":"a","capacity":5,"refill_rate":0.001},{"name":"b","capacity":3,"refill_rate":0.001}]}}}"#);
+        let ns = Namespace::new("t");
+        let mut s = FakeStore::default();
+        let acme = |c: &Config| req(c, &id("acme"), None, 1);
+        for _ in 0..4 {
+            assert!(!decide(&one, &ns, &mut s, None, &acme(&one), T0).deny);
+        }
+        // 1 left in `a` (carried over), `b` starts full with 3: one more is admitted.
+        let n = (0..5).filter(|_| !decide(&two, &ns, &mut s, None, &acme(&two), T0).deny).count();
+        assert_eq!(n, 1);
+        // Reordered and `a` removed: `b` keeps what it spent (1 of 3), so two more.
+        let three = cfg(r#"{"capacity":100,"refill_rate":1,"tenants":{"acme":{"limits":[
+            {"name":"b","capacity":3,"refill_rate":0.001},{"name":"c","capacity":9,"refill_rate":0.001}]}}}"#);
+        let n = (0..5).filter(|_| !decide(&three, &ns, &mut s, None, &acme(&three), T0).deny).count();
+        assert_eq!(n, 2);
+    }
+
     /// Mode both: the local admission is deferred, then settled once with the service's
     /// verdict, to the same per-name counters.
     #[test]
@@ -393,10 +461,10 @@ mod tests {
                 prop_assert!(admitted <= cap, "admitted {} > capacity {}", admitted, cap);
                 // Give everything back, then drain the bucket without leases: the total is exact.
                 let owner = hash128(&[b"hot"]);
-                let limit = c.default_policy.limit;
+                let limits = c.default_policy.limits;
                 for w in &mut workers {
                     for e in w.drain() {
-                        let unspent = Unspent { owner, home: e.home, limit, tokens: e.tokens, taken_ns: T0 };
+                        let unspent = Unspent { owner, home: e.home, limits, tokens: e.tokens, taken_ns: T0 };
                         prop_assert!(give_back(&mut s, &ns, &unspent, T0));
                     }
                 }
@@ -456,10 +524,37 @@ mod tests {
             assert!(give_back(
                 &mut s,
                 &ns,
-                &Unspent { owner: e.owner, home: e.home, limit: e.limit, tokens: e.tokens, taken_ns: T0 },
+                &Unspent { owner: e.owner, home: e.home, limits: e.limits, tokens: e.tokens, taken_ns: T0 },
                 T0
             ));
             assert_eq!(run(&c, &mut s, "vip", 30).0, 19);
+        }
+
+        /// Leasing takes from every limit at once and gives back to every limit: with leases
+        /// out and back, each limit ends where it would have without them.
+        #[test]
+        fn leases_take_and_give_back_every_limit() {
+            let c = cfg(r#"{"capacity":100,"refill_rate":1,"worker_lease":4,"tenants":{"hot":{"limits":[
+                {"name":"a","capacity":40,"refill_rate":0.001},{"name":"b","capacity":30,"refill_rate":0.001}]}}}"#);
+            let ns = Namespace::new("t");
+            let mut s = FakeStore::default();
+            let t = id("hot");
+            let mut w = WorkerLeases::default();
+            let d = decide(&c, &ns, &mut s, Some(&mut w), &req(&c, &t, None, 1), T0);
+            assert!(!d.deny);
+            // 1 + 4 leased taken from both: the tighter, b, has 25 left (+ 4 in the lease).
+            assert_eq!(d.quota.unwrap().limit, 1);
+            assert_eq!(d.quota.unwrap().remaining, 29);
+            let mut admitted = 1;
+            while from_lease(&c, &mut w, &req(&c, &t, None, 1)).is_some() {
+                admitted += 1;
+            }
+            assert_eq!(admitted, 5);
+            w.settle(&mut s, &ns, T0);
+            while !decide(&c, &ns, &mut s, None, &req(&c, &t, None, 1), T0).deny {
+                admitted += 1;
+            }
+            assert_eq!(admitted, 30);
         }
 
         #[test]

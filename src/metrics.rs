@@ -3,6 +3,7 @@
 //! `wasmcustom.` (see README "Stats"). Per-tenant and per-rule counters exist only for names
 //! listed in the config, so the number of stats is bounded by the config, never by traffic.
 
+use crate::config::{Config, Policy};
 use crate::policy::PolicyId;
 
 pub const PREFIX: &str = "tenant_ratelimit";
@@ -113,6 +114,10 @@ pub struct Events {
     pub counters: [u32; Counter::ALL.len()],
     /// The per-name counter to bump: the request's outcome for its policy (`Default` has none).
     pub named: Option<(PolicyId, Final)>,
+    /// On a refusal by the policy's own limits (enforced or shadow): the policy, and bit `i`
+    /// set for each limit `i` that had too few tokens (the per-limit `denied` counters of a
+    /// policy with several limits).
+    pub limits_denied: Option<(PolicyId, u8)>,
     pub slots_created: u32,
 }
 
@@ -190,6 +195,31 @@ pub fn scoped_name(scope: &str, name: &str, counter: &str) -> String {
     format!("{PREFIX}.{scope}.{clean}.{counter}")
 }
 
+/// The per-limit `denied` stats of a config: for each policy with several limits, one
+/// (policy, stat name) per limit, in the limits' order, sorted by policy (the filter looks a
+/// policy's up by binary search):
+/// `tenant_ratelimit.<tenant|rule>.<policy>.limit.<limit>.denied`
+/// (`tenant_ratelimit.top.default.limit.<limit>.denied` for the top level). Bounded by the
+/// config.
+pub fn limit_denied_names(config: &Config) -> Vec<(PolicyId, String)> {
+    let mut out = Vec::new();
+    let mut add = |id: PolicyId, scope: &str, policy: &Policy| {
+        for a in policy.about.iter().filter(|_| policy.limits.len() > 1) {
+            out.push((id, scoped_name(scope, &policy.name, &format!("limit.{}.denied", a.name))));
+        }
+    };
+    add(PolicyId::Default, "top", &config.default_policy);
+    for (i, p) in config.tenants.iter().enumerate() {
+        add(PolicyId::Tenant(i), "tenant", p);
+    }
+    for (i, r) in config.rules.iter().enumerate() {
+        if let Some(p) = &r.policy {
+            add(PolicyId::Rule(i), "rule", p);
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -203,6 +233,31 @@ mod tests {
             assert!(!Counter::ALL[..i].iter().any(|o| o.name() == c.name()), "{}", c.name());
         }
         assert_eq!(Final::ALL.map(|f| f.counter().name()), ["allowed", "denied", "shadow_denied"]);
+    }
+
+    #[test]
+    fn per_limit_stats_exist_for_policies_with_several_limits_only() {
+        let two =
+            r#"[{"name":"burst","capacity":5,"refill_rate":5},{"name":"day","capacity":9,"refill_rate":"9/day"}]"#;
+        let c = Config::from_json_bytes(
+            format!(
+                r#"{{"limits":{two},"tenants":{{"acme.corp":{{"limits":{two}}},"one":{{"capacity":1,"refill_rate":1}}}},
+                "rules":[{{"name":"login","path_prefix":"/l","limits":{two}}},{{"name":"x","path_prefix":"/"}}]}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let names = limit_denied_names(&c);
+        let want = [
+            (PolicyId::Default, "tenant_ratelimit.top.default.limit.burst.denied"),
+            (PolicyId::Default, "tenant_ratelimit.top.default.limit.day.denied"),
+            (PolicyId::Tenant(0), "tenant_ratelimit.tenant.acme_corp.limit.burst.denied"),
+            (PolicyId::Tenant(0), "tenant_ratelimit.tenant.acme_corp.limit.day.denied"),
+            (PolicyId::Rule(0), "tenant_ratelimit.rule.login.limit.burst.denied"),
+            (PolicyId::Rule(0), "tenant_ratelimit.rule.login.limit.day.denied"),
+        ];
+        assert_eq!(names, want.map(|(p, n)| (p, n.to_string())));
+        assert!(names.windows(2).all(|w| w[0].0 <= w[1].0), "sorted by policy");
     }
 
     #[test]

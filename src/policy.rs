@@ -1,12 +1,14 @@
-//! Which limit a request meets: tenant (and matching rule) -> [`PolicyId`] -> the policy,
-//! its name (for `RateLimit` headers and per-name stats) and where its bucket is stored.
+//! Which policy a request meets: tenant (and matching rule) -> [`PolicyId`] -> the policy
+//! (its limits, whose names go into `RateLimit` headers), its name (per-name stats, a rule
+//! bucket's owner) and where its bucket is stored.
 
 use crate::config::{Config, Mode, Policy, Rule, UnknownTenants};
 use crate::store::{hash128, Home};
 use crate::tenant::{self, RequestFacts, TenantId};
 
-/// A policy of the config, by position, so a request context holds no borrowed data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+/// A policy of the config, by position, so a request context holds no borrowed data. Ordered
+/// as the config lists them (the default, tenants, rules), which per-limit stats rely on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Default)]
 pub enum PolicyId {
     /// The top-level limit (unlisted tenants); it has no per-name counters.
     #[default]
@@ -60,7 +62,7 @@ impl PolicyId {
         found.unwrap_or(&config.default_policy)
     }
 
-    /// The name in `RateLimit` headers.
+    /// The policy's name (a one-limit policy's limit is called the same in headers).
     pub fn name(self, config: &Config) -> &str {
         &self.policy(config).name
     }
@@ -160,7 +162,7 @@ mod tests {
         assert_eq!(PolicyId::of(&c, &id("vip"), None, other), PolicyId::Tenant(0));
         assert_eq!(PolicyId::of(&c, &id("x"), None, None), PolicyId::Default);
         assert_eq!(PolicyId::Rule(0).name(&c), "login");
-        assert_eq!(PolicyId::Tenant(0).policy(&c).limit.capacity, 9);
+        assert_eq!(PolicyId::Tenant(0).policy(&c).limits.first().capacity, 9);
         assert_eq!(PolicyId::Tenant(7).name(&c), "default");
         // Listed tenants have reserved keys, also for their rule buckets; unlisted ones share.
         assert!(matches!(PolicyId::Rule(0).bucket(&c, &id("vip")).1, Home::Reserved(_)));
@@ -197,7 +199,7 @@ mod tests {
     #[test]
     fn plans_precedence_own_fields_then_named_plan_then_plan_from_then_default_plan() {
         let c = Config::from_json_bytes(PLANS).unwrap();
-        let cap = |p: PolicyId| p.policy(&c).limit.capacity;
+        let cap = |p: PolicyId| p.policy(&c).limits.first().capacity;
         // Unlisted: the plan from `plan_from`; unknown or absent: `default_plan`.
         assert_eq!(cap(policy_for(&c, "new-customer", Some("pro"))), 120);
         assert_eq!(cap(policy_for(&c, "new-customer", Some("platinum"))), 60);
@@ -214,10 +216,10 @@ mod tests {
         let initech = c.tenant_index(b"initech").unwrap();
         let on_pro = policy_for(&c, "initech", Some("pro"));
         assert!(matches!(on_pro, PolicyId::TenantOnPlan(t, _) if t == initech));
-        assert_eq!((cap(on_pro), on_pro.policy(&c).rate_per_second), (7, 2.0));
+        assert_eq!((cap(on_pro), on_pro.policy(&c).about[0].rate_per_second), (7, 2.0));
         // No plan in the request: the entry as resolved over `default_plan`.
         let on_default = policy_for(&c, "initech", None);
-        assert_eq!((cap(on_default), on_default.policy(&c).rate_per_second), (7, 1.0));
+        assert_eq!((cap(on_default), on_default.policy(&c).about[0].rate_per_second), (7, 1.0));
         // A tenant keeps its bucket across plans.
         assert_eq!(on_pro.bucket(&c, &id("initech")), on_default.bucket(&c, &id("initech")));
     }
@@ -228,7 +230,7 @@ mod tests {
             br#"{"capacity":5,"refill_rate":1,"plans":{"free":{"capacity":2}},"tenant":{"default_plan":"free"}}"#,
         )
         .unwrap();
-        assert_eq!(policy_for(&c, "x", Some("free")).policy(&c).limit.capacity, 2);
+        assert_eq!(policy_for(&c, "x", Some("free")).policy(&c).limits.first().capacity, 2);
         let c = Config::from_json_bytes(br#"{"capacity":5,"refill_rate":1,"plans":{"free":{"capacity":2}}}"#).unwrap();
         assert_eq!(policy_for(&c, "x", None), PolicyId::Default);
     }

@@ -1,9 +1,10 @@
 //! Local replies (HTTP and gRPC) and rate-limit headers. Header values are formatted into
 //! stack buffers so the allowed path does not allocate; only a denial builds a reply.
 
-use crate::bucket::{ticks_to_seconds_ceil, Limit, Verdict};
+use crate::bucket::{ticks_to_seconds_ceil, Limit, Limits, Verdict, Verdicts};
 use crate::config::{Config, HeaderStyle};
 use crate::metrics::{Counter, Events};
+use crate::policy::PolicyId;
 
 /// What a response tells the client about its bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +18,9 @@ pub struct Quota {
     pub next_seconds: u64,
     /// Seconds for an empty bucket to refill, rounded up.
     pub window_seconds: u64,
+    /// Which of the policy's limits this is (0 for a one-limit policy, the overflow bucket
+    /// and the rate-limit service).
+    pub limit: usize,
 }
 
 impl Quota {
@@ -27,7 +31,35 @@ impl Quota {
             reset_seconds: ticks_to_seconds_ceil(verdict.reset),
             next_seconds: ticks_to_seconds_ceil(next_token_ticks(limit, verdict)),
             window_seconds: limit.window_seconds(),
+            limit: 0,
         }
+    }
+
+    /// The limit closest to denying, which `RateLimit` and `x-ratelimit-*` report: the fewest
+    /// whole tokens left; on a tie the one whose next token is furthest away (a request needs
+    /// every limit, so that one says when the next can pass); then the first listed.
+    pub fn tightest(limits: &Limits, verdicts: &Verdicts) -> Quota {
+        let mut best: Option<Quota> = None;
+        for (i, (limit, verdict)) in limits.iter().zip(verdicts.iter()).enumerate() {
+            let q = Quota { limit: i, ..Quota::new(limit, verdict) };
+            best = match best {
+                Some(b)
+                    if b.remaining < q.remaining
+                        || (b.remaining == q.remaining && b.next_seconds >= q.next_seconds) =>
+                {
+                    Some(b)
+                }
+                _ => Some(q),
+            };
+        }
+        best.unwrap_or(Quota {
+            capacity: 0,
+            remaining: 0,
+            reset_seconds: 0,
+            next_seconds: 0,
+            window_seconds: 0,
+            limit: 0,
+        })
     }
 }
 
@@ -108,8 +140,8 @@ pub struct Denied<'a> {
     pub why: Denial,
     /// Whole seconds, at least 1.
     pub retry_after: u64,
-    /// The policy name for `RateLimit` headers.
-    pub policy: &'a str,
+    /// The policy whose limits go into `RateLimit` headers (`None`: the rate-limit service).
+    pub policy: Option<PolicyId>,
     /// The bucket, when one was consulted.
     pub quota: Option<&'a Quota>,
     /// Headers the rate-limit service asked to add.
@@ -166,7 +198,7 @@ pub fn local_reply<'a>(config: &'a Config, denied: &Denied<'a>, grpc_content_typ
     if let Some(quota) = denied.quota {
         // `t` must not send a client back before `retry-after` says it may succeed.
         let quota = Quota { next_seconds: quota.next_seconds.min(denied.retry_after), ..*quota };
-        rate_limit_headers(config.headers, denied.policy, &quota, |n, v| reply.headers.push((n, v.to_string())));
+        rate_limit_headers(config, denied.policy, &quota, &mut |n, v| reply.headers.push((n, v.to_string())));
     }
     for (n, v) in denied.extra {
         reply.headers.push((n.as_str(), v.clone()));
@@ -195,13 +227,17 @@ pub fn serialize_pairs(pairs: &[(&str, String)]) -> Vec<u8> {
     out
 }
 
-/// `retry-after` in whole seconds, rounded up, at least 1 (0 would invite a retry storm).
-pub fn retry_after_seconds(verdict: &Verdict) -> u64 {
-    ticks_to_seconds_ceil(verdict.retry_after).max(1)
+/// `retry-after` in whole seconds, rounded up, at least 1 (0 would invite a retry storm):
+/// the longest wait among the limits that denied.
+/// `retry_after` in ticks ([`Verdicts::retry_after`]).
+pub fn retry_after_seconds(retry_after: u128) -> u64 {
+    ticks_to_seconds_ceil(retry_after).max(1)
 }
 
-/// Room for a quoted policy name (128 visible characters, each possibly escaped) and numbers.
+/// Room for a quoted policy name (128 visible characters, each possibly escaped) and numbers,
+/// or for several limits: `MAX_LIMITS` x (a 32-character name, quotes, two numbers, `, `).
 const VALUE_CAP: usize = 2 * 128 + 2 + 3 * 24;
+const _: () = assert!(crate::bucket::MAX_LIMITS * (32 + 2 + 3 + 20 + 3 + 20 + 2) <= VALUE_CAP);
 
 /// A header value built on the stack.
 pub struct Value {
@@ -265,9 +301,18 @@ pub fn number(n: u64) -> Value {
     v
 }
 
-/// Emits the configured rate-limit headers through `emit(name, value)`.
-pub fn rate_limit_headers(style: HeaderStyle, policy: &str, quota: &Quota, mut emit: impl FnMut(&'static str, &str)) {
-    match style {
+/// Emits the configured rate-limit headers through `emit(name, value)`. `quota` is the limit
+/// closest to denying ([`Quota::tightest`]): `x-ratelimit-*` and `RateLimit` report it;
+/// `RateLimit-Policy` lists every limit of `policy` (`None`: the rate-limit service's one
+/// limit, named "global"), the reported one with the quota's own numbers (the overflow
+/// bucket's, when that decided).
+pub fn rate_limit_headers(
+    config: &Config,
+    policy: Option<PolicyId>,
+    quota: &Quota,
+    emit: &mut dyn FnMut(&'static str, &str),
+) {
+    match config.headers {
         HeaderStyle::Off => {}
         HeaderStyle::XRateLimit => {
             emit("x-ratelimit-limit", number(quota.capacity).as_str());
@@ -275,11 +320,23 @@ pub fn rate_limit_headers(style: HeaderStyle, policy: &str, quota: &Quota, mut e
             emit("x-ratelimit-reset", number(quota.reset_seconds).as_str());
         }
         HeaderStyle::Ietf => {
+            let policy = policy.map(|id| id.policy(config));
+            let name = |i: usize| policy.map_or("global", |p| p.limit_name(i));
             let mut p = Value::new();
-            p.sf_string(policy).push(b";q=").num(quota.capacity).push(b";w=").num(quota.window_seconds);
+            let n = policy.map_or(1, |p| p.limits.len());
+            for i in 0..n {
+                let (capacity, window) = match policy.and_then(|p| p.limits.iter().nth(i)) {
+                    Some(l) if i != quota.limit => (l.capacity, l.window_seconds()),
+                    _ => (quota.capacity, quota.window_seconds),
+                };
+                if i > 0 {
+                    p.push(b", ");
+                }
+                p.sf_string(name(i)).push(b";q=").num(capacity).push(b";w=").num(window);
+            }
             emit("ratelimit-policy", p.as_str());
             let mut r = Value::new();
-            r.sf_string(policy).push(b";r=").num(quota.remaining).push(b";t=").num(quota.next_seconds);
+            r.sf_string(name(quota.limit)).push(b";r=").num(quota.remaining).push(b";t=").num(quota.next_seconds);
             emit("ratelimit", r.as_str());
         }
     }
@@ -291,13 +348,27 @@ mod tests {
     use crate::bucket::{debit, Limit, TICKS_PER_NS};
     use proptest::prelude::*;
 
+    /// The headers of tenant `policy`'s one limit.
     fn collect(style: HeaderStyle, policy: &str, q: &Quota) -> Vec<(String, String)> {
+        let style = match style {
+            HeaderStyle::Off => "off",
+            HeaderStyle::XRateLimit => "x-ratelimit",
+            HeaderStyle::Ietf => "ietf",
+        };
+        let json =
+            serde_json::json!({"capacity": 1, "refill_rate": 1, "rate_limit_headers": style, "tenants": {policy: {}}});
+        let c = Config::from_value(&crate::json::Value::from(&json)).unwrap();
+        headers_of(&c, Some(PolicyId::Tenant(0)), q)
+    }
+
+    fn headers_of(c: &Config, policy: Option<PolicyId>, q: &Quota) -> Vec<(String, String)> {
         let mut out = Vec::new();
-        rate_limit_headers(style, policy, q, |n, v| out.push((n.to_string(), v.to_string())));
+        rate_limit_headers(c, policy, q, &mut |n, v| out.push((n.to_string(), v.to_string())));
         out
     }
 
-    const Q: Quota = Quota { capacity: 120, remaining: 7, reset_seconds: 57, next_seconds: 1, window_seconds: 60 };
+    const Q: Quota =
+        Quota { capacity: 120, remaining: 7, reset_seconds: 57, next_seconds: 1, window_seconds: 60, limit: 0 };
 
     #[test]
     fn x_ratelimit_headers() {
@@ -326,6 +397,74 @@ mod tests {
     }
 
     #[test]
+    fn several_limits_headers() {
+        let c = config(
+            r#"{"capacity":1,"refill_rate":1,"rate_limit_headers":"ietf","tenants":{"acme":{"limits":[
+            {"name":"burst","capacity":20,"refill_rate":"20/s"},{"name":"hourly","capacity":1000,"refill_rate":"1000/h"}]}}}"#,
+        );
+        let q = Quota {
+            capacity: 1000,
+            remaining: 3,
+            reset_seconds: 3590,
+            next_seconds: 4,
+            window_seconds: 3600,
+            limit: 1,
+        };
+        let h = headers_of(&c, Some(PolicyId::Tenant(0)), &q);
+        assert_eq!(h[0], ("ratelimit-policy".into(), "\"burst\";q=20;w=1, \"hourly\";q=1000;w=3600".into()));
+        assert_eq!(h[1], ("ratelimit".into(), "\"hourly\";r=3;t=4".into()));
+        // The rate-limit service's quota is one limit named "global".
+        assert_eq!(headers_of(&c, None, &Q)[0].1, "\"global\";q=120;w=60");
+        // Four limits with 32-character names and the largest numbers fit the buffer.
+        let name = |i: usize| format!("{i}{}", "n".repeat(31));
+        let limits: Vec<String> = (0..4)
+            .map(|i| format!(r#"{{"name":"{}","capacity":1099511627776,"refill_rate":0.000001}}"#, name(i)))
+            .collect();
+        let c = config(&format!(r#"{{"rate_limit_headers":"ietf","limits":[{}]}}"#, limits.join(",")));
+        let q = Quota { limit: 3, remaining: u64::MAX, next_seconds: u64::MAX, ..Q };
+        let h = headers_of(&c, Some(PolicyId::Default), &q);
+        assert_eq!(h[0].1.matches(";q=1099511627776;w=").count(), 3);
+        assert!(h[0].1.ends_with(&format!("\"{}\";q=120;w=60", name(3))), "{}", h[0].1);
+        assert_eq!(h[1].1, format!("\"{}\";r={};t={}", name(3), u64::MAX, u64::MAX));
+    }
+
+    #[test]
+    fn the_tightest_limit_is_reported() {
+        let l = |c, r| Limit::new(c, r).unwrap();
+        let mut limits = Limits::default();
+        limits.push(1, l(5, 5.0));
+        limits.push(2, l(8, 8.0 / 60.0));
+        limits.push(3, l(100, 1.0));
+        // 3 taken from each: 2 left, 5 left, 97 left: the first is the tightest.
+        let mut states = [0; crate::bucket::MAX_LIMITS];
+        for _ in 0..3 {
+            states = crate::bucket::debit_all(&limits, &states, T0, 1).states();
+        }
+        let q = Quota::tightest(&limits, &crate::bucket::debit_all(&limits, &states, T0, 0));
+        assert_eq!((q.limit, q.remaining, q.capacity), (0, 2, 5));
+        // Two more, and 0.9 s: the burst limit refilled to 4, the minute one has 3.
+        for _ in 0..2 {
+            states = crate::bucket::debit_all(&limits, &states, T0, 1).states();
+        }
+        let v = crate::bucket::debit_all(&limits, &states, T0 + 900_000_000, 0);
+        let q = Quota::tightest(&limits, &v);
+        assert_eq!((q.limit, q.remaining), (1, 3));
+        // A tie (0 and 0) goes to the limit whose next token is further away.
+        let mut tie = Limits::default();
+        tie.push(1, l(2, 2.0));
+        tie.push(2, l(2, 2.0 / 60.0));
+        let mut states = [0; crate::bucket::MAX_LIMITS];
+        for _ in 0..2 {
+            states = crate::bucket::debit_all(&tie, &states, T0, 1).states();
+        }
+        let v = crate::bucket::debit_all(&tie, &states, T0, 1);
+        assert!(!v.allowed);
+        let q = Quota::tightest(&tie, &v);
+        assert_eq!((q.limit, q.remaining, q.next_seconds), (1, 0, 30));
+        assert_eq!(retry_after_seconds(v.retry_after()), 30);
+    }
+
+    #[test]
     fn numbers_format_at_the_extremes() {
         assert_eq!(number(0).as_str(), "0");
         assert_eq!(number(u64::MAX).as_str(), "18446744073709551615");
@@ -336,6 +475,7 @@ mod tests {
             reset_seconds: u64::MAX,
             next_seconds: u64::MAX,
             window_seconds: u64::MAX,
+            limit: 0,
         };
         let h = collect(HeaderStyle::Ietf, &long, &q);
         assert!(h[1].1.ends_with(";t=18446744073709551615"));
@@ -348,9 +488,9 @@ mod tests {
         let v1 = debit(&l, 0, t0, 1);
         let v2 = debit(&l, v1.t_full, t0, 1);
         assert!(!v2.allowed);
-        assert_eq!(retry_after_seconds(&v2), 3);
+        assert_eq!(retry_after_seconds(v2.retry_after), 3);
         let v3 = debit(&l, v1.t_full, t0 + 2_499_999_999, 1);
-        assert_eq!(retry_after_seconds(&v3), 1);
+        assert_eq!(retry_after_seconds(v3.retry_after), 1);
     }
 
     const SEC: u64 = 1_000_000_000;
@@ -366,7 +506,7 @@ mod tests {
         assert!(v2.allowed && !v3.allowed);
         let q = Quota::new(&l, &v3);
         assert_eq!((q.remaining, q.reset_seconds, q.next_seconds, q.window_seconds), (0, 2, 1, 2));
-        assert_eq!(retry_after_seconds(&v3), 1);
+        assert_eq!(retry_after_seconds(v3.retry_after), 1);
         // After the first request one token is missing: it comes back in 1 s, and so does full.
         assert_eq!(Quota::new(&l, &v1).next_seconds, 1);
         // A full bucket has nothing more to come.
@@ -401,7 +541,7 @@ mod tests {
                 if v.allowed {
                     state = v.t_full;
                 } else {
-                    prop_assert!(q.next_seconds <= retry_after_seconds(&v));
+                    prop_assert!(q.next_seconds <= retry_after_seconds(v.retry_after));
                     prop_assert!(v.remaining < cost);
                 }
                 let next = next_token_ticks(&l, &v);
@@ -422,10 +562,11 @@ mod tests {
         Config::from_json_bytes(json.as_bytes()).unwrap()
     }
 
-    const QUOTA: Quota = Quota { capacity: 2, remaining: 0, reset_seconds: 9, next_seconds: 5, window_seconds: 10 };
+    const QUOTA: Quota =
+        Quota { capacity: 2, remaining: 0, reset_seconds: 9, next_seconds: 5, window_seconds: 10, limit: 0 };
 
     fn denied<'a>(quota: Option<&'a Quota>, extra: &'a [(String, String)]) -> Denied<'a> {
-        Denied { why: Denial::OverLimit, retry_after: 3, policy: "acme", quota, extra }
+        Denied { why: Denial::OverLimit, retry_after: 3, policy: Some(PolicyId::Tenant(0)), quota, extra }
     }
 
     fn header<'a>(r: &'a LocalReply, name: &str) -> Vec<&'a str> {
@@ -434,7 +575,7 @@ mod tests {
 
     #[test]
     fn http_denial_reply() {
-        let c = config(r#"{"capacity":2,"refill_rate":1,"rate_limit_headers":"ietf"}"#);
+        let c = config(r#"{"capacity":2,"refill_rate":1,"rate_limit_headers":"ietf","tenants":{"acme":{}}}"#);
         let extra = [("x-from-service".to_string(), "1".to_string())];
         let r = local_reply(&c, &denied(Some(&QUOTA), &extra), None);
         assert_eq!((r.status, r.details, r.grpc_status), (429, "tenant_ratelimit_denied", -1));

@@ -12,7 +12,7 @@
 //! This module owns both thresholds (which buckets lease, and how full they must stay); the
 //! store only takes the [`Extra`] tokens it is asked for.
 
-use crate::bucket::Limit;
+use crate::bucket::{Limits, MAX_LIMITS};
 use crate::response::Quota;
 use crate::store::{give_back, Extra, Home, Namespace, SharedStore, Unspent};
 
@@ -24,17 +24,24 @@ pub struct Lease {
     pub owner: u128,
     /// Where the owner's bucket is, to give unspent tokens back to.
     pub home: Home,
-    pub limit: Limit,
+    /// The limits the tokens were taken from (all of them, at once).
+    pub limits: Limits,
     pub tokens: u64,
     /// When the (oldest of the merged) tokens were taken: give-back deducts the time since.
     pub taken_ns: u64,
-    /// The bucket as seen when the lease was taken, lease tokens excluded.
+    /// The bucket's tightest limit as seen when the lease was taken, lease tokens excluded.
     pub quota: Quota,
 }
 
 impl Lease {
     fn unspent(&self) -> Unspent {
-        Unspent { owner: self.owner, home: self.home, limit: self.limit, tokens: self.tokens, taken_ns: self.taken_ns }
+        Unspent {
+            owner: self.owner,
+            home: self.home,
+            limits: self.limits,
+            tokens: self.tokens,
+            taken_ns: self.taken_ns,
+        }
     }
 }
 
@@ -46,8 +53,8 @@ pub struct WorkerLeases {
 impl WorkerLeases {
     /// Spends `cost` tokens of `owner`'s lease; returns the bucket's approximate state (the
     /// remaining count as if the leased tokens were still in the shared bucket).
-    pub fn spend(&mut self, owner: u128, limit: &Limit, cost: u64) -> Option<Quota> {
-        let entry = self.entries.iter_mut().find(|e| e.owner == owner && e.limit == *limit && e.tokens >= cost)?;
+    pub fn spend(&mut self, owner: u128, limits: &Limits, cost: u64) -> Option<Quota> {
+        let entry = self.entries.iter_mut().find(|e| e.owner == owner && e.limits == *limits && e.tokens >= cost)?;
         entry.tokens -= cost;
         Some(Quota { remaining: entry.quota.remaining.saturating_add(entry.tokens), ..entry.quota })
     }
@@ -57,15 +64,19 @@ impl WorkerLeases {
         self.entries.len() < MAX_LEASES || self.entries.iter().any(|e| e.owner == owner)
     }
 
-    /// The tokens to lease along with a debit of `owner`'s bucket (`worker_lease`, 0 = off):
-    /// only from buckets at least four leases deep (small buckets stay exact to the token),
-    /// and only while the bucket stays at least half full (leases never compete for a scarce
-    /// bucket).
-    pub fn extra(&self, worker_lease: u64, owner: u128, limit: &Limit) -> Extra {
-        if worker_lease == 0 || limit.capacity / 4 < worker_lease || !self.has_room(owner) {
+    /// The tokens to lease along with a debit of `owner`'s bucket (`worker_lease`, 0 = off),
+    /// from every limit at once: only when every limit is at least four leases deep (small
+    /// buckets stay exact to the token), and only while every limit stays at least half full
+    /// (leases never compete for a scarce bucket).
+    pub fn extra(&self, worker_lease: u64, owner: u128, limits: &Limits) -> Extra {
+        if worker_lease == 0 || limits.min_capacity() / 4 < worker_lease || !self.has_room(owner) {
             return Extra::default();
         }
-        Extra { tokens: worker_lease, floor: limit.capacity.div_ceil(2) }
+        let mut floors = [0; MAX_LIMITS];
+        for (floor, limit) in floors.iter_mut().zip(limits.iter()) {
+            *floor = limit.capacity.div_ceil(2);
+        }
+        Extra { tokens: worker_lease, floors }
     }
 
     /// Keeps tokens just leased; a lease of the owner under another limit goes back.
@@ -87,7 +98,7 @@ impl WorkerLeases {
     /// given back (it was taken under a different limit, or is simply merged here).
     pub fn add(&mut self, entry: Lease) -> Option<Lease> {
         if let Some(existing) = self.entries.iter_mut().find(|e| e.owner == entry.owner) {
-            if existing.limit == entry.limit {
+            if existing.limits == entry.limits {
                 // Merged tokens keep the older taken time: give-back then deducts more
                 // (under-admission), never less.
                 existing.tokens = existing.tokens.saturating_add(entry.tokens);
@@ -114,22 +125,34 @@ impl WorkerLeases {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bucket::Limit;
+
+    fn limits(capacity: u64, rate: f64) -> Limits {
+        Limits::one(0, Limit::new(capacity, rate).unwrap())
+    }
 
     fn entry(owner: u128, tokens: u64) -> Lease {
         Lease {
             owner,
             home: Home::Slots(10),
-            limit: Limit::new(100, 1.0).unwrap(),
+            limits: limits(100, 1.0),
             tokens,
             taken_ns: 0,
-            quota: Quota { capacity: 100, remaining: 60, reset_seconds: 40, next_seconds: 1, window_seconds: 100 },
+            quota: Quota {
+                capacity: 100,
+                remaining: 60,
+                reset_seconds: 40,
+                next_seconds: 1,
+                window_seconds: 100,
+                limit: 0,
+            },
         }
     }
 
     #[test]
     fn spends_until_empty() {
         let mut l = WorkerLeases::default();
-        let limit = Limit::new(100, 1.0).unwrap();
+        let limit = limits(100, 1.0);
         assert_eq!(l.add(entry(1, 3)), None);
         assert_eq!(l.spend(1, &limit, 2).unwrap().remaining, 61);
         assert_eq!(l.spend(1, &limit, 2), None);
@@ -138,7 +161,7 @@ mod tests {
         assert_eq!(l.spend(2, &limit, 1), None);
         // Another limit (reconfigured) never spends the old lease.
         l.add(entry(3, 5));
-        assert_eq!(l.spend(3, &Limit::new(100, 2.0).unwrap(), 1), None);
+        assert_eq!(l.spend(3, &limits(100, 2.0), 1), None);
     }
 
     #[test]
@@ -150,7 +173,7 @@ mod tests {
         assert!(!l.has_room(999));
         assert!(l.has_room(5));
         assert_eq!(l.add(entry(999, 2)).map(|e| e.owner), Some(999));
-        let limit = Limit::new(100, 1.0).unwrap();
+        let limit = limits(100, 1.0);
         l.spend(0, &limit, 2);
         assert_eq!(l.drain().count(), MAX_LEASES - 1);
         assert_eq!(l.drain().count(), 0);

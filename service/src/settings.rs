@@ -147,7 +147,16 @@ impl Settings {
 impl Domain {
     fn new(field: &str, config: Config) -> Result<Domain, SettingsError> {
         let check = |path: String, p: &Policy| -> Result<BucketLimit, SettingsError> {
-            limit_units(&p.limit).map_err(|reason| SettingsError(ConfigError { field: path, reason }))
+            // One Redis key per bucket, one limit each: a policy with several `limits` is
+            // refused by name rather than enforced on one of its limits.
+            if p.limits.len() > 1 {
+                let field = format!("{path}.limits");
+                let reason = "the rate-limit service enforces one limit per policy; several `limits` are local only \
+                              (give this policy capacity and refill_rate here)"
+                    .to_string();
+                return Err(SettingsError(ConfigError { field, reason }));
+            }
+            limit_units(&p.limits.first()).map_err(|reason| SettingsError(ConfigError { field: path, reason }))
         };
         let default_limit = check(field.to_string(), &config.default_policy)?;
         let tenant_limits = config
@@ -259,6 +268,22 @@ mod tests {
             ),
             "domains.d.tenants.slow"
         );
+    }
+
+    #[test]
+    fn several_limits_are_refused_by_name() {
+        let two =
+            r#"[{"name": "m", "capacity": 5, "refill_rate": 1}, {"name": "h", "capacity": 50, "refill_rate": 1}]"#;
+        assert_eq!(field_of(&format!(r#"{{"domains": {{"d": {{"limits": {two}}}}}}}"#)), "domains.d.limits");
+        assert_eq!(
+            field_of(&format!(
+                r#"{{"domains": {{"d": {{"capacity": 1, "refill_rate": 1, "tenants": {{"acme": {{"limits": {two}}}}}}}}}}}"#
+            )),
+            "domains.d.tenants.acme.limits"
+        );
+        // One entry in `limits` is one limit: accepted.
+        let one = r#"{"domains": {"d": {"limits": [{"name": "m", "capacity": 5, "refill_rate": 1}]}}}"#;
+        assert_eq!(Settings::from_json_bytes(one.as_bytes()).unwrap().domains["d"].default_limit.capacity, 5);
     }
 
     #[test]

@@ -136,14 +136,31 @@ mod native {
             };
             let plan =
                 p.plan.and_then(|i| c.plans.get(i)).map(|plan| format!("  plan {}", plan.name)).unwrap_or_default();
-            println!(
-                "  {kind:<8} {:<24} capacity {:>10}  rate {:>12}/s {:>12}/min  window {}s  {enforced}{plan}",
-                p.name,
-                p.limit.capacity,
-                fmt(p.rate_per_second),
-                fmt(p.rate_per_second * 60.0),
-                p.limit.window_seconds(),
-            );
+            for (i, (limit, about)) in p.limits.iter().zip(&p.about).enumerate() {
+                // One line per limit; a policy with several names each (`name/limit`).
+                let name = if p.limits.len() > 1 { format!("{}/{}", p.name, about.name) } else { p.name.clone() };
+                let kind = if i == 0 { kind } else { "" };
+                println!(
+                    "  {kind:<8} {name:<24} capacity {:>10}  rate {:>12}/s {:>12}/min  window {}s  {enforced}{plan}",
+                    limit.capacity,
+                    fmt(about.rate_per_second),
+                    fmt(about.rate_per_second * 60.0),
+                    limit.window_seconds(),
+                );
+                // Local buckets live in the proxy's memory: a restart starts them full.
+                if c.global.is_none() && limit.window_seconds() > LONG_WINDOW_SECONDS {
+                    println!(
+                        "  warning: limit \"{}\" of {kind_name} \"{}\" has a window of {}s (capacity / rate, over an hour) \
+                         but no `global` section: local buckets start full after an Envoy restart or a new Wasm \
+                         module, so put a quota this long in the rate-limit service (`global`; README \
+                         \"Several limits on one policy\")",
+                        about.name,
+                        p.name,
+                        limit.window_seconds(),
+                        kind_name = kind_name(p, c),
+                    );
+                }
+            }
         };
         line("default", &c.default_policy);
         for p in &c.plans {
@@ -205,6 +222,21 @@ mod native {
             }
         }
         ("rules".to_string(), id)
+    }
+
+    /// Longer windows than this are not kept by a local bucket across restarts.
+    const LONG_WINDOW_SECONDS: u64 = 3600;
+
+    fn kind_name(p: &Policy, c: &Config) -> &'static str {
+        if std::ptr::eq(p, &c.default_policy) {
+            "the top level"
+        } else if c.tenants.iter().any(|t| std::ptr::eq(t, p)) {
+            "tenant"
+        } else if c.plans.iter().any(|t| std::ptr::eq(t, p)) {
+            "plan"
+        } else {
+            "rule"
+        }
     }
 
     pub(super) fn fmt(x: f64) -> String {
@@ -399,14 +431,20 @@ mod native {
 
         /// Every limit of a policy: capacity, rate, window.
         fn limit_lines(p: &Policy) -> Vec<String> {
-            let rate = p.rate_per_second;
-            vec![format!(
-                "capacity {}, rate {}/s ({}/min), refills from empty in {}s",
-                p.limit.capacity,
-                fmt(rate),
-                fmt(rate * 60.0),
-                p.limit.window_seconds()
-            )]
+            p.limits
+                .iter()
+                .zip(&p.about)
+                .map(|(limit, about)| {
+                    let named = if p.limits.len() > 1 { format!("\"{}\": ", about.name) } else { String::new() };
+                    format!(
+                        "{named}capacity {}, rate {}/s ({}/min), refills from empty in {}s",
+                        limit.capacity,
+                        fmt(about.rate_per_second),
+                        fmt(about.rate_per_second * 60.0),
+                        limit.window_seconds()
+                    )
+                })
+                .collect()
         }
 
         fn source(s: Option<&TenantSource>) -> String {

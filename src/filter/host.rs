@@ -20,6 +20,9 @@ pub struct MetricIds {
     tenants: Vec<[u32; Final::ALL.len()]>,
     rules: Vec<Option<[u32; Final::ALL.len()]>>,
     plans: Vec<[u32; Final::ALL.len()]>,
+    /// Per-limit `denied` of the policies with several limits, sorted by policy, each
+    /// policy's in its limits' order.
+    limits: Vec<(PolicyId, u32)>,
 }
 
 pub fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
@@ -42,7 +45,11 @@ pub fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
         .map(|r| r.name.as_deref().map(|n| scoped("rule", n)).transpose())
         .collect::<Result<_, _>>()?;
     let plans = config.plans.iter().map(|p| scoped("plan", &p.name)).collect::<Result<_, _>>()?;
-    Ok(MetricIds { plugin, live_slots, tenants, rules, plans })
+    let mut limits = Vec::new();
+    for (policy, name) in metrics::limit_denied_names(config) {
+        limits.push((policy, hostcalls::define_metric(MetricType::Counter, &name)?));
+    }
+    Ok(MetricIds { plugin, live_slots, tenants, rules, plans, limits })
 }
 
 fn increment(id: u32, by: u32) {
@@ -65,6 +72,13 @@ pub fn record(ids: &MetricIds, events: &Events) {
         };
         if let Some(id) = set.and_then(|s| s.get(outcome as usize)) {
             increment(*id, 1);
+        }
+    }
+    if let Some((policy, mask)) = events.limits_denied {
+        let first = ids.limits.partition_point(|(p, _)| *p < policy);
+        let of_policy = ids.limits.get(first..).unwrap_or(&[]).iter().take_while(|(p, _)| *p == policy);
+        for (i, (_, id)) in of_policy.enumerate() {
+            increment(*id, u32::from(mask >> i & 1));
         }
     }
 }
@@ -187,7 +201,7 @@ pub fn send_deny(config: &Config, deny: &Deny) {
     let denied = Denied {
         why: deny.why,
         retry_after: deny.retry_after,
-        policy: deny.policy.map_or("global", |id| id.name(config)),
+        policy: deny.policy,
         quota: deny.quota.as_ref(),
         extra: &deny.headers,
     };

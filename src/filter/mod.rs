@@ -110,7 +110,7 @@ impl RootContext for Root {
             LogLevel::Info,
             &format!(
                 "tenant-ratelimit: configured: capacity {}, {} listed tenants, {} rules, mode {:?}, root id \"{root_id}\"",
-                config.default_policy.limit.capacity,
+                config.default_policy.limits.first().capacity,
                 config.tenants.len(),
                 config.rules.len(),
                 config.mode
@@ -259,8 +259,7 @@ impl HttpContext for Filter {
         let config = &self.active.plugin.config;
         let Headers { quota, service, .. } = std::mem::take(&mut self.headers);
         if let Some((policy, quota)) = quota {
-            let name = policy.map_or("global", |id| id.name(config));
-            response::rate_limit_headers(config.headers, name, &quota, |n, v| {
+            response::rate_limit_headers(config, policy, &quota, &mut |n, v| {
                 let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, n, v);
             });
         }

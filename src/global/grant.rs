@@ -103,7 +103,7 @@ pub fn add(store: &mut impl SharedStore, table: SlotTable, reserved: bool, new: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bucket::Limit;
+    use crate::bucket::{Limit, Limits};
     use crate::store::fake::FakeStore;
     use crate::store::record::Namespace;
     use crate::store::slots::{debit, Home, Outcome, SlotUse, Withdrawal};
@@ -158,7 +158,13 @@ mod tests {
     fn grants_and_buckets_share_the_slot_table() {
         let mut s = FakeStore::default();
         let ns = Namespace::new("r");
-        let bucket = |limit: Limit, now_ns| Withdrawal { owner: 1, limit, cost: 1, extra: Default::default(), now_ns };
+        let bucket = |limit: Limit, now_ns| Withdrawal {
+            owner: 1,
+            limits: Limits::one(0, limit),
+            cost: 1,
+            extra: Default::default(),
+            now_ns,
+        };
         let allowed = |o: Outcome| matches!(o, Outcome::Decided { verdict, .. } if verdict.allowed);
         // One slot: a live bucket blocks a grant; an expired grant is reclaimed by a bucket.
         let live = Limit::new(5, 0.001).unwrap();
@@ -190,7 +196,7 @@ mod tests {
         let ns = Namespace::new("r");
         let table = SlotTable { ns: &ns, slots: 1 };
         let live = Limit::new(5, 0.001).unwrap();
-        let w = Withdrawal { owner: 1, limit: live, cost: 1, extra: Default::default(), now_ns: T0 };
+        let w = Withdrawal { owner: 1, limits: Limits::one(0, live), cost: 1, extra: Default::default(), now_ns: T0 };
         assert!(matches!(debit(&mut s, &ns, Home::Slots(1), &w).outcome, Outcome::Decided { .. }));
         // The only slot holds a live bucket: an unlisted tenant's grant has nowhere to go ...
         let grant = Grant { owner: 2, tokens: 3, expires_ns: T0 + SEC };

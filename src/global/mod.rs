@@ -143,6 +143,7 @@ impl<'a> Service<'a> {
                 // The service's window gives its quota back at the reset, not token by token.
                 next_seconds: answer.reset_seconds.unwrap_or(0),
                 window_seconds: answer.window_seconds.unwrap_or(0),
+                limit: 0,
             }),
             _ => None,
         };

@@ -26,6 +26,7 @@ const RULE_FIELDS: &[&str] = &[
     "cost",
     "capacity",
     "refill_rate",
+    "limits",
     "mode",
     "enforce_percent",
 ];
@@ -193,7 +194,7 @@ fn rule(field: &str, v: &Value, id: usize) -> Result<Rule, ConfigError> {
         None => 1,
         Some(c) => int_in(&obj.path("cost"), c, 0, MAX_CAPACITY)?,
     };
-    let policy = rule_policy(&obj, field, name.as_deref())?;
+    let policy = rule_policy(&obj, name.as_deref())?;
     Ok(Rule { id, name, methods, path, host, headers, route, cost, policy })
 }
 
@@ -381,7 +382,7 @@ mod tests {
         .unwrap();
         let acme = c.tenant_index(b"acme").unwrap();
         let set = &c.tenant_rules[acme];
-        assert_eq!((set.len(), set[0].id, set[0].policy.as_ref().map(|p| p.limit.capacity)), (1, 1, Some(2)));
+        assert_eq!((set.len(), set[0].id, set[0].policy.as_ref().map(|p| p.limits.first().capacity)), (1, 1, Some(2)));
         assert!(c.tenant_rules[c.tenant_index(b"globex").unwrap()].is_empty());
         assert_eq!(field_of(r#""tenants":{"acme":{"rules":[{"cost":-1}]}}"#), "tenants.acme.rules[0].cost");
         assert_eq!(

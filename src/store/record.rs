@@ -2,49 +2,124 @@
 //! written and read by the one codec here ([`Writer`], [`Reader`]); the owner hash; the key
 //! names of one plugin.
 
-use crate::bucket::Limit;
+use crate::bucket::{Limit, Limits, States, MAX_LIMITS};
 
-/// Record layout version; a record of another version is treated as free.
+/// Layout of a one-limit bucket record (the layout before several limits existed, kept so a
+/// one-limit policy's record is byte for byte what earlier versions read and write).
 pub const RECORD_VERSION: u8 = 1;
 /// version + owner + capacity + interval + t_full.
 pub const RECORD_LEN: usize = 1 + 16 + 8 + 16 + 16;
+/// Layout of a record of several limits (2 is the grant's).
+pub const LIMITS_VERSION: u8 = 3;
+/// One limit in a several-limits record: id + capacity + interval + t_full.
+pub const LIMIT_LEN: usize = 8 + 8 + 16 + 16;
+/// version + owner + count, then the limits.
+const LIMITS_HEAD: usize = 1 + 16 + 1;
+/// The largest record: [`MAX_LIMITS`] limits.
+pub const MAX_RECORD_LEN: usize = LIMITS_HEAD + MAX_LIMITS * LIMIT_LEN;
 /// Layout version of a service grant.
 pub const GRANT_VERSION: u8 = 2;
 /// version + owner + tokens + expiry.
 pub const GRANT_LEN: usize = 1 + 16 + 8 + 8;
 
-/// One bucket as stored.
+/// One bucket owner's limits as stored: all of them in one record, so one compare-and-swap
+/// decides them together.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Record {
     pub owner: u128,
-    /// The limit the state was written under, so a reconfiguration can carry it over.
-    pub limit: Limit,
-    pub t_full: u128,
+    /// The limits the states were written under, so a reconfiguration can carry them over.
+    pub limits: Limits,
+    /// `t_full` of each limit, same order.
+    pub t_full: States,
+}
+
+/// An encoded record, on the stack.
+pub struct Encoded {
+    buf: [u8; MAX_RECORD_LEN],
+    len: usize,
+}
+
+impl Encoded {
+    pub fn as_bytes(&self) -> &[u8] {
+        self.buf.get(..self.len).unwrap_or(&[])
+    }
 }
 
 impl Record {
-    pub fn encode(&self) -> [u8; RECORD_LEN] {
-        let mut out = [0u8; RECORD_LEN];
-        let mut w = Writer { out: &mut out, at: 0 };
-        w.put(&[RECORD_VERSION]);
+    /// One limit: the old layout (its id is not stored: a one-limit record's state belongs to
+    /// the first limit of whatever policy reads it). Several: version 3, with the count and
+    /// each limit's id.
+    pub fn encode(&self) -> Encoded {
+        let mut buf = [0u8; MAX_RECORD_LEN];
+        let mut w = Writer { out: &mut buf, at: 0 };
+        let several = self.limits.len() > 1;
+        w.put(&[if several { LIMITS_VERSION } else { RECORD_VERSION }]);
         w.put(&self.owner.to_le_bytes());
-        w.put(&self.limit.capacity.to_le_bytes());
-        w.put(&self.limit.interval.to_le_bytes());
-        w.put(&self.t_full.to_le_bytes());
-        out
+        if several {
+            w.put(&[self.limits.len() as u8]);
+        }
+        for ((id, limit), t_full) in self.limits.ids().iter().zip(self.limits.iter()).zip(self.t_full.iter()) {
+            if several {
+                w.put(&id.to_le_bytes());
+            }
+            w.put(&limit.capacity.to_le_bytes());
+            w.put(&limit.interval.to_le_bytes());
+            w.put(&t_full.to_le_bytes());
+        }
+        let len = w.at;
+        Encoded { buf, len }
     }
 
-    /// `None` for anything that is not a record of this version (foreign, truncated, empty).
+    /// `None` for anything that is not a bucket record (foreign, truncated, empty, a grant).
+    /// A one-limit record reads with id 0.
     pub fn decode(bytes: &[u8]) -> Option<Record> {
-        let mut r = Reader::new(bytes, RECORD_VERSION, RECORD_LEN)?;
-        let owner = u128::from_le_bytes(r.take()?);
-        let capacity = u64::from_le_bytes(r.take()?);
-        let interval = u128::from_le_bytes(r.take()?);
-        let t_full = u128::from_le_bytes(r.take()?);
-        if capacity == 0 || interval == 0 {
+        let several = *bytes.first()? == LIMITS_VERSION;
+        let (version, n) =
+            if several { (LIMITS_VERSION, usize::from(*bytes.get(LIMITS_HEAD - 1)?)) } else { (RECORD_VERSION, 1) };
+        if !(1..=MAX_LIMITS).contains(&n) {
             return None;
         }
-        Some(Record { owner, limit: Limit { capacity, interval }, t_full })
+        let len = if several { LIMITS_HEAD + n * LIMIT_LEN } else { RECORD_LEN };
+        let mut r = Reader::new(bytes, version, len)?;
+        let owner = u128::from_le_bytes(r.take()?);
+        if several {
+            r.take::<1>()?;
+        }
+        let mut limits = Limits::default();
+        let mut states = [0; MAX_LIMITS];
+        for state in states.iter_mut().take(n) {
+            let id = if several { u64::from_le_bytes(r.take()?) } else { 0 };
+            let capacity = u64::from_le_bytes(r.take()?);
+            let interval = u128::from_le_bytes(r.take()?);
+            *state = u128::from_le_bytes(r.take()?);
+            if capacity == 0 || interval == 0 {
+                return None;
+            }
+            limits.push(id, Limit { capacity, interval });
+        }
+        Some(Record { owner, limits, t_full: states })
+    }
+
+    /// Whether every limit is full again (the record is then worth nothing to its owner).
+    pub fn is_full(&self, now_ns: u64) -> bool {
+        self.t_full.iter().take(self.limits.len()).all(|t| crate::bucket::is_full(*t, now_ns))
+    }
+
+    /// The stored states carried over to `limits` at `now_ns`: a limit found by id (or, in a
+    /// one-limit record, the first limit) keeps the tokens it spent, clamped to its new
+    /// capacity ([`crate::bucket::rescale`]); a limit the record does not have starts full;
+    /// a stored limit no longer configured is dropped.
+    pub fn carried(&self, limits: &Limits, now_ns: u64) -> States {
+        let mut out = [0; MAX_LIMITS];
+        let single = self.limits.len() == 1;
+        for (i, ((o, id), new)) in out.iter_mut().zip(limits.ids()).zip(limits.iter()).enumerate() {
+            let j =
+                if single { Some(0).filter(|_| i == 0) } else { self.limits.ids().iter().position(|old| old == id) };
+            if let Some((old, t_full)) = j.and_then(|j| Some((self.limits.iter().nth(j)?, *self.t_full.get(j)?))) {
+                *o = crate::bucket::rescale(t_full, now_ns, old, new);
+            }
+        }
+        out
     }
 }
 
@@ -243,16 +318,86 @@ mod tests {
 
     #[test]
     fn record_roundtrip_and_garbage() {
-        let r = Record { owner: 42 << 100 | 7, limit: Limit::new(5, 0.5).unwrap(), t_full: 123456789 };
-        assert_eq!(Record::decode(&r.encode()), Some(r));
+        let r = Record {
+            owner: 42 << 100 | 7,
+            limits: Limits::one(0, Limit::new(5, 0.5).unwrap()),
+            t_full: [123456789, 0, 0, 0],
+        };
+        assert_eq!(r.encode().as_bytes().len(), RECORD_LEN);
+        assert_eq!(Record::decode(r.encode().as_bytes()), Some(r));
         assert_eq!(Record::decode(&[]), None);
         assert_eq!(Record::decode(&[9; RECORD_LEN]), None);
-        assert_eq!(Record::decode(&r.encode()[..10]), None);
+        assert_eq!(Record::decode(&r.encode().as_bytes()[..10]), None);
         let g = Grant { owner: u128::MAX - 3, tokens: 7, expires_ns: 99 };
         assert_eq!(Grant::decode(&g.encode()), Some(g));
-        assert_eq!(Grant::decode(&r.encode()), None);
+        assert_eq!(Grant::decode(r.encode().as_bytes()), None);
         assert_eq!(Record::decode(&g.encode()), None);
         assert_eq!(Grant::decode(&g.encode()[..GRANT_LEN - 1]), None);
+    }
+
+    fn several(specs: &[(u64, u64)]) -> Limits {
+        let mut out = Limits::default();
+        for (id, capacity) in specs {
+            out.push(*id, Limit::new(*capacity, 1.0).unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn a_record_of_several_limits_roundtrips_and_rejects_garbage() {
+        let r = Record { owner: 7, limits: several(&[(11, 5), (22, 60), (33, 3600)]), t_full: [1, 2, 3, 0] };
+        let bytes = r.encode();
+        assert_eq!(bytes.as_bytes().len(), 18 + 3 * LIMIT_LEN);
+        assert_eq!(bytes.as_bytes()[0], LIMITS_VERSION);
+        assert_eq!(Record::decode(bytes.as_bytes()), Some(r));
+        let full = Record { owner: 7, limits: several(&[(1, 1), (2, 2), (3, 3), (4, 4)]), t_full: [9; MAX_LIMITS] };
+        assert_eq!(full.encode().as_bytes().len(), MAX_RECORD_LEN);
+        assert_eq!(Record::decode(full.encode().as_bytes()), Some(full));
+        // Truncated, a count that does not match the length, too many limits, a zero capacity.
+        let b = bytes.as_bytes();
+        assert_eq!(Record::decode(&b[..b.len() - 1]), None);
+        let mut wrong = b.to_vec();
+        wrong[17] = 2;
+        assert_eq!(Record::decode(&wrong), None);
+        wrong[17] = 5;
+        assert_eq!(Record::decode(&wrong), None);
+        let mut zero = b.to_vec();
+        zero[18 + 8..18 + 16].fill(0);
+        assert_eq!(Record::decode(&zero), None);
+        assert_eq!(Grant::decode(b), None);
+    }
+
+    #[test]
+    fn stored_states_follow_their_limit_by_id() {
+        const SEC: u64 = 1_000_000_000;
+        let now = 1_700_000_000 * SEC;
+        let t = crate::bucket::now_ticks(now);
+        let interval = Limit::new(1, 1.0).unwrap().interval;
+        // burst (id 1) owes 2 tokens, hourly (id 2) owes 7.
+        let old = Record {
+            owner: 1,
+            limits: several(&[(1, 10), (2, 100)]),
+            t_full: [t + 2 * interval, t + 7 * interval, 0, 0],
+        };
+        // Reordered, one removed (1), one added (3): 2 keeps its debt, 3 starts full.
+        let new = several(&[(3, 50), (2, 100)]);
+        assert_eq!(old.carried(&new, now), [0, t + 7 * interval, 0, 0]);
+        // Shrunk below the debt: clamped to the new capacity, as `rescale`.
+        assert_eq!(old.carried(&several(&[(2, 5)]), now)[0], t + 5 * interval);
+        // A one-limit record (the old layout) carries into the first limit, whatever its id.
+        let v1 = Record::decode(
+            Record {
+                owner: 1,
+                limits: Limits::one(0, Limit::new(10, 1.0).unwrap()),
+                t_full: [t + 4 * interval, 0, 0, 0],
+            }
+            .encode()
+            .as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(v1.carried(&several(&[(8, 10), (9, 1000)]), now), [t + 4 * interval, 0, 0, 0]);
+        assert!(!old.is_full(now));
+        assert!(old.is_full(now + 10 * SEC));
     }
 
     #[test]

@@ -13,7 +13,7 @@
 
 use super::record::{Grant, Namespace, Record};
 use super::{retry, swap, Attempt, GetError, SetError, SharedStore, CREATE_CAS};
-use crate::bucket::{self, Limit, Verdict};
+use crate::bucket::{self, Limits, States, Verdicts, MAX_LIMITS};
 
 /// Candidate slots per bucket owner.
 pub const CANDIDATES: usize = 4;
@@ -36,10 +36,13 @@ pub fn candidates(owner: u128, max_tenants: u32) -> ([u32; CANDIDATES], usize) {
 }
 
 /// What happened to a debit, with what the metrics need to know.
+// The verdicts of several limits make `Decided` large; boxing them would allocate on the
+// request path, and an outcome lives on the stack of one request.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Decided {
-        verdict: Verdict,
+        verdict: Verdicts,
         slot: SlotUse,
     },
     /// Every candidate slot holds a live bucket of another owner.
@@ -75,19 +78,21 @@ impl Debit {
 }
 
 /// Tokens to take along with a request's own cost, for the caller to hand out later (worker
-/// leases): taken only if at least `floor` tokens remain in the bucket afterwards. What
-/// those numbers should be is the caller's business (see worker_lease.rs).
+/// leases), from every limit at once: taken only if at least `floors[i]` tokens remain in
+/// limit `i` afterwards. What those numbers should be is the caller's business (see
+/// worker_lease.rs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Extra {
     pub tokens: u64,
-    pub floor: u64,
+    pub floors: [u64; MAX_LIMITS],
 }
 
-/// One debit: `cost` (plus maybe `extra`) tokens from `owner`'s bucket under `limit`, at `now_ns`.
+/// One debit: `cost` (plus maybe `extra`) tokens from every limit of `owner`'s bucket, all or
+/// nothing, at `now_ns`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Withdrawal {
     pub owner: u128,
-    pub limit: Limit,
+    pub limits: Limits,
     pub cost: u64,
     pub extra: Extra,
     pub now_ns: u64,
@@ -122,7 +127,7 @@ pub enum Location {
 /// service grant that expired or is spent, is worth nothing to its owner.
 fn occupant(bytes: &[u8], now_ns: u64) -> Option<(u128, bool)> {
     if let Some(r) = Record::decode(bytes) {
-        return Some((r.owner, bucket::is_full(r.t_full, now_ns)));
+        return Some((r.owner, r.is_full(now_ns)));
     }
     Grant::decode(bytes).map(|g| (g.owner, g.tokens == 0 || g.expires_ns <= now_ns))
 }
@@ -189,10 +194,10 @@ fn debit_slots(store: &mut impl SharedStore, ns: &Namespace, max_tenants: u32, w
         let (slot, state, cas, found, skipped) = match location {
             Location::Own { slot, bytes, cas } => (slot, stored_state(&bytes, w), cas, SlotUse::Existing, None),
             Location::Free { slot, cas: None, skipped } => {
-                (slot, (0, false), CREATE_CAS, SlotUse::Created, Some(skipped))
+                (slot, ([0; MAX_LIMITS], false), CREATE_CAS, SlotUse::Created, Some(skipped))
             }
             Location::Free { slot, cas: Some(cas), skipped } => {
-                (slot, (0, false), cas, SlotUse::Reclaimed, Some(skipped))
+                (slot, ([0; MAX_LIMITS], false), cas, SlotUse::Reclaimed, Some(skipped))
             }
             Location::Full => return Attempt::Done(Debit { outcome: Outcome::NoSlot, cas_retries: 0, extra: 0 }),
         };
@@ -203,7 +208,7 @@ fn debit_slots(store: &mut impl SharedStore, ns: &Namespace, max_tenants: u32, w
         };
         created |= wrote && found == SlotUse::Created;
         if let (true, Some(skipped)) = (wrote, skipped) {
-            if pin(store, ns, w.owner, slot, verdict.t_full, skipped, w.now_ns) == Pinned::Duplicate {
+            if pin(store, ns, w.owner, slot, verdict.states(), skipped, w.now_ns) == Pinned::Duplicate {
                 // Our bucket was a second one and is folded away: decide again against the
                 // owner's first bucket.
                 return Attempt::Conflict;
@@ -256,7 +261,7 @@ fn pin(
     ns: &Namespace,
     owner: u128,
     mine: u32,
-    written: u128,
+    written: States,
     skipped: Skipped,
     now_ns: u64,
 ) -> Pinned {
@@ -298,31 +303,47 @@ fn pin(
 /// to `first` before `mine` is freed, so no token is lost (moving first and freeing after
 /// can only count a debit twice, which under-admits). Our own debit is dropped with `mine`:
 /// the caller decides the request again against `first`.
-fn fold(store: &mut impl SharedStore, ns: &Namespace, owner: u128, mine: u32, written: u128, first: u32, now_ns: u64) {
+fn fold(
+    store: &mut impl SharedStore,
+    ns: &Namespace,
+    owner: u128,
+    mine: u32,
+    written: States,
+    first: u32,
+    now_ns: u64,
+) {
     let key = ns.slot_key(mine);
-    let mut moved: u128 = 0;
+    let mut moved: States = [0; MAX_LIMITS];
     retry(&mut 0, || {
         let Ok(Some((bytes, cas))) = store.get(key.as_str()) else { return Attempt::Failed };
         let Some(record) = Record::decode(&bytes).filter(|r| r.owner == owner) else { return Attempt::Failed };
-        let extra = record.t_full.saturating_sub(written).saturating_sub(moved);
-        if extra > 0 {
-            if !add_debt(store, ns.slot_key(first).as_str(), owner, extra, now_ns) {
+        let mut extra: States = [0; MAX_LIMITS];
+        for (((e, t), w), m) in extra.iter_mut().zip(record.t_full).zip(written).zip(moved) {
+            *e = t.saturating_sub(w).saturating_sub(m);
+        }
+        if extra.iter().any(|e| *e > 0) {
+            if !add_debt(store, ns.slot_key(first).as_str(), owner, &extra, now_ns) {
                 return Attempt::Failed;
             }
-            moved += extra;
+            for (m, e) in moved.iter_mut().zip(extra) {
+                *m += e;
+            }
         }
         // A full bucket: free for any owner to reclaim, and worth nothing to this one.
-        swap(store, key.as_str(), &Record { t_full: 0, ..record }.encode(), cas)
+        swap(store, key.as_str(), Record { t_full: [0; MAX_LIMITS], ..record }.encode().as_bytes(), cas)
     });
 }
 
-/// Adds `ticks` of debt to `owner`'s bucket under `key`; false if it is not there.
-fn add_debt(store: &mut impl SharedStore, key: &str, owner: u128, ticks: u128, now_ns: u64) -> bool {
+/// Adds `ticks[i]` of debt to limit `i` of `owner`'s bucket under `key`; false if it is not
+/// there.
+fn add_debt(store: &mut impl SharedStore, key: &str, owner: u128, ticks: &States, now_ns: u64) -> bool {
     retry(&mut 0, || {
         let Ok(Some((bytes, cas))) = store.get(key) else { return Attempt::Failed };
-        let Some(record) = Record::decode(&bytes).filter(|r| r.owner == owner) else { return Attempt::Failed };
-        let t_full = record.t_full.max(bucket::now_ticks(now_ns)).saturating_add(ticks);
-        swap(store, key, &Record { t_full, ..record }.encode(), cas)
+        let Some(mut record) = Record::decode(&bytes).filter(|r| r.owner == owner) else { return Attempt::Failed };
+        for (t, add) in record.t_full.iter_mut().zip(ticks) {
+            *t = (*t).max(bucket::now_ticks(now_ns)).saturating_add(*add);
+        }
+        swap(store, key, record.encode().as_bytes(), cas)
     })
     .is_some()
 }
@@ -349,10 +370,10 @@ fn debit_key(store: &mut impl SharedStore, key: &str, w: &Withdrawal, carry: Opt
             Ok(Some((bytes, cas))) => (stored_state(&bytes, w), cas, false),
             Ok(None) => {
                 let state = match carry {
-                    None => (0, false),
+                    None => ([0; MAX_LIMITS], false),
                     Some(table) => match table.locate(store, w.owner, w.now_ns) {
                         Ok(Location::Own { bytes, .. }) => (stored_state(&bytes, w).0, true),
-                        Ok(_) => (0, true),
+                        Ok(_) => ([0; MAX_LIMITS], true),
                         Err(GetError) => return Attempt::Failed,
                     },
                 };
@@ -379,13 +400,14 @@ fn debit_key(store: &mut impl SharedStore, key: &str, w: &Withdrawal, carry: Opt
     }
 }
 
-/// The owner's bucket as stored, carried over to the withdrawal's limit: its `t_full`, and
-/// whether the limit changed (then the carried state must be written back even on a
-/// denial). Anything else (another owner, a grant, foreign bytes) reads as a new, full bucket.
-fn stored_state(bytes: &[u8], w: &Withdrawal) -> (u128, bool) {
+/// The owner's bucket as stored, carried over to the withdrawal's limits
+/// ([`Record::carried`]): the states, and whether the limits changed (then the carried state
+/// must be written back even on a denial). Anything else (another owner, a grant, foreign
+/// bytes) reads as a new, full bucket.
+fn stored_state(bytes: &[u8], w: &Withdrawal) -> (States, bool) {
     match Record::decode(bytes) {
-        Some(r) if r.owner == w.owner => (bucket::rescale(r.t_full, w.now_ns, &r.limit, &w.limit), r.limit != w.limit),
-        _ => (0, false),
+        Some(r) if r.owner == w.owner => (r.carried(&w.limits, w.now_ns), r.limits != w.limits),
+        _ => ([0; MAX_LIMITS], false),
     }
 }
 
@@ -394,7 +416,7 @@ fn stored_state(bytes: &[u8], w: &Withdrawal) -> (u128, bool) {
 pub struct Unspent {
     pub owner: u128,
     pub home: Home,
-    pub limit: Limit,
+    pub limits: Limits,
     pub tokens: u64,
     pub taken_ns: u64,
 }
@@ -409,8 +431,7 @@ pub struct Unspent {
 /// meanwhile, the tokens are dropped. Both only under-admit. Returns whether a record was
 /// updated (or needed no update).
 pub fn give_back(store: &mut impl SharedStore, ns: &Namespace, unspent: &Unspent, now_ns: u64) -> bool {
-    let Unspent { owner, home, limit, tokens, taken_ns } = *unspent;
-    let limit = &limit;
+    let Unspent { owner, home, limits, tokens, taken_ns } = *unspent;
     retry(&mut 0, || {
         let found = match home {
             Home::Reserved(_) => {
@@ -426,38 +447,44 @@ pub fn give_back(store: &mut impl SharedStore, ns: &Namespace, unspent: &Unspent
             },
         };
         let Some((key, bytes, cas)) = found else { return Attempt::Failed };
-        let record = match Record::decode(&bytes) {
-            Some(r) if r.owner == owner && r.limit == *limit => r,
+        let mut record = match Record::decode(&bytes) {
+            Some(r) if r.owner == owner && r.limits == limits => r,
             _ => return Attempt::Failed,
         };
-        let elapsed = bucket::now_ticks(now_ns).saturating_sub(bucket::now_ticks(taken_ns));
-        let back = limit.interval.saturating_mul(u128::from(tokens)).saturating_sub(elapsed);
-        let t_full = record.t_full.saturating_sub(back).max(bucket::now_ticks(now_ns));
-        if t_full >= record.t_full {
+        let now = bucket::now_ticks(now_ns);
+        let elapsed = now.saturating_sub(bucket::now_ticks(taken_ns));
+        let mut changed = false;
+        for (limit, t_full) in limits.iter().zip(record.t_full.iter_mut()) {
+            let back = limit.interval.saturating_mul(u128::from(tokens)).saturating_sub(elapsed);
+            let moved = t_full.saturating_sub(back).max(now);
+            changed |= moved < *t_full;
+            *t_full = moved.min(*t_full);
+        }
+        if !changed {
             return Attempt::Done(()); // already full: nothing to give back
         }
-        swap(store, key.as_str(), &Record { t_full, ..record }.encode(), cas)
+        swap(store, key.as_str(), record.encode().as_bytes(), cas)
     })
     .is_some()
 }
 
-/// Decides the withdrawal on the state that was read (`t_full`, and whether it was carried
-/// over to a new limit) and swaps in the new state: (verdict, extra tokens taken, written).
-/// A denial writes only to record a reconfiguration (the state carried over to the new
-/// limit); otherwise it changes nothing, so there is nothing to race on.
+/// Decides the withdrawal on the states that were read (and whether they were carried over
+/// to new limits) and swaps in the new states: (verdicts, extra tokens taken, written).
+/// A denial writes only to record a reconfiguration (the states carried over to the new
+/// limits); otherwise it changes nothing, so there is nothing to race on.
 fn write(
     store: &mut impl SharedStore,
     key: &str,
     w: &Withdrawal,
-    (t_full, rescaled): (u128, bool),
+    (states, rescaled): (States, bool),
     cas: u32,
-) -> Attempt<(Verdict, u64, bool)> {
-    let (verdict, extra) = decide(w, t_full);
+) -> Attempt<(Verdicts, u64, bool)> {
+    let (verdict, extra) = decide(w, &states);
     if !verdict.allowed && !rescaled {
         return Attempt::Done((verdict, 0, false));
     }
-    let record = Record { owner: w.owner, limit: w.limit, t_full: verdict.t_full };
-    match store.set(key, &record.encode(), cas) {
+    let record = Record { owner: w.owner, limits: w.limits, t_full: verdict.states() };
+    match store.set(key, record.encode().as_bytes(), cas) {
         Ok(()) => Attempt::Done((verdict, extra, true)),
         Err(SetError::CasMismatch) => Attempt::Conflict,
         Err(SetError::Failed) if !verdict.allowed => Attempt::Done((verdict, 0, false)),
@@ -465,21 +492,22 @@ fn write(
     }
 }
 
-/// The bucket math of one withdrawal: with its extra tokens if they leave at least the
-/// floor, else the cost alone.
-fn decide(w: &Withdrawal, t_full: u128) -> (Verdict, u64) {
+/// The bucket math of one withdrawal: with its extra tokens if every limit keeps at least
+/// its floor, else the cost alone; all limits or none.
+fn decide(w: &Withdrawal, states: &States) -> (Verdicts, u64) {
     if w.extra.tokens > 0 {
-        let with_extra = bucket::debit(&w.limit, t_full, w.now_ns, w.cost.saturating_add(w.extra.tokens));
-        if with_extra.allowed && with_extra.remaining >= w.extra.floor {
+        let with_extra = bucket::debit_all(&w.limits, states, w.now_ns, w.cost.saturating_add(w.extra.tokens));
+        if with_extra.allowed && with_extra.iter().zip(w.extra.floors).all(|(v, floor)| v.remaining >= floor) {
             return (with_extra, w.extra.tokens);
         }
     }
-    (bucket::debit(&w.limit, t_full, w.now_ns, w.cost), 0)
+    (bucket::debit_all(&w.limits, states, w.now_ns, w.cost), 0)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::bucket::Limit;
     use crate::store::fake::FakeStore;
     use crate::store::record::hash128;
     use crate::store::MAX_CAS_ATTEMPTS;
@@ -494,8 +522,8 @@ mod tests {
 
     /// A withdrawal; `extra` tokens are taken along while the bucket stays half full.
     fn w(owner: u128, limit: &Limit, cost: u64, extra: u64, now_ns: u64) -> Withdrawal {
-        let extra = Extra { tokens: extra, floor: limit.capacity.div_ceil(2) };
-        Withdrawal { owner, limit: *limit, cost, extra, now_ns }
+        let extra = Extra { tokens: extra, floors: [limit.capacity.div_ceil(2); MAX_LIMITS] };
+        Withdrawal { owner, limits: Limits::one(0, *limit), cost, extra, now_ns }
     }
 
     fn allowed(d: &Debit) -> bool {
@@ -586,8 +614,9 @@ mod tests {
         let l = lim(3, 0.001);
         let owner = hash128(&[b"acme"]);
         let (c, _) = candidates(owner, 1000);
-        let blocker = Record { owner: 99, limit: l, t_full: bucket::now_ticks(T0 + 1000 * SEC) };
-        s.data.insert(ns.slot_key(c[0]).as_str().to_string(), (blocker.encode().to_vec(), 5));
+        let blocker =
+            Record { owner: 99, limits: Limits::one(0, l), t_full: [bucket::now_ticks(T0 + 1000 * SEC); MAX_LIMITS] };
+        s.data.insert(ns.slot_key(c[0]).as_str().to_string(), (blocker.encode().as_bytes().to_vec(), 5));
         for _ in 0..3 {
             assert!(allowed(&debit(&mut s, &ns, Home::Slots(1000), &w(owner, &l, 1, 0, T0))));
         }
@@ -681,7 +710,7 @@ mod tests {
         assert!(give_back(
             &mut s,
             &ns,
-            &Unspent { owner: 9, home: Home::Reserved(4), limit: l, tokens: 4, taken_ns: T0 },
+            &Unspent { owner: 9, home: Home::Reserved(4), limits: Limits::one(0, l), tokens: 4, taken_ns: T0 },
             T0
         ));
         let n = (0..20).filter(|_| allowed(&debit(&mut s, &ns, Home::Reserved(4), &w(9, &l, 1, 0, T0)))).count();
@@ -690,7 +719,7 @@ mod tests {
         assert!(!give_back(
             &mut s,
             &ns,
-            &Unspent { owner: 9, home: Home::Slots(4), limit: l, tokens: 4, taken_ns: T0 },
+            &Unspent { owner: 9, home: Home::Slots(4), limits: Limits::one(0, l), tokens: 4, taken_ns: T0 },
             T0
         ));
     }
@@ -729,8 +758,8 @@ mod tests {
         assert!(n >= 2);
         let t_star = T0 + SEC;
         let mut inner = FakeStore::default();
-        let blocker = Record { owner: 99, limit: l, t_full: bucket::now_ticks(t_star) };
-        inner.data.insert(ns.slot_key(c[0]).as_str().to_string(), (blocker.encode().to_vec(), 5));
+        let blocker = Record { owner: 99, limits: Limits::one(0, l), t_full: [bucket::now_ticks(t_star); MAX_LIMITS] };
+        inner.data.insert(ns.slot_key(c[0]).as_str().to_string(), (blocker.encode().as_bytes().to_vec(), 5));
         inner.next_cas = 5;
         let mut b_allowed = false;
         let mut s = Racing {
@@ -750,7 +779,7 @@ mod tests {
         assert_eq!(admitted, 2, "one bucket of capacity 2");
         // c1 was freed: any owner may take it.
         let c1 = Record::decode(&s.data[ns.slot_key(c[1]).as_str()].0).unwrap();
-        assert!(bucket::is_full(c1.t_full, t_star));
+        assert!(c1.is_full(t_star));
     }
 
     proptest! {
