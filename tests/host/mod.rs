@@ -348,8 +348,9 @@ struct Exports {
     on_configure: TypedFunc<(i32, i32), i32>,
     on_request_headers: TypedFunc<(i32, i32, i32), i32>,
     on_response_headers: TypedFunc<(i32, i32, i32), i32>,
-    on_done: TypedFunc<i32, i32>,
-    on_log: TypedFunc<i32, ()>,
+    /// Optional, as in Envoy: a callback the module does not export is skipped.
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_log: Option<TypedFunc<i32, ()>>,
     on_delete: TypedFunc<i32, ()>,
     grpc: GrpcExports,
 }
@@ -453,8 +454,6 @@ impl Loaded {
             "proxy_on_configure",
             "proxy_on_request_headers",
             "proxy_on_response_headers",
-            "proxy_on_done",
-            "proxy_on_log",
             "proxy_on_delete",
         ] {
             if module.get_export(export).is_none() {
@@ -471,6 +470,18 @@ fn trap(state: &VmState, e: &wasmtime::Error) -> HostError {
         message: format!("{e:#}"),
         logs: state.logs.clone(),
         stderr: String::from_utf8_lossy(&state.stderr).into_owned(),
+    }
+}
+
+/// A VM going away is Envoy tearing the plugin down: the root context's `proxy_on_delete`
+/// (its `proxy_on_done` too, when exported), so the module can flush what it holds.
+impl Drop for VmCore {
+    fn drop(&mut self) {
+        if let Some(done) = self.exports.on_done.clone() {
+            let _ = self.guest(|s| done.call(s, ROOT_CONTEXT as i32));
+        }
+        let delete = self.exports.on_delete.clone();
+        let _ = self.guest(|s| delete.call(s, ROOT_CONTEXT as i32));
     }
 }
 
@@ -516,8 +527,8 @@ impl VmCore {
             on_configure: instance.get_typed_func(&mut store, "proxy_on_configure").map_err(setup)?,
             on_request_headers: instance.get_typed_func(&mut store, "proxy_on_request_headers").map_err(setup)?,
             on_response_headers: instance.get_typed_func(&mut store, "proxy_on_response_headers").map_err(setup)?,
-            on_done: instance.get_typed_func(&mut store, "proxy_on_done").map_err(setup)?,
-            on_log: instance.get_typed_func(&mut store, "proxy_on_log").map_err(setup)?,
+            on_done: instance.get_typed_func(&mut store, "proxy_on_done").ok(),
+            on_log: instance.get_typed_func(&mut store, "proxy_on_log").ok(),
             on_delete: instance.get_typed_func(&mut store, "proxy_on_delete").map_err(setup)?,
             grpc: GrpcExports {
                 on_receive: instance.get_typed_func(&mut store, "proxy_on_grpc_receive").ok(),
@@ -629,8 +640,12 @@ impl VmCore {
             }
             response_action = Some(action(self.guest(|s| on_resp.call(s, (ctx, n, 1)))?));
         }
-        self.guest(|s| done.call(s, ctx))?;
-        self.guest(|s| log.call(s, ctx))?;
+        if let Some(done) = done {
+            self.guest(|s| done.call(s, ctx))?;
+        }
+        if let Some(log) = log {
+            self.guest(|s| log.call(s, ctx))?;
+        }
         self.guest(|s| delete.call(s, ctx))?;
 
         let stream = self.store.data_mut().stream.take().unwrap_or_default();
@@ -959,6 +974,17 @@ impl VmCore {
         let went_on = request_action == Action::Continue || stream.continue_calls > 0;
         self.store.data_mut().stream = Some(stream);
         self.respond(id as i32, &request, request_action, went_on, false)
+    }
+
+    /// `proxy_on_tick` now, whatever the period (a VM without an accepted config, or dead,
+    /// is skipped): [`World::flush_stats`].
+    pub(crate) fn force_tick(&mut self) -> Result<(), HostError> {
+        let Some(f) = self.exports.grpc.on_tick.clone() else { return Ok(()) };
+        if self.dead.is_some() || self.store.data().tick_period_ms == 0 {
+            return Ok(());
+        }
+        self.guest(|s| f.call(s, ROOT_CONTEXT as i32))?;
+        Ok(())
     }
 
     fn tick(&mut self) -> Result<bool, HostError> {
