@@ -307,3 +307,21 @@ fn counters_are_published_on_the_tick_and_at_teardown() {
     drop(vm);
     assert_eq!(world.published("tenant_ratelimit.allowed"), 3);
 }
+
+/// Two plugins in one VM (Envoy shares a VM between plugins with the same `vm_id` and code):
+/// the module does not export `proxy_on_context_create`, so a stream's plugin comes from its
+/// `plugin_root_id`; each plugin keeps its own config and buckets.
+#[test]
+fn plugins_sharing_a_vm_each_get_their_own_streams() {
+    let world = World::new();
+    let vm = Vm::new(&world).unwrap();
+    vm.set_property(&["plugin_root_id"], "a");
+    assert!(vm.configure(r#"{"capacity":1,"refill_rate":"1/h"}"#).unwrap());
+    assert!(vm.add_plugin("b", r#"{"capacity":3,"refill_rate":"1/h"}"#).unwrap());
+    let admitted = |root: &str| {
+        (0..5).filter(|_| vm.request(&Request::get("/").tenant("acme").plugin(root)).unwrap().allowed()).count()
+    };
+    assert_eq!(admitted("b"), 3);
+    assert_eq!(admitted("a"), 1);
+    assert!(vm.logs().iter().all(|l| l.level < Level::Error), "{:?}", vm.logs());
+}

@@ -4,13 +4,15 @@
 //! request it reads facts, calls the pure [`flow`], and applies the [`Step`] it returns; it
 //! decides nothing.
 //!
-//! Hot path (headers off, header tenant): `proxy_on_context_create`, `proxy_on_request_headers`
-//! (one header read, the clock, one shared-data get and one set), `proxy_on_response_headers`
-//! and `proxy_on_delete`, each returning at once when the stream kept no state. No heap
-//! allocation is kept per stream unless it needs state past its request headers (response
-//! headers to add, a rate-limit service call in flight), and no stats call is made: counters
-//! are added up per worker and handed to the host on the tick. `proxy_on_done` and
-//! `proxy_on_log` are not exported, so the host skips them.
+//! Hot path (headers off, header tenant): `proxy_on_request_headers` (one header read, the
+//! clock, one shared-data get and one set), then `proxy_on_response_headers` and
+//! `proxy_on_delete`, which return at once when the stream kept no state. No heap allocation
+//! is kept per stream unless it needs state past its request headers (response headers to
+//! add, a rate-limit service call in flight), and no stats call is made: counters are added up
+//! per worker and handed to the host on the tick. Each callback Envoy makes into the module
+//! costs about 1,500 instructions, so the ones the filter does not need are not exported and
+//! the host skips them: `proxy_on_context_create` (see [`plugin_of`]), `proxy_on_done`,
+//! `proxy_on_log`.
 
 mod abi;
 mod host;
@@ -65,19 +67,24 @@ struct Stream {
     waiting: Option<(u32, Call)>,
 }
 
+/// A root context: one per plugin sharing the VM.
+struct Root {
+    id: u32,
+    /// The plugin's `plugin_root_id`, which tells its streams apart when the VM has several.
+    root_id: Vec<u8>,
+    /// The accepted configuration (`None` until one is).
+    active: Option<Rc<Active>>,
+}
+
 /// What this VM keeps between callbacks.
 struct Vm {
-    /// Root contexts (one per plugin sharing the VM) and their accepted configuration.
-    roots: Vec<(u32, Option<Rc<Active>>)>,
-    /// The last stream context created and its root: Envoy creates a stream's context right
-    /// before delivering its request headers, so no per-stream table is needed to find it.
-    created: (u32, u32),
+    roots: Vec<Root>,
     /// Streams with state ([`Stream`]); usually empty with headers off.
     streams: Vec<Stream>,
 }
 
 thread_local! {
-    static VM: RefCell<Vm> = const { RefCell::new(Vm { roots: Vec::new(), created: (0, 0), streams: Vec::new() }) };
+    static VM: RefCell<Vm> = const { RefCell::new(Vm { roots: Vec::new(), streams: Vec::new() }) };
 }
 
 /// Runs `f` on the VM state (`None` on a re-entrant call, which the host never makes).
@@ -86,7 +93,26 @@ fn vm<R>(f: impl FnOnce(&mut Vm) -> R) -> Option<R> {
 }
 
 fn root(id: u32) -> Option<Rc<Active>> {
-    vm(|vm| vm.roots.iter().find(|r| r.0 == id).and_then(|r| r.1.clone())).flatten()
+    vm(|vm| vm.roots.iter().find(|r| r.id == id).and_then(|r| r.active.clone())).flatten()
+}
+
+/// The configuration of the plugin a new stream belongs to. The module does not export
+/// `proxy_on_context_create` (a callback per stream), so a stream's parent is not announced:
+/// with one plugin in the VM (the usual case) it is that one; with several (plugins sharing a
+/// VM by `vm_id`) the stream's `plugin_root_id` property tells, at the price of a property
+/// read per request.
+fn plugin_of() -> Option<Rc<Active>> {
+    let only = vm(|vm| match vm.roots.as_slice() {
+        [only] => Ok(only.active.clone()),
+        _ => Err(()),
+    })?;
+    match only {
+        Ok(active) => active,
+        Err(()) => {
+            let root_id = abi::property(&["plugin_root_id"]).unwrap_or_default();
+            vm(|vm| vm.roots.iter().find(|r| r.root_id == root_id).and_then(|r| r.active.clone())).flatten()
+        }
+    }
 }
 
 /// The ABI version this module speaks.
@@ -98,17 +124,6 @@ pub extern "C" fn proxy_on_vm_start(_root: u32, _vm_configuration_size: usize) -
     // A panic aborts the VM (panic = "abort"); say why first, at the level operators alert on.
     std::panic::set_hook(Box::new(|info| abi::log(abi::CRITICAL, &format!("tenant-ratelimit: panic: {info}"))));
     1
-}
-
-#[no_mangle]
-pub extern "C" fn proxy_on_context_create(id: u32, parent: u32) {
-    vm(|vm| {
-        if parent != 0 {
-            vm.created = (id, parent);
-        } else if !vm.roots.iter().any(|r| r.0 == id) {
-            vm.roots.push((id, None));
-        }
-    });
 }
 
 #[no_mangle]
@@ -129,7 +144,8 @@ fn configure(root: u32, size: usize) -> bool {
         abi::log(abi::ERROR, "tenant-ratelimit: invalid plugin config: field `tenant.default`: invalid");
         return false;
     };
-    let root_id = abi::property(&["plugin_root_id"]).and_then(|b| String::from_utf8(b).ok()).unwrap_or_default();
+    let root_bytes = abi::property(&["plugin_root_id"]).unwrap_or_default();
+    let root_id = String::from_utf8(root_bytes.clone()).unwrap_or_default();
     let stats = match Stats::define(&config) {
         Ok(s) => s,
         Err(status) => {
@@ -154,10 +170,10 @@ fn configure(root: u32, size: usize) -> bool {
         stats: RefCell::new(stats),
         worker: RefCell::new(Worker::default()),
     });
-    let old = vm(|vm| match vm.roots.iter_mut().find(|r| r.0 == root) {
-        Some(r) => r.1.replace(active),
+    let old = vm(|vm| match vm.roots.iter_mut().find(|r| r.id == root) {
+        Some(r) => r.active.replace(active),
         None => {
-            vm.roots.push((root, Some(active)));
+            vm.roots.push(Root { id: root, root_id: root_bytes, active: Some(active) });
             None
         }
     });
@@ -177,17 +193,9 @@ pub extern "C" fn proxy_on_tick(root_id: u32) {
 
 #[no_mangle]
 pub extern "C" fn proxy_on_request_headers(id: u32, _num_headers: usize, _end_of_stream: u32) -> u32 {
-    let active = vm(|vm| {
-        let root = match (vm.created, vm.roots.as_slice()) {
-            ((created, root), _) if created == id => root,
-            (_, [only]) => only.0,
-            _ => return None,
-        };
-        vm.roots.iter().find(|r| r.0 == root).and_then(|r| r.1.clone())
-    });
     // Without an accepted config Envoy does not use the plugin; a stream that comes anyway
     // passes through.
-    let Some(active) = active.flatten() else { return abi::CONTINUE };
+    let Some(active) = plugin_of() else { return abi::CONTINUE };
     let mut worker = active.worker.try_borrow_mut().ok();
     let mut facts = HostFacts { path: None };
     let step = flow::on_request(&active.plugin, worker.as_deref_mut(), &mut facts, &mut HostStore, abi::now_ns);
@@ -304,8 +312,8 @@ pub extern "C" fn proxy_on_delete(id: u32) {
         if let Some(at) = vm.streams.iter().position(|s| s.id == id) {
             vm.streams.swap_remove(at);
         }
-        let at = vm.roots.iter().position(|r| r.0 == id)?;
-        vm.roots.swap_remove(at).1
+        let at = vm.roots.iter().position(|r| r.id == id)?;
+        vm.roots.swap_remove(at).active
     });
     // A plugin going away: its leases go back and its counters out.
     if let Some(active) = gone.flatten() {
