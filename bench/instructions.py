@@ -26,9 +26,12 @@ filter), and the references in every batch, so each ratio is quoted from one pro
 
   ENVOY_BIN=... WASM=... python bench/instructions.py            # full: 2,000 requests per listener
   ENVOY_BIN=... WASM=... python bench/instructions.py --smoke    # 300 requests, floor and ours only
+  ENVOY_BIN=... WASM=... python bench/instructions.py --ours     # one batch: references and ours x3
 
 A full run replaces the `## Instructions per request` section of bench/RESULTS.md; a smoke run
-writes bench/out/smoke/instructions.md. Both print the table.
+writes bench/out/smoke/instructions.md, an `--ours` run (one Envoy: none, native, floor, ours,
+ours_hdrs, ours_lease; for a before/after row of the history table) bench/out/ours/instructions.md.
+Each prints the table.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ def ours_config(**extra) -> str:
     return json.dumps(conf)
 
 
-def rows(wasm: Path, noop: Path, raw: Path | None, probe: Path | None, smoke: bool) -> list[Listener]:
+def rows(wasm: Path, noop: Path, raw: Path | None, probe: Path | None, smoke: bool,
+         ours_only: bool = False) -> list[Listener]:
     out = [
         Listener("floor", [vm_filter("bench_noop", noop, "{}")], True),
         Listener("ours", [vm_filter("trl_off", wasm, ours_config())], True),
@@ -97,6 +101,8 @@ def rows(wasm: Path, noop: Path, raw: Path | None, probe: Path | None, smoke: bo
         Listener("ours_hdrs", [vm_filter("trl_hdrs", wasm, ours_config(rate_limit_headers="x-ratelimit"))], True),
         Listener("ours_lease", [vm_filter("trl_lease", wasm, ours_config(worker_lease=64))], True),
     ]
+    if ours_only:
+        return out
     if raw is not None:
         out.append(Listener("raw_floor", [vm_filter("bench_raw", raw, "{}")], True))
     if probe is not None:
@@ -205,6 +211,8 @@ def targets(results: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="300 requests, floor and ours only; bench/out/smoke")
+    ap.add_argument("--ours", action="store_true",
+                    help="one batch (references, ours, ours_hdrs, ours_lease); bench/out/ours")
     ap.add_argument("--requests", type=int, help="requests per listener (default 2000, smoke 300)")
     args = ap.parse_args()
     envoy_bin, wasm = os.environ.get("ENVOY_BIN"), os.environ.get("WASM")
@@ -215,12 +223,12 @@ def main() -> int:
     warm = 200 if args.smoke else 500
     ensure_valgrind()
     noop = build_noop()
-    raw = None if args.smoke else build(RAW_MANIFEST, RAW_WASM)
-    probe = None if args.smoke else build(PROBE_MANIFEST, PROBE_WASM)
+    raw = None if args.smoke or args.ours else build(RAW_MANIFEST, RAW_WASM)
+    probe = None if args.smoke or args.ours else build(PROBE_MANIFEST, PROBE_WASM)
     workdir = Path(tempfile.mkdtemp(prefix="trl-instr-"))
     started = time.monotonic()
     try:
-        plan = batches(rows(wasm, noop, raw, probe, args.smoke), args.smoke)
+        plan = batches(rows(wasm, noop, raw, probe, args.smoke, args.ours), args.smoke)
         results = []
         for i, batch in enumerate(plan, 1):
             log(f"batch {i}/{len(plan)} under callgrind: {', '.join(l.name for l in batch)}")
@@ -243,8 +251,8 @@ def main() -> int:
         body += "\n" + tg + "\n"
     print()
     print(body)
-    if args.smoke:
-        out = BENCH_DIR / "out" / "smoke"
+    if args.smoke or args.ours:
+        out = BENCH_DIR / "out" / ("smoke" if args.smoke else "ours")
         out.mkdir(parents=True, exist_ok=True)
         (out / "instructions.md").write_text(body)
     else:

@@ -22,8 +22,3 @@ pub mod worker_lease;
 
 #[cfg(target_arch = "wasm32")]
 mod filter;
-
-#[cfg(target_arch = "wasm32")]
-proxy_wasm::main! {{
-    filter::start();
-}}

@@ -4,7 +4,7 @@
 //! semantics, traps surfacing as errors).
 
 mod host;
-use host::{status, Action, HostError, Level, Loaded, Request, Vm, World, T0_NS};
+use host::{status, Action, HostError, Level, Loaded, Request, Vm, World, SEC, T0_NS};
 
 #[test]
 fn denial_is_a_429_local_reply_with_retry_after_content_type_and_body() {
@@ -278,4 +278,50 @@ fn a_host_error_status_is_not_a_trap() {
     assert!(vm.request(&Request::get("/").tenant("a")).unwrap().allowed());
     assert!(!vm.is_dead());
     assert_eq!(world.counter("tenant_ratelimit.store_errors"), 1);
+}
+
+/// Counters are added up in the module and handed to the host on the tick (which runs with
+/// any config, not only with worker leases) and when the plugin goes away: a request makes
+/// no stats call.
+#[test]
+fn counters_are_published_on_the_tick_and_at_teardown() {
+    let world = World::new();
+    let vm = Vm::configured(&world, r#"{"capacity":2,"refill_rate":"1/h","tenants":{"acme":{"capacity":1}}}"#);
+    assert_eq!(vm.tick_period_ms(), 1000, "the tick runs without worker leases too");
+    for _ in 0..3 {
+        vm.request(&Request::get("/").tenant("acme")).unwrap();
+    }
+    vm.request(&Request::get("/").tenant("other")).unwrap();
+    assert_eq!(world.published("tenant_ratelimit.allowed"), 0, "no stats call on the request path");
+    assert_eq!(world.published("tenant_ratelimit.tenant.acme.denied"), 0);
+    world.advance_ns(SEC as i64);
+    assert!(vm.tick().unwrap());
+    assert_eq!(world.published("tenant_ratelimit.allowed"), 2);
+    assert_eq!(world.published("tenant_ratelimit.denied"), 2);
+    assert_eq!(world.published("tenant_ratelimit.tenant.acme.allowed"), 1);
+    assert_eq!(world.published("tenant_ratelimit.tenant.acme.denied"), 2);
+    assert_eq!(world.published("tenant_ratelimit.live_slots"), 2);
+    // Counted after the last tick, published when Envoy deletes the root context.
+    vm.request(&Request::get("/").tenant("other")).unwrap();
+    assert_eq!(world.published("tenant_ratelimit.allowed"), 2);
+    drop(vm);
+    assert_eq!(world.published("tenant_ratelimit.allowed"), 3);
+}
+
+/// Two plugins in one VM (Envoy shares a VM between plugins with the same `vm_id` and code):
+/// the module does not export `proxy_on_context_create`, so a stream's plugin comes from its
+/// `plugin_root_id`; each plugin keeps its own config and buckets.
+#[test]
+fn plugins_sharing_a_vm_each_get_their_own_streams() {
+    let world = World::new();
+    let vm = Vm::new(&world).unwrap();
+    vm.set_property(&["plugin_root_id"], "a");
+    assert!(vm.configure(r#"{"capacity":1,"refill_rate":"1/h"}"#).unwrap());
+    assert!(vm.add_plugin("b", r#"{"capacity":3,"refill_rate":"1/h"}"#).unwrap());
+    let admitted = |root: &str| {
+        (0..5).filter(|_| vm.request(&Request::get("/").tenant("acme").plugin(root)).unwrap().allowed()).count()
+    };
+    assert_eq!(admitted("b"), 3);
+    assert_eq!(admitted("a"), 1);
+    assert!(vm.logs().iter().all(|l| l.level < Level::Error), "{:?}", vm.logs());
 }

@@ -1,7 +1,8 @@
-//! The host side of the filter: proxy-wasm calls the contexts in `mod.rs` need, behind
-//! small functions and the [`SharedStore`]/[`RequestFacts`] implementations the pure flow
-//! takes. Raw ABI calls where the SDK's wrappers would abort the VM on an unexpected status.
+//! The host side of the filter: the [`SharedStore`]/[`RequestFacts`] implementations the pure
+//! flow takes, the stats of one configuration ([`Stats`]: counted in the module, flushed to
+//! the host on the tick), and the deny reply. Every host call goes through [`abi`].
 
+use super::abi;
 use crate::config::Config;
 use crate::flow::Deny;
 use crate::metrics::{self, Counter, Events, Final};
@@ -9,76 +10,88 @@ use crate::policy::PolicyId;
 use crate::response::{self, Denied};
 use crate::store::{GetError, SetError, SharedStore};
 use crate::tenant::RequestFacts;
-use proxy_wasm::hostcalls;
-use proxy_wasm::types::{MapType, MetricType, Status};
-use std::time::UNIX_EPOCH;
 
-/// The stat ids of one configuration.
-pub struct MetricIds {
-    plugin: [u32; Counter::ALL.len()],
-    live_slots: u32,
-    tenants: Vec<[u32; Final::ALL.len()]>,
-    rules: Vec<Option<[u32; Final::ALL.len()]>>,
-    plans: Vec<[u32; Final::ALL.len()]>,
+/// A stat id and the increments not yet handed to the host.
+type Cell = (u32, u32);
+
+/// The stats of one configuration: each counter's id and what this worker counted since the
+/// last flush. Requests only add here (no host call); [`Stats::flush`] runs on the tick, on
+/// reconfigure and on teardown, as Envoy itself only publishes stats every few seconds.
+pub struct Stats {
+    plugin: [Cell; Counter::ALL.len()],
+    live_slots: Cell,
+    tenants: Vec<[Cell; Final::ALL.len()]>,
+    rules: Vec<Option<[Cell; Final::ALL.len()]>>,
+    plans: Vec<[Cell; Final::ALL.len()]>,
     /// Per-limit `denied` of the policies with several limits, sorted by policy, each
     /// policy's in its limits' order.
-    limits: Vec<(PolicyId, u32)>,
+    limits: Vec<(PolicyId, Cell)>,
 }
 
-pub fn define_metrics(config: &Config) -> Result<MetricIds, Status> {
-    let mut plugin = [0u32; Counter::ALL.len()];
-    for (slot, c) in plugin.iter_mut().zip(Counter::ALL) {
-        *slot = hostcalls::define_metric(MetricType::Counter, &metrics::plugin_name(c.name()))?;
-    }
-    let live_slots = hostcalls::define_metric(MetricType::Gauge, &metrics::plugin_name(metrics::LIVE_SLOTS))?;
-    let scoped = |scope: &str, name: &str| -> Result<[u32; Final::ALL.len()], Status> {
-        let mut ids = [0u32; Final::ALL.len()];
-        for (slot, f) in ids.iter_mut().zip(Final::ALL) {
-            *slot =
-                hostcalls::define_metric(MetricType::Counter, &metrics::scoped_name(scope, name, f.counter().name()))?;
+impl Stats {
+    pub fn define(config: &Config) -> Result<Stats, u32> {
+        let mut plugin = [(0, 0); Counter::ALL.len()];
+        for (slot, c) in plugin.iter_mut().zip(Counter::ALL) {
+            slot.0 = abi::define_metric(abi::COUNTER, &metrics::plugin_name(c.name()))?;
         }
-        Ok(ids)
-    };
-    let tenants = config.tenants.iter().map(|t| scoped("tenant", &t.name)).collect::<Result<_, _>>()?;
-    let rules = config
-        .all_rules()
-        .map(|r| r.name.as_deref().map(|n| scoped("rule", n)).transpose())
-        .collect::<Result<_, _>>()?;
-    let plans = config.plans.iter().map(|p| scoped("plan", &p.name)).collect::<Result<_, _>>()?;
-    let mut limits = Vec::new();
-    for (policy, name) in metrics::limit_denied_names(config) {
-        limits.push((policy, hostcalls::define_metric(MetricType::Counter, &name)?));
-    }
-    Ok(MetricIds { plugin, live_slots, tenants, rules, plans, limits })
-}
-
-fn increment(id: u32, by: u32) {
-    if by > 0 {
-        let _ = hostcalls::increment_metric(id, by as i64);
-    }
-}
-
-pub fn record(ids: &MetricIds, events: &Events) {
-    for (id, n) in ids.plugin.iter().zip(events.counters.iter()) {
-        increment(*id, *n);
-    }
-    increment(ids.live_slots, events.slots_created);
-    if let Some((policy, outcome)) = events.named {
-        let set = match policy {
-            PolicyId::Default => None,
-            PolicyId::Tenant(i) | PolicyId::TenantOnPlan(i, _) => ids.tenants.get(i),
-            PolicyId::Rule(i) => ids.rules.get(i).and_then(Option::as_ref),
-            PolicyId::Plan(i) => ids.plans.get(i),
+        let live_slots = (abi::define_metric(abi::GAUGE, &metrics::plugin_name(metrics::LIVE_SLOTS))?, 0);
+        let scoped = |scope: &str, name: &str| -> Result<[Cell; Final::ALL.len()], u32> {
+            let mut ids = [(0, 0); Final::ALL.len()];
+            for (slot, f) in ids.iter_mut().zip(Final::ALL) {
+                slot.0 = abi::define_metric(abi::COUNTER, &metrics::scoped_name(scope, name, f.counter().name()))?;
+            }
+            Ok(ids)
         };
-        if let Some(id) = set.and_then(|s| s.get(outcome as usize)) {
-            increment(*id, 1);
+        let tenants = config.tenants.iter().map(|t| scoped("tenant", &t.name)).collect::<Result<_, _>>()?;
+        let rules = config
+            .all_rules()
+            .map(|r| r.name.as_deref().map(|n| scoped("rule", n)).transpose())
+            .collect::<Result<_, _>>()?;
+        let plans = config.plans.iter().map(|p| scoped("plan", &p.name)).collect::<Result<_, _>>()?;
+        let mut limits = Vec::new();
+        for (policy, name) in metrics::limit_denied_names(config) {
+            limits.push((policy, (abi::define_metric(abi::COUNTER, &name)?, 0)));
+        }
+        Ok(Stats { plugin, live_slots, tenants, rules, plans, limits })
+    }
+
+    /// Counts one decision's events (no host call).
+    pub fn add(&mut self, events: &Events) {
+        for (cell, n) in self.plugin.iter_mut().zip(events.counters.iter()) {
+            cell.1 = cell.1.saturating_add(*n);
+        }
+        self.live_slots.1 = self.live_slots.1.saturating_add(events.slots_created);
+        if let Some((policy, outcome)) = events.named {
+            let set = match policy {
+                PolicyId::Default => None,
+                PolicyId::Tenant(i) | PolicyId::TenantOnPlan(i, _) => self.tenants.get_mut(i),
+                PolicyId::Rule(i) => self.rules.get_mut(i).and_then(Option::as_mut),
+                PolicyId::Plan(i) => self.plans.get_mut(i),
+            };
+            if let Some(cell) = set.and_then(|s| s.get_mut(outcome as usize)) {
+                cell.1 = cell.1.saturating_add(1);
+            }
+        }
+        if let Some((policy, mask)) = events.limits_denied {
+            let first = self.limits.partition_point(|(p, _)| *p < policy);
+            let of_policy =
+                self.limits.get_mut(first..).unwrap_or_default().iter_mut().take_while(|(p, _)| *p == policy);
+            for (i, (_, cell)) in of_policy.enumerate() {
+                cell.1 = cell.1.saturating_add(u32::from(mask >> i & 1));
+            }
         }
     }
-    if let Some((policy, mask)) = events.limits_denied {
-        let first = ids.limits.partition_point(|(p, _)| *p < policy);
-        let of_policy = ids.limits.get(first..).unwrap_or(&[]).iter().take_while(|(p, _)| *p == policy);
-        for (i, (_, id)) in of_policy.enumerate() {
-            increment(*id, u32::from(mask >> i & 1));
+
+    /// Hands everything counted since the last flush to the host.
+    pub fn flush(&mut self) {
+        let named =
+            self.tenants.iter_mut().chain(self.rules.iter_mut().flatten()).chain(self.plans.iter_mut()).flatten();
+        let limits = self.limits.iter_mut().map(|(_, cell)| cell);
+        for cell in self.plugin.iter_mut().chain(std::iter::once(&mut self.live_slots)).chain(named).chain(limits) {
+            if cell.1 > 0 {
+                abi::increment_metric(cell.0, i64::from(cell.1));
+                cell.1 = 0;
+            }
         }
     }
 }
@@ -90,7 +103,7 @@ pub struct HostFacts {
 
 impl RequestFacts for HostFacts {
     fn header(&mut self, name: &str) -> Option<Vec<u8>> {
-        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name).ok().flatten()
+        abi::header(abi::REQUEST_HEADERS, name)
     }
 
     fn path(&mut self) -> Option<&[u8]> {
@@ -101,72 +114,21 @@ impl RequestFacts for HostFacts {
     }
 
     fn property(&mut self, path: &[&str]) -> Option<Vec<u8>> {
-        hostcalls::get_property(path.to_vec()).ok().flatten()
+        abi::property(path)
     }
 }
 
-/// Shared data through the raw ABI calls: the SDK's wrappers panic on any status but Ok,
-/// NotFound and CasMismatch, which would abort the VM where `on_store_error` must apply.
+/// Shared data. Any status but Ok, NotFound and CasMismatch is a store error, to which
+/// `on_store_error` applies (the VM never aborts on one).
 pub struct HostStore;
-
-mod abi {
-    // Status codes of the proxy-wasm ABI.
-    pub const OK: u32 = 0;
-    pub const NOT_FOUND: u32 = 1;
-    pub const CAS_MISMATCH: u32 = 8;
-
-    #[link(wasm_import_module = "env")]
-    extern "C" {
-        pub fn proxy_get_shared_data(
-            key_data: *const u8,
-            key_size: usize,
-            return_value_data: *mut *mut u8,
-            return_value_size: *mut usize,
-            return_cas: *mut u32,
-        ) -> u32;
-        pub fn proxy_set_shared_data(
-            key_data: *const u8,
-            key_size: usize,
-            value_data: *const u8,
-            value_size: usize,
-            cas: u32,
-        ) -> u32;
-        pub fn proxy_send_local_response(
-            status_code: u32,
-            details_data: *const u8,
-            details_size: usize,
-            body_data: *const u8,
-            body_size: usize,
-            headers_data: *const u8,
-            headers_size: usize,
-            grpc_status: i32,
-        ) -> u32;
-    }
-}
 
 impl SharedStore for HostStore {
     fn get(&mut self, key: &str) -> Result<Option<(Vec<u8>, u32)>, GetError> {
-        let mut data: *mut u8 = std::ptr::null_mut();
-        let mut size: usize = 0;
-        let mut cas: u32 = 0;
-        // SAFETY: the pointers are valid for the call; on Ok the host wrote a buffer it got
-        // from this module's proxy_on_memory_allocate (the SDK's: a boxed slice of exactly
-        // `size` bytes), which we take ownership of once.
-        let status = unsafe { abi::proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas) };
-        match status {
-            abi::OK if !data.is_null() => {
-                let bytes = unsafe { Vec::from_raw_parts(data, size, size) };
-                Ok(Some((bytes, cas)))
-            }
-            abi::OK | abi::NOT_FOUND => Ok(None),
-            _ => Err(GetError),
-        }
+        abi::shared_get(key).map_err(|_| GetError)
     }
 
     fn set(&mut self, key: &str, value: &[u8], cas: u32) -> Result<(), SetError> {
-        // SAFETY: both slices are valid for the duration of the call.
-        let status = unsafe { abi::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas) };
-        match status {
+        match abi::shared_set(key, value, cas) {
             abi::OK => Ok(()),
             abi::CAS_MISMATCH => Err(SetError::CasMismatch),
             _ => Err(SetError::Failed),
@@ -179,20 +141,12 @@ impl SharedStore for HostStore {
 const DECISION_PROPERTY: &str = "tenant_ratelimit";
 
 pub fn publish_decision(value: &str) {
-    let _ = hostcalls::set_property(vec![DECISION_PROPERTY], Some(value.as_bytes()));
+    let _ = abi::set_property(&[DECISION_PROPERTY], value.as_bytes());
 }
 
 /// Adds a header to the request the upstream gets.
 pub fn add_request_header(name: &str, value: &str) {
-    let _ = hostcalls::add_map_value(MapType::HttpRequestHeaders, name, value);
-}
-
-pub fn now_ns() -> u64 {
-    hostcalls::get_current_time()
-        .ok()
-        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
-        .unwrap_or(0)
+    let _ = abi::add_header(abi::REQUEST_HEADERS, name, value);
 }
 
 /// The local reply for a denied request. The request's `content-type` is read only here,
@@ -205,26 +159,12 @@ pub fn send_deny(config: &Config, deny: &Deny) {
         quota: deny.quota.as_ref(),
         extra: &deny.headers,
     };
-    let content_type = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, "content-type").ok().flatten();
+    let content_type = abi::header(abi::REQUEST_HEADERS, "content-type");
     let grpc = content_type
         .as_deref()
         .filter(|ct| response::is_grpc(ct))
         .map(|ct| std::str::from_utf8(ct).unwrap_or("application/grpc"));
     let reply = response::local_reply(config, &denied, grpc);
     let headers = response::serialize_pairs(&reply.headers);
-    // The raw call, because the SDK's `send_http_response` passes no details and no gRPC
-    // status, and aborts the VM on any status but Ok.
-    // SAFETY: every pointer/length pair is a live slice for the duration of the call.
-    let _ = unsafe {
-        abi::proxy_send_local_response(
-            reply.status,
-            reply.details.as_ptr(),
-            reply.details.len(),
-            reply.body.as_ptr(),
-            reply.body.len(),
-            headers.as_ptr(),
-            headers.len(),
-            reply.grpc_status,
-        )
-    };
+    abi::send_local_response(reply.status, reply.details, reply.body, &headers, reply.grpc_status);
 }

@@ -173,10 +173,12 @@ def test_configured_deny_reply(envoy, fresh):
 def test_stats_in_stats_and_prometheus(envoy, fresh):
     port = envoy.port("basic")
     unlisted = fresh("unlisted")
+    envoy.wait_flush()  # the views below read what the filter has published
     before_text = envoy.stats_text()
     before_prom = envoy.prometheus()
     statuses_ = statuses(send(port, 5, headers=tenant("counted")) + send(port, 6, headers=tenant(unlisted)))
     assert statuses_ == [200] * 3 + [429] * 2 + [200] * 5 + [429]
+    envoy.wait_flush()
     after_text = envoy.stats_text()
     after_prom = envoy.prometheus()
 

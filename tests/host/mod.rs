@@ -32,13 +32,22 @@
 //! [`World::fail_gets`] inject faults. A trap (the module is `panic = "abort"`) or running out
 //! of fuel comes back as [`HostError::Trap`], with the module's last log lines.
 //!
+//! The module counts per worker and publishes its counters on the tick, so every stats read
+//! ([`World::counter`], [`World::metric`], [`World::metrics`]) first runs `proxy_on_tick` on
+//! each idle VM ([`World::flush_stats`]); [`World::published`] reads without it. Dropping a
+//! [`Vm`] deletes its root context, as Envoy does when a plugin goes away.
+//! [`Vm::add_plugin`] adds another plugin (root context) to a VM; [`Request::plugin`] sends a
+//! request to it.
+//!
 //! Nothing is global except the compiled module (immutable code, compiled once per test
 //! binary); every test has its own `World`, so tests run in parallel.
 //!
 //! # ABI calls
 //!
 //! The host refuses (with [`HostError::Refused`], naming the call) a module that imports
-//! anything not listed here, so an SDK upgrade cannot silently skip behaviour.
+//! anything not listed here, so a change of the module's imports cannot silently skip
+//! behaviour. As in Envoy, the callbacks `proxy_on_context_create`, `proxy_on_done`,
+//! `proxy_on_log`, `proxy_on_grpc_*` and `proxy_on_tick` are called only if exported.
 //!
 //! Modelled (Envoy's semantics): `proxy_log`, `proxy_get_log_level`,
 //! `proxy_get_current_time_nanoseconds` (virtual clock), `proxy_set_tick_period_milliseconds`
@@ -221,6 +230,12 @@ impl Request {
         self
     }
 
+    /// A request to the plugin with this `plugin_root_id` ([`Vm::add_plugin`]), which Envoy
+    /// answers per stream.
+    pub fn plugin(self, root_id: &str) -> Request {
+        self.property(&["plugin_root_id"], root_id)
+    }
+
     /// Envoy's `source.address` (`ip:port`).
     pub fn source(self, address: &str) -> Request {
         self.property(&["source", "address"], address)
@@ -356,6 +371,8 @@ pub(crate) struct VmState {
     pub parked: BTreeMap<u32, Parked>,
     /// Virtual time the tick period was set or the last tick ran.
     pub tick_since_ns: u64,
+    /// Root contexts added by [`Vm::add_plugin`]: (plugin_root_id, context id).
+    pub roots: Vec<(String, u32)>,
     /// Interferences the scheduler applied during the current request.
     pub interference: u32,
     pub rng: Rng,
@@ -367,13 +384,15 @@ pub(crate) fn property_key(path: &[&str]) -> Vec<u8> {
 }
 
 struct Exports {
-    on_context_create: TypedFunc<(i32, i32), ()>,
+    /// Optional, as in Envoy (the module then keeps no per-context state of its own).
+    on_context_create: Option<TypedFunc<(i32, i32), ()>>,
     on_vm_start: TypedFunc<(i32, i32), i32>,
     on_configure: TypedFunc<(i32, i32), i32>,
     on_request_headers: TypedFunc<(i32, i32, i32), i32>,
     on_response_headers: TypedFunc<(i32, i32, i32), i32>,
-    on_done: TypedFunc<i32, i32>,
-    on_log: TypedFunc<i32, ()>,
+    /// Optional, as in Envoy: a callback the module does not export is skipped.
+    on_done: Option<TypedFunc<i32, i32>>,
+    on_log: Option<TypedFunc<i32, ()>>,
     on_delete: TypedFunc<i32, ()>,
     grpc: GrpcExports,
 }
@@ -472,13 +491,10 @@ impl Loaded {
             "proxy_abi_version_0_2_1",
             "memory",
             "proxy_on_memory_allocate",
-            "proxy_on_context_create",
             "proxy_on_vm_start",
             "proxy_on_configure",
             "proxy_on_request_headers",
             "proxy_on_response_headers",
-            "proxy_on_done",
-            "proxy_on_log",
             "proxy_on_delete",
         ] {
             if module.get_export(export).is_none() {
@@ -495,6 +511,18 @@ fn trap(state: &VmState, e: &wasmtime::Error) -> HostError {
         message: format!("{e:#}"),
         logs: state.logs.clone(),
         stderr: String::from_utf8_lossy(&state.stderr).into_owned(),
+    }
+}
+
+/// A VM going away is Envoy tearing the plugin down: the root context's `proxy_on_delete`
+/// (its `proxy_on_done` too, when exported), so the module can flush what it holds.
+impl Drop for VmCore {
+    fn drop(&mut self) {
+        if let Some(done) = self.exports.on_done.clone() {
+            let _ = self.guest(|s| done.call(s, ROOT_CONTEXT as i32));
+        }
+        let delete = self.exports.on_delete.clone();
+        let _ = self.guest(|s| delete.call(s, ROOT_CONTEXT as i32));
     }
 }
 
@@ -522,6 +550,7 @@ impl VmCore {
             grpc: GrpcState::default(),
             parked: BTreeMap::new(),
             tick_since_ns: 0,
+            roots: Vec::new(),
             interference: 0,
             rng: Rng::new(0x5eed ^ index as u64),
         };
@@ -535,13 +564,13 @@ impl VmCore {
         store.data_mut().memory = Some(memory);
         store.data_mut().alloc = Some(alloc);
         let exports = Exports {
-            on_context_create: instance.get_typed_func(&mut store, "proxy_on_context_create").map_err(setup)?,
+            on_context_create: instance.get_typed_func(&mut store, "proxy_on_context_create").ok(),
             on_vm_start: instance.get_typed_func(&mut store, "proxy_on_vm_start").map_err(setup)?,
             on_configure: instance.get_typed_func(&mut store, "proxy_on_configure").map_err(setup)?,
             on_request_headers: instance.get_typed_func(&mut store, "proxy_on_request_headers").map_err(setup)?,
             on_response_headers: instance.get_typed_func(&mut store, "proxy_on_response_headers").map_err(setup)?,
-            on_done: instance.get_typed_func(&mut store, "proxy_on_done").map_err(setup)?,
-            on_log: instance.get_typed_func(&mut store, "proxy_on_log").map_err(setup)?,
+            on_done: instance.get_typed_func(&mut store, "proxy_on_done").ok(),
+            on_log: instance.get_typed_func(&mut store, "proxy_on_log").ok(),
             on_delete: instance.get_typed_func(&mut store, "proxy_on_delete").map_err(setup)?,
             grpc: GrpcExports {
                 on_receive: instance.get_typed_func(&mut store, "proxy_on_grpc_receive").ok(),
@@ -557,8 +586,7 @@ impl VmCore {
         if let Ok(init) = init {
             core.guest(|s| init.call(s, ()))?;
         }
-        let create = core.exports.on_context_create.clone();
-        core.guest(|s| create.call(s, (ROOT_CONTEXT as i32, 0)))?;
+        core.create_context(ROOT_CONTEXT, 0)?;
         let start = core.exports.on_vm_start.clone();
         let size = core.store.data().vm_config.len() as i32;
         let ok = core.guest(|s| start.call(s, (ROOT_CONTEXT as i32, size)))?;
@@ -583,6 +611,38 @@ impl VmCore {
                 Err(err)
             }
         }
+    }
+
+    /// `proxy_on_context_create(id, parent)` if the module exports it (Envoy skips it if not).
+    fn create_context(&mut self, id: u32, parent: u32) -> Result<(), HostError> {
+        let Some(create) = self.exports.on_context_create.clone() else { return Ok(()) };
+        self.guest(|s| create.call(s, (id as i32, parent as i32)))
+    }
+
+    /// The root context of the plugin a request goes to: the one whose `plugin_root_id` the
+    /// request carries as a property ([`Request::plugin`]), else the first.
+    fn parent_of(&self, req: &Request) -> u32 {
+        let key = vec!["plugin_root_id".to_string()];
+        let Some((_, root_id)) = req.properties.iter().find(|(p, _)| *p == key) else { return ROOT_CONTEXT };
+        self.store.data().roots.iter().find(|(r, _)| r.as_bytes() == root_id.as_slice()).map_or(ROOT_CONTEXT, |r| r.1)
+    }
+
+    /// Another plugin in this VM (Envoy shares a VM between plugins with the same `vm_id` and
+    /// code): a new root context with `root_id`, started and configured with `config`.
+    fn add_plugin(&mut self, root_id: &str, config: &[u8]) -> Result<(u32, bool), HostError> {
+        let root = self.next_context;
+        self.next_context += 1;
+        let state = self.store.data_mut();
+        state.roots.push((root_id.to_string(), root));
+        state.properties.insert(property_key(&["plugin_root_id"]), root_id.as_bytes().to_vec());
+        state.plugin_config = config.to_vec();
+        self.create_context(root, 0)?;
+        let (start, f) = (self.exports.on_vm_start.clone(), self.exports.on_configure.clone());
+        let vm_size = self.store.data().vm_config.len() as i32;
+        self.guest(|s| start.call(s, (root as i32, vm_size)))?;
+        let size = config.len() as i32;
+        let ok = self.guest(|s| f.call(s, (root as i32, size)))? != 0;
+        Ok((root, ok))
     }
 
     fn configure(&mut self, config: &[u8]) -> Result<bool, HostError> {
@@ -611,9 +671,9 @@ impl VmCore {
     pub(crate) fn run_request(&mut self, req: &Request, nested: bool) -> Result<Reply, HostError> {
         let (id, n_headers) = self.open_stream(req);
         let e = &self.exports;
-        let (create, on_req) = (e.on_context_create.clone(), e.on_request_headers.clone());
+        let on_req = e.on_request_headers.clone();
         let ctx = id as i32;
-        self.guest(|s| create.call(s, (ctx, ROOT_CONTEXT as i32)))?;
+        self.create_context(id, self.parent_of(req))?;
         let eos = i32::from(req.end_of_stream);
         let request_action = action(self.guest(|s| on_req.call(s, (ctx, n_headers, eos)))?);
 
@@ -653,8 +713,12 @@ impl VmCore {
             }
             response_action = Some(action(self.guest(|s| on_resp.call(s, (ctx, n, 1)))?));
         }
-        self.guest(|s| done.call(s, ctx))?;
-        self.guest(|s| log.call(s, ctx))?;
+        if let Some(done) = done {
+            self.guest(|s| done.call(s, ctx))?;
+        }
+        if let Some(log) = log {
+            self.guest(|s| log.call(s, ctx))?;
+        }
         self.guest(|s| delete.call(s, ctx))?;
 
         let stream = self.store.data_mut().stream.take().unwrap_or_default();
@@ -748,6 +812,12 @@ impl Vm {
     /// request continued or a local reply was sent), done, log, delete.
     pub fn request(&self, req: &Request) -> Result<Reply, HostError> {
         self.core().run_request(req, false)
+    }
+
+    /// Adds a plugin with `root_id` and `config` to this VM (see [`VmCore::add_plugin`]):
+    /// whether it accepted the config. Its requests carry [`Request::plugin`].
+    pub fn add_plugin(&self, root_id: &str, config: &str) -> Result<bool, HostError> {
+        Ok(self.core().add_plugin(root_id, config.as_bytes())?.1)
     }
 
     /// Sets a VM-wide property (e.g. `plugin_root_id`, before `configure`).
@@ -912,9 +982,9 @@ impl Reply {
 impl VmCore {
     fn begin(&mut self, req: &Request) -> Result<Started, HostError> {
         let (id, n_headers) = self.open_stream(req);
-        let (create, on_req) = (self.exports.on_context_create.clone(), self.exports.on_request_headers.clone());
+        let on_req = self.exports.on_request_headers.clone();
         let ctx = id as i32;
-        self.guest(|s| create.call(s, (ctx, ROOT_CONTEXT as i32)))?;
+        self.create_context(id, self.parent_of(req))?;
         let eos = i32::from(req.end_of_stream);
         let request_action = action(self.guest(|s| on_req.call(s, (ctx, n_headers, eos)))?);
         let state = self.store.data_mut();
@@ -985,6 +1055,17 @@ impl VmCore {
         let went_on = request_action == Action::Continue || stream.continue_calls > 0;
         self.store.data_mut().stream = Some(stream);
         self.respond(id as i32, &request, request_action, went_on, false)
+    }
+
+    /// `proxy_on_tick` now, whatever the period (a VM without an accepted config, or dead,
+    /// is skipped): [`World::flush_stats`].
+    pub(crate) fn force_tick(&mut self) -> Result<(), HostError> {
+        let Some(f) = self.exports.grpc.on_tick.clone() else { return Ok(()) };
+        if self.dead.is_some() || self.store.data().tick_period_ms == 0 {
+            return Ok(());
+        }
+        self.guest(|s| f.call(s, ROOT_CONTEXT as i32))?;
+        Ok(())
     }
 
     fn tick(&mut self) -> Result<bool, HostError> {

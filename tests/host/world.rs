@@ -334,9 +334,30 @@ impl World {
 
     // --- stats ---
 
+    /// The module counts per worker and hands its counters to the host on the tick (README
+    /// "Stats"): this runs `proxy_on_tick` on every VM not busy in a call now, as the next
+    /// tick would, so a read after it sees every request finished so far. The stats reads
+    /// below call it; a tick also gives worker leases back, as a real one does.
+    pub fn flush_stats(&self) {
+        let vms: Vec<_> = lock(&self.inner.vms).iter().filter_map(std::sync::Weak::upgrade).collect();
+        for vm in vms {
+            if let Ok(mut core) = vm.try_lock() {
+                if let Err(e) = core.force_tick() {
+                    panic!("VM {}: the tick that flushes stats failed: {e}", core.index);
+                }
+            }
+        }
+    }
+
     /// A counter's or gauge's value by name, summed across VMs (one stat per name, as in
-    /// Envoy); 0 if no VM defined it.
+    /// Envoy), after [`World::flush_stats`]; 0 if no VM defined it.
     pub fn metric(&self, name: &str) -> i64 {
+        self.flush_stats();
+        self.published(name)
+    }
+
+    /// What the host has of a stat now, without a flush: what the module handed over so far.
+    pub fn published(&self, name: &str) -> i64 {
         self.shared().metrics.get(name).map_or(0, |m| m.value)
     }
 
@@ -348,8 +369,9 @@ impl World {
         self.shared().metrics.get(name).map(|m| m.kind)
     }
 
-    /// Every defined stat and its value.
+    /// Every defined stat and its value (after [`World::flush_stats`]).
     pub fn metrics(&self) -> BTreeMap<String, i64> {
+        self.flush_stats();
         self.shared().metrics.iter().map(|(k, m)| (k.clone(), m.value)).collect()
     }
 }

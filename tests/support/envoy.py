@@ -37,6 +37,8 @@ import yaml
 
 HOST = "127.0.0.1"
 STAT_PREFIX = "wasmcustom.tenant_ratelimit."
+# The filter's tick period (src/filter/mod.rs TICK_MS): it publishes its counters on the tick.
+COUNTER_FLUSH_S = 1.0
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 5.0
 HTTP_TIMEOUT = 10.0
@@ -503,13 +505,35 @@ class Envoy:
         return self.stats("^" + re.escape(name) + "$").get(name)
 
     def counter(self, short: str) -> int:
-        """`wasmcustom.tenant_ratelimit.<short>`, 0 when not (yet) defined."""
-        return self.stat(STAT_PREFIX + short) or 0
+        """`wasmcustom.tenant_ratelimit.<short>` once published (`wait_flush`), 0 when not
+        defined."""
+        return self.wait_flush().get(short, 0)
 
-    def counters(self) -> dict[str, int]:
-        """Every tenant_ratelimit stat, keyed by the short name."""
+    def counters(self, settled: bool = True) -> dict[str, int]:
+        """Every tenant_ratelimit stat, keyed by the short name: once published (`wait_flush`),
+        or as they are now (`settled=False`, for polling while load runs)."""
+        if settled:
+            return self.wait_flush()
         return {k[len(STAT_PREFIX):]: v for k, v in self.stats("tenant_ratelimit").items()
                 if k.startswith(STAT_PREFIX)}
+
+    def wait_flush(self, timeout: float = 30.0) -> dict[str, int]:
+        """Waits until the filter has handed Envoy every count of the requests finished so far,
+        and returns the tenant_ratelimit stats (short names). The filter counts per worker and
+        publishes on its tick, every COUNTER_FLUSH_S on each worker (README "Stats"): values
+        unchanged over more than one period mean every worker ticked in that window with
+        nothing older left to publish. Fails after `timeout` if they never settle."""
+        deadline = time.monotonic() + timeout
+        last, since = self.counters(settled=False), time.monotonic()
+        while True:
+            time.sleep(0.2)
+            now, t = self.counters(settled=False), time.monotonic()
+            if now != last:
+                last, since = now, t
+            elif t - since > COUNTER_FLUSH_S * 1.3:
+                return now
+            if t > deadline:
+                raise AssertionError(f"tenant_ratelimit stats still changing after {timeout} s: {now}")
 
     def prometheus(self) -> str:
         _, text = self.admin("/stats/prometheus")
