@@ -693,4 +693,25 @@ mod tests {
         assert!(render(&denied).ends_with("policy=default outcome=denied"), "{}", render(&denied));
         assert!(render(&health).ends_with("outcome=unmetered"));
     }
+
+    #[test]
+    fn the_service_hears_the_plan_with_plan_key() {
+        use envoy_types::pb::envoy::service::ratelimit::v3::RateLimitRequest;
+        use prost::Message;
+        let entries = |json: &str, tenant: &'static str| {
+            let plugin = plugin(json);
+            let step = on_request(&plugin, None, &mut get(tenant, b"/"), &mut FakeStore::default(), || T0);
+            let Next::AskService { body, .. } = step.next else { panic!("asks the service") };
+            let r = RateLimitRequest::decode(body.as_slice()).unwrap();
+            r.descriptors[0].entries.iter().map(|e| format!("{}={}", e.key, e.value)).collect::<Vec<_>>()
+        };
+        let config = r#"{"capacity":5,"refill_rate":1,"plans":{"pro":{}},"tenants":{"acme":{"plan":"pro"}},
+            "global":{"cluster":"rls","domain":"d","plan_key":"plan"}}"#;
+        assert_eq!(entries(config, "acme"), ["tenant=acme", "plan=pro"]);
+        // No plan: no entry (the service then applies its default_plan or top level).
+        assert_eq!(entries(config, "other"), ["tenant=other"]);
+        // Without plan_key the descriptor is unchanged (envoyproxy/ratelimit matches entries).
+        let config = config.replace(r#","plan_key":"plan""#, "");
+        assert_eq!(entries(&config, "acme"), ["tenant=acme"]);
+    }
 }
