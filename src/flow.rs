@@ -89,7 +89,8 @@ impl Step {
     fn finish(self, config: &Config, who: Who) -> Step {
         let mut step = self.mark_shadow(config, who.policy);
         if config.filter_state {
-            step.decided = Some(Decided { who, outcome: Outcome::of(&step) });
+            let limits = step.events.limits_denied.map_or(0, |(_, mask)| mask);
+            step.decided = Some(Decided { who, outcome: Outcome::of(&step), limits });
         }
         step
     }
@@ -154,6 +155,8 @@ impl Outcome {
 pub struct Decided {
     pub who: Who,
     pub outcome: Outcome,
+    /// Bit `i`: the policy's limit `i` refused the request (see `Events::limits_denied`).
+    pub limits: u8,
 }
 
 impl Decided {
@@ -164,9 +167,13 @@ impl Decided {
     }
 
     /// The filter-state value: space-separated `key=value` pairs (logfmt), `-` for none,
-    /// e.g. `tenant=acme plan=pro rule=login policy=login outcome=denied`.
+    /// e.g. `tenant=acme plan=pro rule=login policy=login limit=daily outcome=denied`.
     pub fn render(&self, config: &Config) -> String {
         let Who { tenant, plan, rule, policy } = self.who;
+        let named = policy.policy(config);
+        let refused: Vec<&str> =
+            (0..8usize).filter(|i| self.limits >> i & 1 == 1).map(|i| named.limit_name(i)).collect();
+        let limits = if refused.is_empty() { "-".to_string() } else { refused.join(",") };
         let plan = plan.and_then(|p| config.plans.get(p)).map_or("-", |p| p.name.as_str());
         let rule = rule.and_then(|r| config.rule(r)).and_then(|r| r.name.as_deref()).unwrap_or("-");
         let mut out = String::with_capacity(96);
@@ -175,6 +182,7 @@ impl Decided {
             ("plan", plan),
             ("rule", rule),
             ("policy", policy.name(config)),
+            ("limit", limits.as_str()),
             ("outcome", self.outcome.name()),
         ] {
             if !out.is_empty() {
@@ -216,7 +224,7 @@ pub fn on_request(
         let mut step = Step::go(Headers::default(), events);
         if config.filter_state {
             let who = Who { tenant: plugin.default_tenant, plan: None, rule: None, policy: PolicyId::Default };
-            step.decided = Some(Decided { who, outcome: Outcome::Unmetered });
+            step.decided = Some(Decided { who, outcome: Outcome::Unmetered, limits: 0 });
         }
         return step;
     };
@@ -679,8 +687,8 @@ mod tests {
         let mut pro = || on_request(&plugin, None, &mut Planned(get("a", b"/x")), &mut store, || T0);
         let (first, second) = (pro(), pro());
         let render = |s: &Step| s.decided.map(|d| d.render(&plugin.config)).unwrap_or_default();
-        assert_eq!(render(&first), "tenant=a plan=pro rule=- policy=pro outcome=allowed");
-        assert_eq!(render(&second), "tenant=a plan=pro rule=- policy=pro outcome=shadow_denied");
+        assert_eq!(render(&first), "tenant=a plan=pro rule=- policy=pro limit=- outcome=allowed");
+        assert_eq!(render(&second), "tenant=a plan=pro rule=- policy=pro limit=pro outcome=shadow_denied");
         let Next::Continue(h) = second.next else { panic!("a shadow denial passes") };
         assert_eq!(h.would_deny.map(|p| p.name(&plugin.config)), Some("pro"));
         let Next::Continue(h) = first.next else { panic!() };
@@ -690,7 +698,7 @@ mod tests {
         let mut free = |path: &'static [u8]| on_request(&plugin, None, &mut get("b", path), &mut store, || T0);
         let (_, denied, health) = (free(b"/x"), free(b"/x"), free(b"/healthz"));
         assert!(matches!(denied.next, Next::Deny(_)));
-        assert!(render(&denied).ends_with("policy=default outcome=denied"), "{}", render(&denied));
+        assert!(render(&denied).ends_with("policy=default limit=default outcome=denied"), "{}", render(&denied));
         assert!(render(&health).ends_with("outcome=unmetered"));
     }
 

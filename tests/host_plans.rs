@@ -56,12 +56,12 @@ fn the_decision_is_filter_state_for_the_access_log() {
     let reply = vm.request(&on_plan("acme", None)).unwrap();
     assert_eq!(
         reply.property(&["tenant_ratelimit"]).as_deref(),
-        Some("tenant=acme plan=pro rule=- policy=acme outcome=allowed")
+        Some("tenant=acme plan=pro rule=- policy=acme limit=- outcome=allowed")
     );
     let reply = vm.request(&on_plan("zed", Some("pro"))).unwrap();
     assert_eq!(
         reply.property(&["tenant_ratelimit"]).as_deref(),
-        Some("tenant=zed plan=pro rule=- policy=pro outcome=allowed")
+        Some("tenant=zed plan=pro rule=- policy=pro limit=- outcome=allowed")
     );
     // Off by default: no host call, no property.
     let quiet = Vm::configured(&World::new(), r#"{"capacity":1,"refill_rate":1}"#);
@@ -127,4 +127,21 @@ fn a_plans_rules_come_after_the_tenants_own_and_before_the_top_level_ones() {
     let export = Request::get("/export").tenant("g").header("x-plan", "free");
     assert_eq!(admitted(&vms, 3, &export), 1);
     assert_eq!(world.counter("tenant_ratelimit.rule.free-export.allowed"), 1);
+}
+
+#[test]
+fn the_access_log_names_the_limit_that_refused() {
+    let world = World::new();
+    let vm = Vm::configured(
+        &world,
+        r#"{"capacity": 100, "refill_rate": "100/h", "filter_state": true,
+        "plans": {"pro": {"limits": [{"name": "minute", "capacity": 3, "refill_rate": "3/min"},
+                                     {"name": "daily", "capacity": 2, "refill_rate": "2/day"}]}},
+        "tenants": {"acme": {"plan": "pro"}}}"#,
+    );
+    let state = |r: host::Reply| r.property(&["tenant_ratelimit"]).unwrap_or_default();
+    assert!(state(vm.request(&on_plan("acme", None)).unwrap()).ends_with("policy=acme limit=- outcome=allowed"));
+    vm.request(&on_plan("acme", None)).unwrap();
+    let denied = state(vm.request(&on_plan("acme", None)).unwrap());
+    assert_eq!(denied, "tenant=acme plan=pro rule=- policy=acme limit=daily outcome=denied");
 }

@@ -87,12 +87,12 @@ def test_each_decision_is_in_the_access_log(setup, fresh):
     assert statuses(trial) == [200, 200, 200]  # the trial plan is shadow: nothing denied
     lines = log_lines(logs, "shadow", 6)
     assert lines[:3] == [
-        f"{tenant} 200 [tenant={tenant} plan=- rule=- policy=default outcome=allowed] [-]",
-        f"{tenant} 200 [tenant={tenant} plan=- rule=- policy=default outcome=allowed] [-]",
-        f"{tenant} 429 [tenant={tenant} plan=- rule=- policy=default outcome=denied] [-]",
+        f"{tenant} 200 [tenant={tenant} plan=- rule=- policy=default limit=- outcome=allowed] [-]",
+        f"{tenant} 200 [tenant={tenant} plan=- rule=- policy=default limit=- outcome=allowed] [-]",
+        f"{tenant} 429 [tenant={tenant} plan=- rule=- policy=default limit=default outcome=denied] [-]",
     ], lines
     # The shadow denial reaches the upstream with the policy that would have denied it.
-    assert lines[5].endswith("plan=trial rule=- policy=trial outcome=shadow_denied] [trial]"), lines
+    assert lines[5].endswith("plan=trial rule=- policy=trial limit=trial outcome=shadow_denied] [trial]"), lines
 
 
 def test_enforce_percent_enforces_part_of_the_denials(setup, fresh):
