@@ -158,6 +158,11 @@ impl Domain {
     fn new(field: &str, config: Config) -> Result<Domain, SettingsError> {
         // Errors name the policy (its one limit) or `<policy>.limits[i]` (one of several).
         let check = |path: String, p: &Policy| -> Result<Vec<NamedLimit>, SettingsError> {
+            // The filter's config gives every policy at least one limit; a policy with none
+            // would debit nothing, so it is an error rather than an unlimited tenant.
+            if p.limits.is_empty() {
+                return err(&path, "has no limit");
+            }
             let several = p.limits.len() > 1;
             p.limits
                 .iter()
