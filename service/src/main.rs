@@ -237,17 +237,16 @@ impl RateLimitService for Service {
             m.redis_latency(started.elapsed());
         }
         let answer = plan::answer(&p, &results);
-        let over = results.iter().filter(|r| !r.allowed).count() as u64;
         if !p.debits.is_empty() {
-            m.decisions(&req.domain, p.debits.len() as u64 - over, over);
+            let (ok, over) = p.decided(&results);
+            m.decisions(&req.domain, ok, over);
         }
         for (counter, &n) in m.unmatched.iter().zip(&p.misses) {
             if n > 0 {
                 counter.fetch_add(n, Ordering::Relaxed);
             }
         }
-        let hits = p.debits.iter().fold(0u64, |sum, d| sum.saturating_add(d.cost));
-        m.hits.fetch_add(hits, Ordering::Relaxed);
+        m.hits.fetch_add(p.hits(), Ordering::Relaxed);
         if answer.overall_code == 2 {
             m.calls_over_limit.fetch_add(1, Ordering::Relaxed);
         } else {

@@ -3,6 +3,7 @@
 //! so one definition of a tenant's limits serves the sidecar and the fleet. Errors name the
 //! field (`domains.acme.tenants.x.capacity`), as in the filter.
 
+use crate::plan::limit_key;
 use crate::units::{limit_units, BucketLimit};
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -23,21 +24,30 @@ pub enum Unmatched {
     Error,
 }
 
-/// One domain: the filter config, plus each policy's limit in the service's Lua units.
+/// One limit of a policy in the service's Lua units, with its name (`Policy::limit_name`): a
+/// policy with several limits keeps one Redis key per limit, named after it (plan.rs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NamedLimit {
+    pub name: String,
+    pub limit: BucketLimit,
+}
+
+/// One domain: the filter config, plus each policy's limits (one to four, in the config's
+/// order) in the service's Lua units.
 #[derive(Debug, Clone)]
 pub struct Domain {
     pub config: Config,
-    pub default_limit: BucketLimit,
+    pub default_limits: Vec<NamedLimit>,
     /// Same order as `config.tenants`.
-    pub tenant_limits: Vec<BucketLimit>,
+    pub tenant_limits: Vec<Vec<NamedLimit>>,
     /// Same order as `config.plans`.
-    pub plan_limits: Vec<BucketLimit>,
+    pub plan_limits: Vec<Vec<NamedLimit>>,
     /// A listed tenant without a named plan, over each plan (`Policy::on_plans`), by tenant
     /// then plan; empty when the domain has no `plan_from`.
-    pub tenant_plan_limits: Vec<Vec<BucketLimit>>,
+    pub tenant_plan_limits: Vec<Vec<Vec<NamedLimit>>>,
     /// Named rules with their own limit, from every rule list (top level, tenants', plans';
-    /// names are unique across the config): (name, limit).
-    pub rules: Vec<(String, BucketLimit)>,
+    /// names are unique across the config): (name, limits).
+    pub rules: Vec<(String, Vec<NamedLimit>)>,
 }
 
 #[derive(Debug, Clone)]
@@ -146,19 +156,27 @@ impl Settings {
 
 impl Domain {
     fn new(field: &str, config: Config) -> Result<Domain, SettingsError> {
-        let check = |path: String, p: &Policy| -> Result<BucketLimit, SettingsError> {
-            // One Redis key per bucket, one limit each: a policy with several `limits` is
-            // refused by name rather than enforced on one of its limits.
-            if p.limits.len() > 1 {
-                let field = format!("{path}.limits");
-                let reason = "the rate-limit service enforces one limit per policy; several `limits` are local only \
-                              (give this policy capacity and refill_rate here)"
-                    .to_string();
-                return Err(SettingsError(ConfigError { field, reason }));
+        // Errors name the policy (its one limit) or `<policy>.limits[i]` (one of several).
+        let check = |path: String, p: &Policy| -> Result<Vec<NamedLimit>, SettingsError> {
+            // The filter's config gives every policy at least one limit; a policy with none
+            // would debit nothing, so it is an error rather than an unlimited tenant.
+            if p.limits.is_empty() {
+                return err(&path, "has no limit");
             }
-            limit_units(&p.limits.first()).map_err(|reason| SettingsError(ConfigError { field: path, reason }))
+            let several = p.limits.len() > 1;
+            p.limits
+                .iter()
+                .enumerate()
+                .map(|(i, l)| match limit_units(l) {
+                    Ok(limit) => Ok(NamedLimit { name: p.limit_name(i).to_string(), limit }),
+                    Err(reason) => {
+                        let field = if several { format!("{path}.limits[{i}]") } else { path.clone() };
+                        Err(SettingsError(ConfigError { field, reason }))
+                    }
+                })
+                .collect()
         };
-        let default_limit = check(field.to_string(), &config.default_policy)?;
+        let default_limits = check(field.to_string(), &config.default_policy)?;
         let tenant_limits = config
             .tenants
             .iter()
@@ -174,13 +192,28 @@ impl Domain {
             .iter()
             .map(|t| t.on_plans.iter().map(|p| check(format!("{field}.tenants.{}", t.name), p)).collect())
             .collect::<Result<Vec<_>, _>>()?;
-        let mut rules = Vec::new();
+        let mut rules: Vec<(String, Vec<NamedLimit>)> = Vec::new();
         for rule in config.all_rules() {
             if let Some(p) = &rule.policy {
                 rules.push((p.name.clone(), check(format!("{field}: rule {}", p.name), p)?));
             }
         }
-        Ok(Domain { config, default_limit, tenant_limits, plan_limits, tenant_plan_limits, rules })
+        // A rule's keys end `:r:<rule>` or, with several limits, `:r:<rule>:l:<limit>`. Rule
+        // names may contain `:`, so a rule named `up:l:day` would share a key with rule `up`'s
+        // limit `day`: refused, naming the rule, rather than two policies debiting one bucket.
+        let mut suffixes = std::collections::BTreeSet::new();
+        for (name, limits) in &rules {
+            for l in limits {
+                if !suffixes.insert(limit_key(&format!("r:{name}"), limits, l)) {
+                    return err(
+                        &format!("{field}: rule {name}"),
+                        "its Redis key is also another rule's (a rule name ending `:l:<limit>` of a rule with \
+                         several limits): rename the rule",
+                    );
+                }
+            }
+        }
+        Ok(Domain { config, default_limits, tenant_limits, plan_limits, tenant_plan_limits, rules })
     }
 
     /// The plan of a request: a listed tenant's named plan, else the descriptor's `plan`
@@ -190,35 +223,41 @@ impl Domain {
         named.or_else(|| plan.and_then(|p| self.config.plan_index(p.as_bytes()))).or(self.config.default_plan)
     }
 
-    /// The bucket id and limit of a tenant on a plan (the descriptor's plan entry, if any):
-    /// listed tenants have their own bucket, with their limit (over the plan, for one without
-    /// a named plan); unlisted ones get the plan's limit (else the top level's), each its own
+    /// The bucket id and limits of a tenant on a plan (the descriptor's plan entry, if any):
+    /// listed tenants have their own bucket, with their limits (over the plan, for one without
+    /// a named plan); unlisted ones get the plan's limits (else the top level's), each its own
     /// bucket or, under `unknown_tenants: shared`, one bucket per plan.
-    pub fn tenant(&self, tenant: &str, plan: Option<&str>) -> (Option<String>, BucketLimit) {
+    pub fn tenant(&self, tenant: &str, plan: Option<&str>) -> (Option<String>, &[NamedLimit]) {
         let listed = self.config.tenant_index(tenant.as_bytes());
         let plan = self.plan_of(listed, plan);
         if let Some(i) = listed {
-            let over_plan = plan.and_then(|p| self.tenant_plan_limits.get(i)?.get(p)).copied();
-            let own = self.tenant_limits.get(i).copied().unwrap_or(self.default_limit);
+            let over_plan = plan.and_then(|p| self.tenant_plan_limits.get(i)?.get(p));
+            let own = self.tenant_limits.get(i).unwrap_or(&self.default_limits);
             return (Some(tenant.to_string()), over_plan.unwrap_or(own));
         }
-        let limit = plan.and_then(|p| self.plan_limits.get(p)).copied().unwrap_or(self.default_limit);
+        let limits = plan.and_then(|p| self.plan_limits.get(p)).unwrap_or(&self.default_limits);
         match (self.config.unknown_tenants, plan.and_then(|p| self.config.plans.get(p))) {
-            (UnknownTenants::Separate, _) => (Some(tenant.to_string()), limit),
-            (UnknownTenants::Shared, None) => (None, limit),
+            (UnknownTenants::Separate, _) => (Some(tenant.to_string()), limits),
+            (UnknownTenants::Shared, None) => (None, limits),
             // Tenant ids never contain NUL: no tenant can name a plan's shared bucket.
-            (UnknownTenants::Shared, Some(p)) => (Some(format!("\0plan\0{}", p.name)), limit),
+            (UnknownTenants::Shared, Some(p)) => (Some(format!("\0plan\0{}", p.name)), limits),
         }
     }
 
-    pub fn rule(&self, name: &str) -> Option<BucketLimit> {
-        self.rules.iter().find(|(n, _)| n == name).map(|(_, l)| *l)
+    pub fn rule(&self, name: &str) -> Option<&[NamedLimit]> {
+        self.rules.iter().find(|(n, _)| n == name).map(|(_, l)| l.as_slice())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The capacity of a one-limit policy.
+    fn cap(limits: &[NamedLimit]) -> u64 {
+        assert_eq!(limits.len(), 1);
+        limits[0].limit.capacity
+    }
 
     fn field_of(s: &str) -> String {
         match Settings::from_json_bytes(s.as_bytes()) {
@@ -237,10 +276,10 @@ mod tests {
         )
         .unwrap();
         let d = &s.domains["tenants"];
-        assert_eq!(d.default_limit.capacity, 3);
-        assert_eq!(d.tenant("acme", None).1.capacity, 10);
-        assert_eq!(d.tenant("other", None), (Some("other".to_string()), d.default_limit));
-        assert_eq!(d.rule("upload").unwrap().capacity, 2);
+        assert_eq!(cap(&d.default_limits), 3);
+        assert_eq!(cap(d.tenant("acme", None).1), 10);
+        assert_eq!(d.tenant("other", None), (Some("other".to_string()), d.default_limits.as_slice()));
+        assert_eq!(cap(d.rule("upload").unwrap()), 2);
         assert!(d.rule("nope").is_none());
         assert_eq!(s.unmatched, Unmatched::Error);
         assert_eq!((s.tenant_key.as_str(), s.rule_key.as_str()), ("tenant", "rule"));
@@ -271,19 +310,74 @@ mod tests {
     }
 
     #[test]
-    fn several_limits_are_refused_by_name() {
-        let two =
-            r#"[{"name": "m", "capacity": 5, "refill_rate": 1}, {"name": "h", "capacity": 50, "refill_rate": 1}]"#;
-        assert_eq!(field_of(&format!(r#"{{"domains": {{"d": {{"limits": {two}}}}}}}"#)), "domains.d.limits");
+    fn several_limits_are_enforced_one_each_by_name() {
+        let two = r#"[{"name": "minute", "capacity": 5, "refill_rate": "5/min"},
+                      {"name": "hour", "capacity": 50, "refill_rate": "50/h"}]"#;
+        let s = Settings::from_json_bytes(
+            format!(
+                r#"{{"domains": {{"d": {{"limits": {two}, "tenants": {{"acme": {{"capacity": 9, "refill_rate": 1}}, "inherits": {{}}}},
+                     "plans": {{"pro": {{"limits": {two}}}}},
+                     "rules": [{{"name": "up", "path_prefix": "/up", "limits": {two}}}]}}}}}}"#
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        let d = &s.domains["d"];
+        let names = |l: &[NamedLimit]| l.iter().map(|n| (n.name.clone(), n.limit.capacity)).collect::<Vec<_>>();
+        let both = vec![("minute".to_string(), 5), ("hour".to_string(), 50)];
+        assert_eq!(names(&d.default_limits), both);
+        // A tenant with no limit fields inherits every top-level limit, under its name.
+        assert_eq!(names(d.tenant("inherits", None).1), both);
+        assert_eq!(names(d.tenant("x", Some("pro")).1), both);
+        assert_eq!(cap(d.tenant("acme", None).1), 9);
+        assert_eq!(names(d.rule("up").unwrap()), both);
+        // 5/min and 50/h refill in 1 min and 1 h: different intervals, one per limit.
+        assert_ne!(d.default_limits[0].limit.interval, d.default_limits[1].limit.interval);
+        // One entry in `limits` is one limit.
+        let one = r#"{"domains": {"d": {"limits": [{"name": "m", "capacity": 5, "refill_rate": 1}]}}}"#;
+        assert_eq!(cap(&Settings::from_json_bytes(one.as_bytes()).unwrap().domains["d"].default_limits), 5);
+    }
+
+    #[test]
+    fn a_limit_too_slow_for_the_service_is_named() {
+        // Several limits: `<policy>.limits[i]`; one: the policy, as before.
+        let slow = r#"[{"name": "m", "capacity": 5, "refill_rate": 1}, {"name": "y", "capacity": 1000, "refill_rate": "1/day"}]"#;
+        assert_eq!(field_of(&format!(r#"{{"domains": {{"d": {{"limits": {slow}}}}}}}"#)), "domains.d.limits[1]");
         assert_eq!(
             field_of(&format!(
-                r#"{{"domains": {{"d": {{"capacity": 1, "refill_rate": 1, "tenants": {{"acme": {{"limits": {two}}}}}}}}}}}"#
+                r#"{{"domains": {{"d": {{"capacity": 1, "refill_rate": 1, "tenants": {{"acme": {{"limits": {slow}}}}}}}}}}}"#
             )),
-            "domains.d.tenants.acme.limits"
+            "domains.d.tenants.acme.limits[1]"
         );
-        // One entry in `limits` is one limit: accepted.
-        let one = r#"{"domains": {"d": {"limits": [{"name": "m", "capacity": 5, "refill_rate": 1}]}}}"#;
-        assert_eq!(Settings::from_json_bytes(one.as_bytes()).unwrap().domains["d"].default_limit.capacity, 5);
+        assert_eq!(
+            field_of(&format!(
+                r#"{{"domains": {{"d": {{"capacity": 1, "refill_rate": 1, "plans": {{"pro": {{"limits": {slow}}}}}}}}}}}"#
+            )),
+            "domains.d.plans.pro.limits[1]"
+        );
+        assert_eq!(
+            field_of(&format!(
+                r#"{{"domains": {{"d": {{"capacity": 1, "refill_rate": 1, "rules": [{{"name": "up", "limits": {slow}}}]}}}}}}"#
+            )),
+            "domains.d: rule up.limits[1]"
+        );
+    }
+
+    #[test]
+    fn rule_keys_cannot_collide() {
+        // Rule `up` with limits `a` and `day` has keys `...:r:up:l:a` and `...:r:up:l:day`: a
+        // rule named `up:l:day` would debit the same key.
+        let two =
+            r#"[{"name": "a", "capacity": 5, "refill_rate": 1}, {"name": "day", "capacity": 50, "refill_rate": 1}]"#;
+        let config = format!(
+            r#"{{"domains": {{"d": {{"capacity": 1, "refill_rate": 1,
+                 "rules": [{{"name": "up", "path_prefix": "/a", "limits": {two}}},
+                           {{"name": "up:l:day", "path_prefix": "/b", "capacity": 1, "refill_rate": 1}}]}}}}}}"#
+        );
+        assert_eq!(field_of(&config), "domains.d: rule up:l:day");
+        // Without the clash, `:` in a rule name is fine.
+        let fine = config.replace("up:l:day", "up:l:week");
+        assert!(Settings::from_json_bytes(fine.as_bytes()).is_ok());
     }
 
     #[test]
@@ -308,7 +402,7 @@ mod tests {
         .unwrap();
         assert_eq!(s.plan_key, "plan");
         let d = &s.domains["d"];
-        let cap = |t: &str, p: Option<&str>| d.tenant(t, p).1.capacity;
+        let cap = |t: &str, p: Option<&str>| cap(d.tenant(t, p).1);
         assert_eq!((cap("x", None), cap("x", Some("pro")), cap("x", Some("gold"))), (5, 50, 5));
         assert_eq!((cap("acme", Some("free")), cap("acme", None)), (50, 50));
         assert_eq!(cap("initech", Some("pro")), 7);

@@ -18,6 +18,8 @@ CONFIG = {
         "exact": {"capacity": 50, "refill_rate": SLOW},
         "aon": {"capacity": 3, "refill_rate": SLOW,
                 "rules": [{"name": "upload", "path_prefix": "/upload", "capacity": 2, "refill_rate": SLOW}]},
+        "multi": {"limits": [{"name": "a", "capacity": 3, "refill_rate": SLOW},
+                             {"name": "b", "capacity": 4, "refill_rate": SLOW}]},
     },
 }
 
@@ -59,6 +61,27 @@ def test_all_or_nothing_across_slots_refunds(clients, services, fresh):
         r = clients[0].ask("aon", [[("tenant", a)], [("tenant", b)]])
         assert (r.code, r.statuses[1].code) == (OVER_LIMIT, OVER_LIMIT)
     assert clients[1].ask("aon", [[("tenant", a)]], hits=3).code == OK
+
+
+def test_several_limits_in_one_slot(clients, services, redis_cluster, fresh):
+    """Every limit of a bucket is a key in the tenant's slot: one script call per request
+    decides them all, and a denial by one limit takes nothing from the other."""
+    t = fresh()
+    s, c = services[0], clients[0]
+    masters = [n for n in redis_cluster.nodes
+               if n.proc.poll() is None and "role:master" in n.cli("INFO", "replication")]
+    before = {n.port: set(n.cli("KEYS", "trl:*").split()) for n in masters}
+    assert c.ask("multi", [[("tenant", t)]], hits=2).code == OK  # a: 1 left, b: 2
+    cmds0 = s.metric("trl_service_redis_commands_total")
+    d = c.ask("multi", [[("tenant", t)]], hits=2)  # a denies; b alone would admit
+    assert (d.code, d.statuses[0].limit, d.statuses[0].remaining) == (OVER_LIMIT, 3, 1)
+    a = c.ask("multi", [[("tenant", t)]])  # b still has 2: both admit
+    assert (a.code, a.statuses[0].limit, a.statuses[0].remaining) == (OK, 3, 0)
+    assert c.ask("multi", [[("tenant", t)]]).code == OVER_LIMIT
+    assert s.metric("trl_service_redis_commands_total") - cmds0 == 3
+    new = {n.port: set(n.cli("KEYS", "trl:*").split()) - before[n.port] for n in masters}
+    (keys,) = [k for k in new.values() if k]
+    assert sorted(k.rsplit(":l:", 1)[1] for k in keys) == ["a", "b"]
 
 
 def test_wait_for_replicas_on_a_cluster(svc_factory, redis_cluster, fresh):

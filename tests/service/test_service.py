@@ -25,6 +25,10 @@ CONFIG = {
         # Unlisted tenants share one bucket of 5, and each has its own `upload` bucket of 2.
         "shared": {"capacity": 5, "refill_rate": SLOW, "unknown_tenants": "shared",
                    "rules": [{"name": "upload", "path_prefix": "/upload", "capacity": 2, "refill_rate": SLOW}]},
+        # Several limits on one policy: a burst of 3 refilling at 2/s, and 5 an hour.
+        "multi": {"limits": [{"name": "burst", "capacity": 3, "refill_rate": "2/s"},
+                             {"name": "hour", "capacity": 5, "refill_rate": "5/h"}],
+                  "rules": [{"name": "export", "path_prefix": "/export", "capacity": 10, "refill_rate": SLOW}]},
     },
 }
 
@@ -85,6 +89,53 @@ def test_all_descriptors_or_none(clients, fresh):
     assert a.statuses[0].remaining == 1
     assert clients[1].ask("aon", [[("tenant", t)]]).code == OK
     assert clients[0].ask("aon", [[("tenant", t)]]).code == OVER_LIMIT
+
+
+def test_several_limits_on_one_policy(services, clients, redis, fresh):
+    """`burst` (3 at 2/s) and `hour` (5 an hour) on one policy: 3 at once, then, once the
+    burst has refilled, 2 more, then none: exactly 5. A denial by either limit debits neither
+    limit, nor the request's other descriptor (the tenant's `export` rule bucket, 10). Each
+    status is the limit a client must mind: the one closest to denying, or the one that
+    denied."""
+    t = fresh()
+    both = [[("tenant", t)], [("tenant", t), ("rule", "export")]]
+    total = lambda name: sum(s.metric(name) for s in services)  # noqa: E731
+    hits0 = total("trl_service_hits_total")
+    ok0 = total('trl_service_decisions_total{domain="multi",code="ok"}')
+    before = set(redis.cli("KEYS", "trl:*").split())
+    got = [clients[i % 2].ask("multi", both) for i in range(3)]
+    # burst has 2, 1, 0 of 3 left, hour 4, 3, 2 of 5: burst is reported.
+    assert [(a.code, a.statuses[0].limit, a.statuses[0].remaining) for a in got] == [(OK, 3, 2), (OK, 3, 1),
+                                                                                     (OK, 3, 0)]
+    assert [a.statuses[1].remaining for a in got] == [9, 8, 7]
+    for i in range(3):
+        d = clients[i % 2].ask("multi", both)
+        assert (d.code, [s.code for s in d.statuses]) == (OVER_LIMIT, [OVER_LIMIT, OK])
+        # The burst denied: its wait for one token (2/s).
+        assert d.statuses[0].limit == 3 and 0 < d.statuses[0].reset_s <= 0.5
+        assert d.statuses[1].remaining == 7
+    # One key per limit, with the tenant's hash tag; a one-limit rule keeps the plain form.
+    keys = set(redis.cli("KEYS", "trl:*").split()) - before
+    base = next(k for k in keys if k.endswith(":l:burst")).removesuffix(":l:burst")
+    assert keys == {f"{base}:l:burst", f"{base}:l:hour", f"{base}:r:export"}
+    assert base.startswith("trl:{") and base.endswith("}")
+    assert int(redis.cli("MEMORY", "USAGE", f"{base}:l:hour")) <= 160
+    time.sleep(1.6)  # the burst is full again (3 tokens at 2/s)
+    got = [clients[i % 2].ask("multi", both) for i in range(2)]
+    # Now hour is closer to denying (1 then 0 left, against the burst's 2 and 1).
+    assert [(a.code, a.statuses[0].limit, a.statuses[0].remaining) for a in got] == [(OK, 5, 1), (OK, 5, 0)]
+    for i in range(3):
+        d = clients[i % 2].ask("multi", both)
+        assert (d.code, [s.code for s in d.statuses]) == (OVER_LIMIT, [OVER_LIMIT, OK])
+        # The hour denied: a token every 12 minutes, the first of the 5 taken about 2 s ago.
+        assert d.statuses[0].limit == 5 and 700 < d.statuses[0].reset_s <= 720
+        # 5 requests admitted in all: the 6 denials took nothing from `export`.
+        assert d.statuses[1].remaining == 5
+    # Nor from the burst: it owes the last 2 admissions' tokens (1 s to refill), no more.
+    assert int(redis.cli("PTTL", f"{base}:l:burst")) <= 1000
+    # Counted per descriptor (not per limit): 11 calls of 2 descriptors costing 1 each.
+    assert total("trl_service_hits_total") - hits0 == 22
+    assert total('trl_service_decisions_total{domain="multi",code="ok"}') - ok0 == 5 * 2 + 6
 
 
 def test_hits_addend_is_the_cost(clients, fresh):
@@ -216,6 +267,32 @@ def test_sighup_reload_keeps_bucket_state(svc_factory, redis, fresh):
         assert "field `domains.d.capacity`" in s.log_text()
         assert c.ask("d", [[("tenant", t)]]).statuses[0].remaining == 4
     assert s.metric('trl_service_config_reloads_total{result="error"}') == 1
+
+
+def test_sighup_several_limits_keep_their_state_by_name(svc_factory, redis, fresh):
+    """A policy going from one limit to several starts its new keys full (the old key is no
+    longer debited and expires); after that each limit keeps its key, and its spent tokens,
+    by name, whatever the order or the other limits."""
+    def limits(*named):
+        return {"domains": {"d": {"limits": [{"name": n, "capacity": c, "refill_rate": SLOW} for n, c in named]}}}
+
+    s = svc_factory(["--redis", redis.url], {"domains": {"d": {"capacity": 5, "refill_rate": SLOW}}})
+    t = fresh()
+    with Client(s.port) as c:
+        before = set(redis.cli("KEYS", "trl:*").split())
+        assert c.ask("d", [[("tenant", t)]], hits=4).statuses[0].remaining == 1
+        (old,) = set(redis.cli("KEYS", "trl:*").split()) - before
+        s.hup(limits(("a", 5), ("b", 8)))
+        a = c.ask("d", [[("tenant", t)]], hits=2)
+        assert (a.code, a.statuses[0].limit, a.statuses[0].remaining) == (OK, 5, 3)
+        assert set(redis.cli("KEYS", "trl:*").split()) - before == {old, f"{old}:l:a", f"{old}:l:b"}
+        # Reordered, `b` shrunk to 3 (its 2 spent tokens stay spent), `c` added (full).
+        s.hup(limits(("c", 4), ("b", 3), ("a", 5)))
+        a = c.ask("d", [[("tenant", t)]])
+        assert (a.code, a.statuses[0].limit, a.statuses[0].remaining) == (OK, 3, 0)
+        d = c.ask("d", [[("tenant", t)]])
+        assert (d.code, d.statuses[0].limit) == (OVER_LIMIT, 3)
+    assert s.metric('trl_service_config_reloads_total{result="ok"}') == 2
 
 
 def test_a_smaller_capacity_at_the_same_rate_clamps_the_debt(svc_factory, redis, fresh):
