@@ -177,7 +177,8 @@ def phase_global(envoy_bin: str, wasm: Path, wrk: Wrk, workdir: Path, rounds: in
                                       two_endpoint_cluster("ratelimit_cluster", [s.port for s in pair])])
         try:
             counters = ("global_calls", "global_errors", "global_over_limit", "lease_hits")
-            snap = lambda: {k: stat(envoy, STAT + k) for k in counters}  # noqa: E731
+            # The filter publishes its counters on its 1 s tick: wait for them to settle.
+            snap = lambda: (envoy.wait_flush(), {k: stat(envoy, STAT + k) for k in counters})[1]  # noqa: E731
             for name in GLOBAL_LISTENERS:  # sanity: 200, and a global listener really calls the service
                 c0 = snap()
                 status, _ = http_get(envoy.url(name), "sanity")

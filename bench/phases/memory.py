@@ -44,7 +44,9 @@ def phase_memory(envoy_bin: str, wasm: Path, wrk: Wrk, workdir: Path, steps, cpu
                 sent = target
                 time.sleep(0.5)
                 rss = envoy.rss_kib()
-                slots = stat(envoy, "wasmcustom.tenant_ratelimit.live_slots") if kind == "ours" else None
+                # The gauge is published on the filter's 1 s tick: wait for it to settle.
+                slots = (envoy.wait_flush(), stat(envoy, "wasmcustom.tenant_ratelimit.live_slots"))[1] \
+                    if kind == "ours" else None
                 row["steps"].append({"tenants": target, "requests": w["requests"], "rss_kib": rss, "live_slots": slots})
                 log(f"memory {kind}: {target} tenants -> RSS {rss / 1024:.1f} MiB (start {rss0 / 1024:.1f} MiB)")
             out.append(row)
